@@ -1,0 +1,336 @@
+"""Config as data: one schema, YAML files on top of it, `KEY.SUB value` overrides on top of those.
+
+The schema below is the single source of the defaults, the types, the allowed values and the help
+text; `configs/default.yaml` and the README's config reference are generated from it
+(`python -m bsdist.config`). Everything is validated once, before any process group or run
+directory exists, and every mistake is one `BsdistError` line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import yaml
+
+from bsdist.errors import BsdistError
+
+DATASETS = ("CIFAR10LT", "CIFAR100LT", "DigitsLT")
+LOSSES = ("CrossEntropyLoss", "BalancedSoftmax")
+AUGMENTATIONS = ("RandomCrop", "RandomHorizontalFlip")
+
+
+@dataclass(frozen=True)
+class Field:
+    default: Any
+    kind: str  # int, float, str, bool, list, choice, auto_bool
+    help: str
+    choices: tuple = ()
+    nullable: bool = False
+    check: Callable[[Any], str | None] | None = None  # returns a problem description or None
+
+
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _at_least_one(v):
+    return None if v >= 1 else "must be >= 1"
+
+
+SCHEMA: dict[str, dict[str, Any]] = {
+    "DEFAULT": {
+        "seed": Field(0, "int", "seed of the long-tailed split, model init, shuffling and augmentation", check=_non_negative),
+        "savedir": Field("./results", "str", "root of run directories: <savedir>/<dataset>/<model>/<exp_name>"),
+        "exp_name": Field(None, "str", "run name; null derives <loss>-<imbalance_type>-IF_<factor>", nullable=True),
+    },
+    "DATASET": {
+        "name": Field("CIFAR10LT", "choice", "dataset", choices=DATASETS),
+        "datadir": Field("./data", "str", "directory holding cifar-10-batches-py/ or cifar-100-python/"),
+        "download": Field(False, "bool", "download CIFAR (md5-checked) into datadir when missing"),
+        "batch_size": Field(32, "int", "global images per step, split evenly across processes", check=_positive),
+        "test_batch_size": Field(1024, "int", "images per evaluation batch on each process", check=_positive),
+        "num_workers": Field(2, "int", "DataLoader worker processes per training process", check=_non_negative),
+        "imbalance_type": Field("exp", "choice", "long-tail profile; null means balanced", choices=("exp", "step"), nullable=True),
+        "imbalance_factor": Field(100.0, "float", "largest / smallest class count (1 = balanced)", check=_at_least_one),
+        "val_per_cls": Field(0, "int", "balanced validation images per class, taken from training images the long-tailed subset left unused; 0 selects the best model on the test set", check=_non_negative),
+        "aug_info": Field(["RandomCrop", "RandomHorizontalFlip"], "list", "training augmentations, applied per batch on the device", choices=AUGMENTATIONS),
+        "crop_padding": Field(4, "int", "zero padding of RandomCrop, in pixels", check=_non_negative),
+    },
+    "LOSS": {
+        "name": Field("BalancedSoftmax", "choice", "training loss", choices=LOSSES),
+    },
+    "OPTIMIZER": {
+        "name": Field("SGD", "choice", "optimiser", choices=("SGD",)),
+        "lr": Field(0.1, "float", "peak learning rate", check=_positive),
+        "momentum": Field(0.0, "float", "SGD momentum", check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
+        "weight_decay": Field(0.0, "float", "L2 weight decay", check=_non_negative),
+        "nesterov": Field(False, "bool", "Nesterov momentum (needs momentum > 0)"),
+    },
+    "SCHEDULER": {
+        "sched_name": Field("cosine_annealing", "choice", "learning-rate schedule, stepped every optimiser step", choices=("cosine_annealing", "multistep")),
+        "params": {
+            "t_initial": Field(None, "float", "epochs in the first cosine cycle; null means all epochs after warmup", nullable=True, check=_positive),
+            "t_mult": Field(1.0, "float", "growth of each cosine cycle (warm restarts)", check=_at_least_one),
+            "eta_min": Field(1e-5, "float", "lowest learning rate of the cosine schedule", check=_non_negative),
+            "milestones": Field([], "list", "epochs at which multistep multiplies the learning rate by gamma"),
+            "gamma": Field(0.1, "float", "multistep factor", check=_positive),
+            "warmup_epochs": Field(0.0, "float", "linear warmup from 0 to lr over this many epochs", check=_non_negative),
+        },
+    },
+    "TRAIN": {
+        "epochs": Field(50, "int", "training epochs", check=_at_least_one),
+        "grad_accum_steps": Field(1, "int", "micro-batches per optimiser step (DDP no_sync on the inner ones)", check=_at_least_one),
+        "mixed_precision": Field("bf16", "choice", "autocast dtype; fp16 adds a gradient scaler", choices=("fp16", "bf16", "no")),
+        "log_interval": Field(10, "int", "optimiser steps between console lines", check=_at_least_one),
+        "ckp_metric": Field("bcr", "choice", "metric choosing best.pt (lower is better for loss)", choices=("bcr", "acc", "loss")),
+        "compile": Field("auto", "auto_bool", "torch.compile the model; auto compiles on CUDA only"),
+        "device": Field("auto", "choice", "training device; auto picks cuda when available", choices=("auto", "cuda", "cpu")),
+        "resume": Field(False, "auto_bool", "auto continues the run in the run directory from last.pt; false refuses a directory that holds a run"),
+        "dist_timeout_s": Field(600, "int", "timeout of every collective, in seconds", check=_positive),
+    },
+    "MODEL": {
+        "name": Field("resnet18", "str", "model (see bsdist.models.MODELS)"),
+        "sync_bn": Field(False, "bool", "SyncBatchNorm across processes (CUDA only)"),
+    },
+}
+
+# Keys that may differ between a run and its resumption: they change speed or logging, never results.
+RESUMABLE_CHANGES = {"TRAIN.resume", "TRAIN.log_interval", "TRAIN.compile", "DATASET.num_workers",
+                     "DATASET.test_batch_size", "DATASET.download", "DATASET.datadir", "TRAIN.dist_timeout_s"}
+
+
+def _fields(schema=SCHEMA, prefix=""):
+    """Yield (dotted key, Field) for every leaf of the schema."""
+    for name, node in schema.items():
+        key = f"{prefix}{name}"
+        if isinstance(node, Field):
+            yield key, node
+        else:
+            yield from _fields(node, key + ".")
+
+
+FIELDS = dict(_fields())
+
+
+def defaults() -> dict:
+    def build(node):
+        return {k: build(v) for k, v in node.items()} if isinstance(node, dict) else copy.deepcopy(node.default)
+    return build(SCHEMA)
+
+
+def _unknown_key(key: str) -> BsdistError:
+    near = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]}?" if near else "; run `python -m bsdist.config` to list the keys"
+    return BsdistError(f"unknown config key {key}{hint}")
+
+
+def _set(cfg: dict, key: str, value: Any) -> None:
+    if key not in FIELDS:
+        raise _unknown_key(key)
+    *parents, leaf = key.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+def get(cfg: dict, key: str) -> Any:
+    node = cfg
+    for p in key.split("."):
+        node = node[p]
+    return node
+
+
+def _flatten(tree: dict, prefix: str = "", where: str = "") -> dict:
+    """Dotted keys of a YAML tree; a mapping under a leaf key (or a value under a section) is an error."""
+    flat = {}
+    if not isinstance(tree, dict):
+        raise BsdistError(f"{where or 'config'} must be a mapping of sections, got {type(tree).__name__}")
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if key in FIELDS:
+            flat[key] = value
+        elif isinstance(value, dict) and any(k.startswith(key + ".") for k in FIELDS):
+            flat.update(_flatten(value, key + ".", where))
+        else:
+            raise _unknown_key(key)
+    return flat
+
+
+def load(path: str | None, overrides: list[str] = ()) -> dict:
+    """Defaults, then the YAML file, then `KEY.SUB value` pairs (values parsed as YAML). Not validated."""
+    cfg = defaults()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise BsdistError(f"config file {path} does not exist; pass a YAML file such as configs/demo.yaml")
+        with open(path) as f:
+            try:
+                tree = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise BsdistError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        for key, value in _flatten(tree, where=path).items():
+            _set(cfg, key, value)
+    if len(overrides) % 2:
+        raise BsdistError(f"override {overrides[-1]} has no value; overrides come in pairs: KEY.SUB value")
+    for key, text in zip(overrides[::2], overrides[1::2]):
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        _set(cfg, key, value)
+    return cfg
+
+
+def _coerce(key: str, f: Field, v: Any) -> Any:
+    """Return v as the field's type, or raise naming the key, the value and what is expected."""
+    if v is None:
+        if f.nullable:
+            return None
+        raise BsdistError(f"{key} may not be null; set it to a {f.kind} value, e.g. {key} {f.default}")
+    bad = BsdistError(f"{key} must be {_describe(f)}, got {v!r} ({type(v).__name__})")
+    if f.kind == "bool":
+        if not isinstance(v, bool):
+            raise bad
+    elif f.kind == "auto_bool":
+        if v != "auto" and not isinstance(v, bool):
+            raise bad
+    elif f.kind == "int":
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad
+    elif f.kind == "float":
+        if isinstance(v, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                v = float(v)
+            except ValueError:
+                raise bad from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise bad
+        v = float(v)
+    elif f.kind in ("str", "choice"):
+        if not isinstance(v, str):
+            raise bad
+        if f.choices and v not in f.choices:
+            near = difflib.get_close_matches(v, f.choices, n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            raise BsdistError(f"{key} must be one of {', '.join(f.choices)}, got {v!r}{hint}")
+    elif f.kind == "list":
+        if not isinstance(v, list):
+            raise bad
+        for item in v:
+            if f.choices and item not in f.choices:
+                raise BsdistError(f"{key} has unknown entry {item!r}; allowed: {', '.join(f.choices)}")
+    if f.check is not None and v is not None:
+        problem = f.check(v)
+        if problem:
+            raise BsdistError(f"{key} {problem}, got {v!r}")
+    return v
+
+
+def _describe(f: Field) -> str:
+    kind = {"auto_bool": "true, false or auto", "choice": "one of " + ", ".join(f.choices or ())}.get(f.kind, f"a {f.kind}")
+    return kind + (" or null" if f.nullable else "")
+
+
+def validate(cfg: dict, world_size: int = 1) -> dict:
+    """Check types, ranges and cross-key rules; return the normalised config. Raises BsdistError."""
+    cfg = copy.deepcopy(cfg)
+    for key, f in FIELDS.items():
+        _set(cfg, key, _coerce(key, f, get(cfg, key)))
+    from bsdist.models import MODELS  # the registry decides which names are valid
+
+    d, t, o, s = cfg["DATASET"], cfg["TRAIN"], cfg["OPTIMIZER"], cfg["SCHEDULER"]["params"]
+    if cfg["MODEL"]["name"] not in MODELS:
+        raise BsdistError(f"MODEL.name must be one of {', '.join(sorted(MODELS))}, got {cfg['MODEL']['name']!r}")
+    if d["batch_size"] % world_size:
+        raise BsdistError(f"DATASET.batch_size {d['batch_size']} does not divide by the {world_size} processes; "
+                          f"use a multiple of {world_size}")
+    if o["nesterov"] and o["momentum"] == 0:
+        raise BsdistError("OPTIMIZER.nesterov needs OPTIMIZER.momentum > 0; set a momentum or nesterov false")
+    if s["warmup_epochs"] >= t["epochs"]:
+        raise BsdistError(f"SCHEDULER.params.warmup_epochs {s['warmup_epochs']} must be below TRAIN.epochs {t['epochs']}")
+    if cfg["SCHEDULER"]["sched_name"] == "multistep":
+        m = s["milestones"]
+        if not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x < t["epochs"] for x in m) or m != sorted(set(m)):
+            raise BsdistError(f"SCHEDULER.params.milestones must be increasing whole epochs between 1 and "
+                              f"{t['epochs'] - 1}, got {m}")
+    elif s["milestones"]:
+        raise BsdistError("SCHEDULER.params.milestones is only used by multistep; remove it or set sched_name multistep")
+    if d["imbalance_type"] is None and d["imbalance_factor"] != 1:
+        raise BsdistError(f"DATASET.imbalance_type null means balanced but imbalance_factor is {d['imbalance_factor']}; "
+                          "set imbalance_type exp or step, or imbalance_factor 1")
+    if len(set(d["aug_info"])) != len(d["aug_info"]):
+        raise BsdistError(f"DATASET.aug_info lists an augmentation twice: {d['aug_info']}")
+    device = resolve_device(t["device"])
+    if device == "cpu" and cfg["MODEL"]["sync_bn"]:
+        raise BsdistError("MODEL.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel); set MODEL.sync_bn false")
+    if device == "cuda" and t["mixed_precision"] == "bf16":
+        import torch
+        if not torch.cuda.is_bf16_supported():
+            raise BsdistError("TRAIN.mixed_precision bf16 is not supported by this GPU; use fp16")
+    if cfg["DEFAULT"]["exp_name"] is None:
+        cfg["DEFAULT"]["exp_name"] = default_exp_name(cfg)
+    if any(c in cfg["DEFAULT"]["exp_name"] for c in "/\\") or cfg["DEFAULT"]["exp_name"] in ("", ".", ".."):
+        raise BsdistError(f"DEFAULT.exp_name {cfg['DEFAULT']['exp_name']!r} must be a plain directory name")
+    return cfg
+
+
+def resolve_device(name: str) -> str:
+    import torch
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BsdistError("TRAIN.device cuda but no CUDA device is visible; set TRAIN.device cpu or auto")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def default_exp_name(cfg: dict) -> str:
+    d = cfg["DATASET"]
+    factor = f"{d['imbalance_factor']:g}"
+    return f"{cfg['LOSS']['name']}-{d['imbalance_type'] or 'balanced'}-IF_{factor}"
+
+
+def run_dir(cfg: dict) -> str:
+    return os.path.join(cfg["DEFAULT"]["savedir"], cfg["DATASET"]["name"], cfg["MODEL"]["name"], cfg["DEFAULT"]["exp_name"])
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Keys whose values differ between two validated configs, ignoring those a resume may change."""
+    return [k for k in FIELDS if k not in RESUMABLE_CHANGES and _get_or_missing(old, k) != get(new, k)]
+
+
+def _get_or_missing(cfg: dict, key: str) -> Any:
+    try:
+        return get(cfg, key)
+    except (KeyError, TypeError):
+        return "<missing>"
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
+
+
+def reference_markdown() -> str:
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, f in FIELDS.items():
+        default = yaml.safe_dump(f.default, default_flow_style=True).strip().removesuffix("...").strip()
+        allowed = f" ({', '.join(f.choices)})" if f.choices and f.kind == "choice" else ""
+        rows.append(f"| `{key}` | `{default}` | {f.help}{allowed} |")
+    return "\n".join(rows)
+
+
+def default_yaml() -> str:
+    return "# Generated by `python -m bsdist.config`: every key with its default.\n" + dump(defaults())
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference_markdown() + "\n" if "--markdown" in sys.argv else default_yaml())

@@ -1,0 +1,111 @@
+"""The one process-group setup and the one place that knows the rank.
+
+Every run, a single `python launch.py` included, is a process group: torchrun (or SLURM) provides
+RANK / WORLD_SIZE / LOCAL_RANK and a rendezvous; without them the process is rank 0 of 1 with an
+in-process store. Backend follows the device: nccl on CUDA, gloo on CPU. Collectives here are called
+by every rank or by none, and all of them carry the group's timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from bsdist.errors import BsdistError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_as_main() -> bool:
+    """Whether this process is rank 0 of its launch (known before any process group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size_from_env() -> int:
+    """The world size a launcher announced, known before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device_type: str, timeout_s: float) -> DistEnv:
+    """Join (or reuse) the default process group and pick this rank's device."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = world_size_from_env()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
+                                    device_id=device if device.type == "cuda" else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
+    dist.broadcast(tensor, src=0)
+    return tensor
+
+
+@contextlib.contextmanager
+def main_process_first(env: DistEnv):
+    """Rank 0 runs the body first (e.g. downloads); the others run it once rank 0 has succeeded.
+
+    If rank 0 fails, the others learn it at the same collective and stop instead of waiting.
+    """
+    if env.is_main:
+        try:
+            yield
+        except BaseException:
+            _any_failed(env, True)
+            raise
+        _any_failed(env, False)
+    else:
+        if _any_failed(env, False):
+            raise BsdistError("rank 0 failed while preparing the data; its error message says why")
+        yield
+
+
+def _any_failed(env: DistEnv, failed: bool) -> bool:
+    return bool(all_reduce_max(torch.tensor([float(failed)], device=env.device)).item())
+
+
+def sync_buffers_from_main(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics, so that the evaluated model is the saved one."""
+    for b in module.buffers():
+        broadcast_from_main(b.data)

@@ -1,0 +1,139 @@
+"""Rank 0's side effects in one place: run directory, console and log.txt, TensorBoard, metrics.csv,
+config.yaml, checkpoints and results.json. Other ranks get `NullOutput`, which does nothing, so the
+training code never asks which rank it is on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from bsdist import checkpoint
+from bsdist.config import dump
+from bsdist.distributed import DistEnv
+
+SCALARS = ("acc", "bcr", "loss", "many", "medium", "few")
+
+
+class NullOutput:
+    """What every rank but 0 writes: nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+class RunOutput:
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.writer = None
+        self.log_file = None
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.run_dir, name)
+
+    def start(self, cfg: dict, resumed_step: int | None, resumed_epoch: int) -> None:
+        """Create the run directory and its writers; on resume drop what came after the checkpoint."""
+        from torch.utils.tensorboard import SummaryWriter
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.log_file = open(self.path("log.txt"), "a")
+        with open(self.path("config.yaml.tmp"), "w") as f:
+            f.write(dump(cfg))
+        os.replace(self.path("config.yaml.tmp"), self.path("config.yaml"))
+        self._truncate_csv(resumed_epoch)
+        # purge_step drops events logged after the checkpoint by the interrupted run
+        self.writer = SummaryWriter(self.run_dir, purge_step=None if resumed_step is None else resumed_step + 1)
+        if resumed_step is None:
+            self._hparams(cfg)
+
+    def info(self, message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        print(line, flush=True)
+        if self.log_file:
+            self.log_file.write(line + "\n")
+            self.log_file.flush()
+
+    def scalars(self, values: dict, step: int) -> None:
+        for tag, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, step)
+
+    def eval_metrics(self, split: str, metrics: dict, step: int) -> None:
+        self.scalars({f"{split}/{k}": metrics[k] for k in SCALARS}, step)
+        for c, recall in enumerate(metrics["per_class_recall"]):
+            if recall is not None:
+                self.writer.add_scalar(f"{split}_recall/class_{c:03d}", recall, step)
+        self.writer.add_image(f"{split}/confusion", confusion_image(metrics["confusion"]), step, dataformats="HWC")
+
+    def epoch_row(self, row: dict) -> None:
+        path = self.path("metrics.csv")
+        new = not os.path.exists(path)
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        self.writer.flush()
+
+    def save_checkpoint(self, state: dict, name: str) -> None:
+        checkpoint.save_atomic(state, self.path(name))
+
+    def results(self, results: dict) -> None:
+        with open(self.path("results.json.tmp"), "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(self.path("results.json.tmp"), self.path("results.json"))
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        if self.log_file:
+            self.log_file.close()
+
+    def _truncate_csv(self, keep_epochs: int) -> None:
+        path = self.path("metrics.csv")
+        if not os.path.exists(path):
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        kept = [r for r in rows if int(r["epoch"]) <= keep_epochs]
+        if len(kept) == len(rows):
+            return
+        with open(path + ".tmp", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(path + ".tmp", path)
+
+    def _hparams(self, cfg: dict) -> None:
+        from torch.utils.tensorboard.summary import hparams
+        flat = {}
+        for section, values in cfg.items():
+            for key, value in values.items():
+                if isinstance(value, dict):
+                    flat.update({f"{section}.{key}.{k}": v for k, v in value.items()})
+                else:
+                    flat[f"{section}.{key}"] = value
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+        metrics = {f"{split}/{m}": 0.0 for split in ("test", "val") for m in ("acc", "bcr")}
+        for summary in hparams(flat, metrics):
+            self.writer.file_writer.add_summary(summary)
+        self.writer.add_text("config", "```\n" + dump(cfg) + "```", 0)
+
+
+def confusion_image(confusion: list[list[int]], size: int = 400) -> np.ndarray:
+    """Row-normalised confusion matrix as an RGB heat map (white 0 -> dark blue 1), cells enlarged."""
+    m = np.asarray(confusion, dtype=np.float64)
+    m = m / np.maximum(m.sum(1, keepdims=True), 1)
+    cell = max(1, size // len(m))
+    low, high = np.array([1.0, 1.0, 1.0]), np.array([0.03, 0.19, 0.42])
+    rgb = low + m[..., None] * (high - low)
+    return np.kron(rgb, np.ones((cell, cell, 1))).astype(np.float32)
+
+
+def make_output(env: DistEnv, run_dir: str):
+    return RunOutput(run_dir) if env.is_main else NullOutput()
+

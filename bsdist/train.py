@@ -1,0 +1,131 @@
+"""main(cfg): the whole run, the same under python, torchrun and SLURM."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import yaml
+
+from bsdist import checkpoint, config
+from bsdist.data import build_data
+from bsdist.distributed import DistEnv, init_distributed, shutdown, sync_buffers_from_main
+from bsdist.engine import TrainState, evaluate, train_one_epoch
+from bsdist.errors import BsdistError
+from bsdist.losses import broadcast_class_prior, build_loss
+from bsdist.models import build_model
+from bsdist.optim import build_optimizer, build_scheduler
+from bsdist.output import make_output
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
+RUN_FILES = ("config.yaml", "last.pt", "results.json", "metrics.csv")
+
+
+def resume_checkpoint(cfg: dict) -> str | None:
+    """The checkpoint to continue from, or None for a fresh run; refuses to overwrite another run.
+
+    Read-only, so every rank can call it before the process group exists.
+    """
+    run_dir = config.run_dir(cfg)
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
+    if not held:
+        return None
+    if cfg["TRAIN"]["resume"] != "auto":
+        raise BsdistError(f"run directory {run_dir} already holds a run ({', '.join(held)}); continue it with "
+                          "TRAIN.resume auto, or choose another DEFAULT.exp_name or DEFAULT.savedir")
+    saved_path = os.path.join(run_dir, "config.yaml")
+    if os.path.exists(saved_path):
+        with open(saved_path) as f:
+            saved = yaml.safe_load(f)
+        changed = config.changed_keys(saved, cfg)
+        if changed:
+            raise BsdistError(f"cannot resume {run_dir}: {', '.join(changed)} differ from the saved config.yaml; "
+                              "restore those values, or start a new run under another DEFAULT.exp_name")
+    last = os.path.join(run_dir, "last.pt")
+    return last if os.path.exists(last) else None
+
+
+def main(cfg: dict) -> dict:
+    """Train and evaluate as the validated cfg says; return the results written to results.json."""
+    resume_from = resume_checkpoint(cfg)
+    device = config.resolve_device(cfg["TRAIN"]["device"])
+    env = init_distributed(device, cfg["TRAIN"]["dist_timeout_s"])
+    out = make_output(env, config.run_dir(cfg))
+    try:
+        return _run(cfg, env, out, resume_from)
+    finally:
+        out.close()
+        shutdown()
+
+
+def _run(cfg: dict, env: DistEnv, out, resume_from: str | None) -> dict:
+    t, seed = cfg["TRAIN"], cfg["DEFAULT"]["seed"]
+    torch.manual_seed(seed)  # the same initial weights on every rank and for every world size
+    data = build_data(cfg, env)
+    num_per_cls = broadcast_class_prior(data.num_per_cls, env)
+    compile_model = t["compile"] is True or (t["compile"] == "auto" and env.device.type == "cuda")
+    model, ddp = build_model(cfg, data.num_classes, data.in_channels, env.device, compile_model)
+    amp_dtype = AMP_DTYPES[t["mixed_precision"]]
+    optimizer = build_optimizer(cfg, model)
+    steps_per_epoch = -(-len(data.train) // t["grad_accum_steps"])
+    state = TrainState(ddp, build_loss(cfg["LOSS"]["name"], num_per_cls).to(env.device), optimizer,
+                       build_scheduler(cfg, optimizer, steps_per_epoch),
+                       torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16), amp_dtype,
+                       t["grad_accum_steps"])
+    start_epoch, best = 0, None
+    if resume_from:
+        ckpt = checkpoint.load(resume_from)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state.scheduler.load_state_dict(ckpt["lr_scheduler"])
+        state.scaler.load_state_dict(ckpt["scaler"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        start_epoch, state.step, best = ckpt["epoch"], ckpt["step"], ckpt["best"]
+    out.start(cfg, state.step if resume_from else None, start_epoch)
+    select_on = "val" if "val" in data.eval else "test"
+    out.info(f"{env.world_size} process(es) on {env.device.type}; {len(data.train.dataset)} training images "
+             f"{list(num_per_cls)}; run directory {config.run_dir(cfg)}")
+    if select_on == "test":
+        out.info("model selection (best.pt) uses the test set, as the published recipes do; "
+                 "set DATASET.val_per_cls > 0 to select on a held-out validation split")
+    if resume_from:
+        out.info(f"resumed from {resume_from} after epoch {start_epoch} (step {state.step})")
+    if start_epoch >= t["epochs"]:
+        out.info(f"run already finished ({start_epoch} epochs); results in {config.run_dir(cfg)}/results.json")
+        with open(os.path.join(config.run_dir(cfg), "results.json")) as f:
+            return json.load(f)
+
+    higher_is_better = t["ckp_metric"] != "loss"
+    last = None
+    for epoch in range(start_epoch, t["epochs"]):
+        started = time.perf_counter()
+        train_loss = train_one_epoch(state, data, env, out, epoch, t["epochs"], t["log_interval"])
+        sync_buffers_from_main(model)  # ranks' BatchNorm statistics drift apart; evaluate and save rank 0's
+        evaluated = {split: evaluate(ddp.module, loader, data.augment.normalize, data.num_classes, num_per_cls, env, amp_dtype)
+                     for split, loader in data.eval.items()}
+        last = {"epoch": epoch + 1, "selected_on": select_on, **evaluated["test"]}
+        score = evaluated[select_on][t["ckp_metric"]]
+        improved = best is None or (score > best["score"] if higher_is_better else score < best["score"])
+        if improved:
+            best = {"score": score, **last}
+        for split, metrics in evaluated.items():
+            out.eval_metrics(split, metrics, state.step)
+        out.epoch_row({"epoch": epoch + 1, "step": state.step, "train_loss": train_loss,
+                       "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 3),
+                       **{f"{split}_{k}": m[k] for split, m in evaluated.items() for k in ("loss", "acc", "bcr", "many", "medium", "few")}})
+        out.info(f"epoch {epoch + 1}: " + "  ".join(f"{split} acc {m['acc']:.4f} bcr {m['bcr']:.4f}" for split, m in evaluated.items())
+                 + f"  best {select_on} {t['ckp_metric']} {best['score']:.4f} (epoch {best['epoch']})")
+        snapshot = {"model": checkpoint.clean_state_dict(model.state_dict()), "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
+                    "epoch": epoch + 1, "step": state.step, "best": best, "rng": checkpoint.rng_state(),
+                    "config": cfg, "num_per_cls": num_per_cls, "world_size": env.world_size}
+        if improved:
+            out.save_checkpoint(snapshot, "best.pt")
+        out.save_checkpoint(snapshot, "last.pt")
+    results = {"best": best, "last": last, "num_per_cls": num_per_cls, "ckp_metric": t["ckp_metric"]}
+    out.results(results)
+    out.info(f"done: best (epoch {best['epoch']}) test acc {best['acc']:.4f} bcr {best['bcr']:.4f}; "
+             f"last test acc {last['acc']:.4f} bcr {last['bcr']:.4f}; results in {config.run_dir(cfg)}/results.json")
+    return results
