@@ -14,12 +14,17 @@ import traceback
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
+        usage="launch.py CONFIG [KEY.SUB value ...] [--debug]",
         description="Long-tailed image classification with Balanced Softmax on raw torch.distributed.",
         epilog="Example: torchrun --nproc_per_node 8 launch.py configs/cifar100lt_bs.yaml TRAIN.epochs 200")
     parser.add_argument("config", help="YAML config file (see configs/)")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="KEY.SUB value pairs, values parsed as YAML")
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
-    return parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)  # flags may stand anywhere; the rest are KEY.SUB value pairs
+    unknown = [a for a in overrides if a.startswith("--")]
+    if unknown:
+        parser.error(f"unknown option {unknown[0]}; overrides are written KEY.SUB value, without dashes")
+    args.overrides = overrides
+    return args
 
 
 def run(argv=None) -> int:

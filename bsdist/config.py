@@ -217,6 +217,8 @@ def _coerce(key: str, f: Field, v: Any) -> Any:
             raise bad
         v = float(v)
     elif f.kind in ("str", "choice"):
+        if isinstance(v, bool) and {False: "no", True: "yes"}[v] in f.choices:
+            v = {False: "no", True: "yes"}[v]  # YAML 1.1 reads `no` as false
         if not isinstance(v, str):
             raise bad
         if f.choices and v not in f.choices:

@@ -1,0 +1,91 @@
+"""Distributed behaviour on CPU with gloo: exact evaluation, and world-size-invariant training."""
+
+import os
+
+import pytest
+import torch
+
+from bsdist import checkpoint, config
+from spawn import run_ranks
+
+
+def make_cfg(root, savedir, *overrides):
+    return config.load(None, ["DATASET.name", "CIFAR10LT", "DATASET.datadir", root, "DEFAULT.savedir", str(savedir),
+                              "DATASET.imbalance_factor", "1", "DATASET.imbalance_type", "null", "DATASET.num_workers", "0",
+                              "TRAIN.mixed_precision", "no", "TRAIN.device", "cpu", "TRAIN.compile", "false",
+                              "MODEL.name", "tiny", *overrides])
+
+
+def _eval_worker(raw_cfg):
+    import torch.distributed as dist
+
+    import tiny_model
+    from bsdist.data import build_data
+    from bsdist.distributed import init_distributed, world_size_from_env
+    from bsdist.engine import evaluate
+    tiny_model.register()
+    cfg = config.validate(raw_cfg, world_size_from_env())
+    env = init_distributed("cpu", 60)
+    try:
+        data = build_data(cfg, env)
+        torch.manual_seed(0)
+        model = tiny_model.tiny(10, 3)
+        shard = len(data.eval["test"].batch_sampler.sampler)
+        metrics = evaluate(model, data.eval["test"], data.augment.normalize, 10, list(data.num_per_cls.values()), env, None)
+        return shard, metrics
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluation_counts_every_test_image_once_whatever_the_world_size(cifar10_root, tmp_path):
+    raw = make_cfg(cifar10_root, tmp_path, "DATASET.test_batch_size", "8", "DATASET.batch_size", "48")
+    single, errors = run_ranks(_eval_worker, 1, raw)
+    assert not errors
+    reference = single[0][1]
+    assert reference["num_images"] == 103
+    for world_size in (2, 3):
+        results, errors = run_ranks(_eval_worker, world_size, raw)
+        assert not errors, errors
+        shards = [shard for shard, _ in results]
+        assert sum(shards) == 103 and max(shards) - min(shards) <= 1  # no padding, no duplicates
+        for _, metrics in results:  # the all-reduced confusion is the single-process one, on every rank
+            assert metrics["confusion"] == reference["confusion"]
+            assert metrics["num_images"] == 103
+            assert metrics["loss"] == pytest.approx(reference["loss"], rel=1e-6)
+
+
+def _train_worker(raw_cfg):
+    import tiny_model
+    from bsdist.distributed import world_size_from_env
+    from bsdist.train import main
+    tiny_model.register()
+    return main(config.validate(raw_cfg, world_size_from_env()))
+
+
+def final_weights(savedir):
+    runs = [os.path.join(dp, "last.pt") for dp, _, files in os.walk(savedir) if "last.pt" in files]
+    assert len(runs) == 1
+    return checkpoint.load(runs[0])["model"]
+
+
+def test_two_processes_end_with_the_weights_of_one_process_with_the_same_global_batch(cifar10_root, tmp_path):
+    recipe = ["DATASET.batch_size", "32", "TRAIN.epochs", "2", "OPTIMIZER.momentum", "0.9",
+              "OPTIMIZER.weight_decay", "0.0005", "SCHEDULER.params.warmup_epochs", "1"]
+    runs = {"one": (1, []), "two": (2, []), "accumulated": (1, ["DATASET.batch_size", "16", "TRAIN.grad_accum_steps", "2"])}
+    weights, results = {}, {}
+    for name, (world_size, extra) in runs.items():
+        out, errors = run_ranks(_train_worker, world_size, make_cfg(cifar10_root, tmp_path / name, *recipe, *extra))
+        assert not errors, errors
+        weights[name], results[name] = final_weights(tmp_path / name), out[0]
+    initial = tiny_model_initial()
+    assert any(not torch.equal(initial[k], weights["one"][k]) for k in initial)  # training moved the weights
+    for name in ("two", "accumulated"):
+        for key, value in weights["one"].items():
+            torch.testing.assert_close(weights[name][key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+        assert results[name]["last"]["acc"] == results["one"]["last"]["acc"]
+
+
+def tiny_model_initial():
+    import tiny_model
+    torch.manual_seed(0)
+    return tiny_model.tiny(10, 3).state_dict()

@@ -1,0 +1,70 @@
+"""launch.py as users run it: plain python and torchrun, in subprocesses with timeouts."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def launch(args, prefix=(sys.executable,), timeout=300):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return subprocess.run([*prefix, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_torchrun_two_processes_trains_and_writes_tensorboard_once(tmp_path):
+    proc = launch(["configs/demo.yaml", "DEFAULT.savedir", str(tmp_path), "TRAIN.epochs", "2", "SCHEDULER.params.warmup_epochs", "0",
+                   "TRAIN.log_interval", "2"], prefix=(*TORCHRUN, "--nproc_per_node", "2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "DigitsLT" / "resnet18" / "BalancedSoftmax-exp-IF_10"
+    assert proc.stdout.count("2 process(es) on cpu") == 1  # rank 0 alone prints
+    assert proc.stdout.count("epoch 2: test acc") == 1
+    events = glob.glob(str(run / "events.out.tfevents.*"))
+    assert len(events) == 1  # rank 0 alone writes
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/img_per_s", "test/acc", "test/bcr", "test/many", "test/medium", "test/few"} <= tags
+    results = json.loads((run / "results.json").read_text())
+    assert results["last"]["num_images"] == 500  # every test image once across both ranks
+    assert acc.Scalars("test/bcr")[-1].value == pytest.approx(results["last"]["bcr"])
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps[-1] == 2 * 7  # 486 images, global batch 64: 7 steps per epoch, as on one process
+
+
+@pytest.mark.parametrize("args, message", [
+    (["TRAIN.epoch", "3"], "unknown config key TRAIN.epoch; did you mean TRAIN.epochs?"),
+    (["OPTIMIZER.lr", "-0.1"], "OPTIMIZER.lr must be > 0"),
+    (["DATASET.name", "CIFAR10LT", "DATASET.datadir", "/nonexistent"], "CIFAR10LT data not found: /nonexistent/cifar-10-batches-py"),
+    (["LOSS.name", "Focal"], "LOSS.name must be one of"),
+])
+def test_a_bad_config_is_one_line_on_stderr_and_creates_nothing(tmp_path, args, message):
+    proc = launch(["configs/demo.yaml", "DEFAULT.savedir", str(tmp_path / "runs"), *args], timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = launch(["configs/demo.yaml", "DEFAULT.savedir", str(tmp_path), "TRAIN.epoch", "3", "--debug"], timeout=120)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+def test_under_torchrun_an_error_is_printed_once(tmp_path):
+    proc = launch(["configs/demo.yaml", "DEFAULT.savedir", str(tmp_path), "DATASET.batch_size", "63"],
+                  prefix=(*TORCHRUN, "--nproc_per_node", "2"), timeout=180)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: DATASET.batch_size 63 does not divide by the 2 processes") == 1
+
+
+def test_an_unknown_option_is_named(tmp_path):
+    proc = launch(["configs/demo.yaml", "--epochs", "3"], timeout=60)
+    assert proc.returncode == 2 and "unknown option --epochs" in proc.stderr

@@ -1,0 +1,71 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bsdist.errors import BsdistError
+from bsdist.losses import BalancedSoftmax, CrossEntropyLoss, broadcast_class_prior, build_loss
+from spawn import run_ranks
+
+
+def test_balanced_softmax_is_cross_entropy_on_logits_plus_log_counts():
+    counts = [500, 100, 10, 1]
+    logits = torch.randn(16, 4, requires_grad=True)
+    target = torch.randint(0, 4, (16,))
+    loss = BalancedSoftmax(counts)(logits, target)
+    log_prior = torch.log(torch.tensor(counts, dtype=torch.float))
+    manual = -(torch.log_softmax(logits + log_prior, 1)[torch.arange(16), target]).mean()
+    assert torch.allclose(loss, manual, atol=1e-6)
+    # explicit formula: -log( n_y e^{z_y} / sum_j n_j e^{z_j} )
+    z = logits.detach().double()
+    n = torch.tensor(counts, dtype=torch.double)
+    explicit = -torch.log(n[target] * z.gather(1, target[:, None]).squeeze(1).exp() / (n * z.exp()).sum(1)).mean()
+    assert abs(loss.item() - explicit.item()) < 1e-5
+    loss.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_balanced_softmax_equals_cross_entropy_when_balanced():
+    logits, target = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    assert torch.allclose(BalancedSoftmax([7] * 5)(logits, target), F.cross_entropy(logits, target), atol=1e-6)
+
+
+def test_balanced_softmax_computes_in_float32_under_low_precision_logits():
+    logits, target = torch.randn(8, 3).bfloat16(), torch.randint(0, 3, (8,))
+    assert BalancedSoftmax([3, 2, 1])(logits, target).dtype == torch.float32
+
+
+def test_balanced_softmax_rejects_a_class_without_images():
+    with pytest.raises(BsdistError, match="positive count"):
+        BalancedSoftmax([10, 0, 3])
+
+
+def test_build_loss_by_name():
+    assert isinstance(build_loss("BalancedSoftmax", [2, 1]), BalancedSoftmax)
+    ce = build_loss("CrossEntropyLoss", [2, 1])
+    assert isinstance(ce, CrossEntropyLoss)
+    logits, target = torch.randn(4, 2), torch.tensor([0, 1, 1, 0])
+    assert torch.allclose(ce(logits, target), F.cross_entropy(logits, target))
+
+
+def _prior_worker(counts_by_rank):
+    import torch.distributed as dist
+
+    from bsdist.distributed import init_distributed
+    env = init_distributed("cpu", 60)
+    try:
+        return broadcast_class_prior(counts_by_rank[env.rank], env)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_class_prior_is_broadcast_from_rank_0():
+    counts = {0: 50, 1: 20, 2: 5}
+    results, errors = run_ranks(_prior_worker, 2, [counts, counts], timeout=120)
+    assert not errors
+    assert results == [[50, 20, 5], [50, 20, 5]]
+
+
+def test_every_rank_stops_when_a_rank_built_another_training_set():
+    results, errors = run_ranks(_prior_worker, 2, [{0: 50, 1: 20}, {0: 50, 1: 21}], timeout=120)
+    assert sorted(errors) == [0, 1]  # both ranks raise, neither hangs
+    assert all("BsdistError" in e and "class counts differ" in e for e in errors.values())

@@ -1,0 +1,69 @@
+import math
+
+import pytest
+import torch
+
+from bsdist import config
+from bsdist.optim import LRFactor, build_optimizer, build_scheduler
+
+
+def cfg_with(**overrides):
+    tokens = [t for k, v in overrides.items() for t in (k.replace("__", "."), str(v))]
+    return config.validate(config.load(None, tokens))
+
+
+def lrs(cfg, steps_per_epoch):
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(cfg, model)
+    sched = build_scheduler(cfg, opt, steps_per_epoch)
+    out = []
+    for _ in range(cfg["TRAIN"]["epochs"] * steps_per_epoch):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_cosine_starts_at_lr_and_ends_near_eta_min():
+    cfg = cfg_with(TRAIN__epochs=10, OPTIMIZER__lr=0.1, SCHEDULER__params__eta_min=0.001)
+    values = lrs(cfg, 5)
+    assert values[0] == pytest.approx(0.1)
+    assert values[-1] == pytest.approx(0.001 + 0.099 * 0.5 * (1 + math.cos(math.pi * 49 / 50)))
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone without restarts
+    assert values[25] == pytest.approx(0.001 + 0.099 * 0.5)  # half way
+
+
+def test_linear_warmup_then_cosine():
+    cfg = cfg_with(TRAIN__epochs=10, SCHEDULER__params__warmup_epochs=2, SCHEDULER__params__eta_min=0)
+    values = lrs(cfg, 4)
+    assert values[:8] == pytest.approx([0.1 * (i + 1) / 8 for i in range(8)])
+    assert values[8] == pytest.approx(0.1)
+    assert values[8 + 16] == pytest.approx(0.05)
+
+
+def test_warm_restarts_with_t_mult():
+    cfg = cfg_with(TRAIN__epochs=7, SCHEDULER__params__t_initial=1, SCHEDULER__params__t_mult=2, SCHEDULER__params__eta_min=0)
+    values = lrs(cfg, 4)
+    restarts = [i for i in range(1, len(values)) if values[i] > values[i - 1]]
+    assert restarts == [4, 12]  # cycles of 1, 2, 4 epochs
+    assert values[12] == pytest.approx(0.1)
+
+
+def test_multistep_decays_at_milestones():
+    cfg = cfg_with(TRAIN__epochs=6, SCHEDULER__sched_name="multistep", SCHEDULER__params__milestones="[2, 4]", SCHEDULER__params__gamma=0.5)
+    values = lrs(cfg, 3)
+    assert values == pytest.approx([0.1] * 6 + [0.05] * 6 + [0.025] * 6)
+
+
+def test_schedule_depends_only_on_the_global_step():
+    # the same global steps per epoch give the same rates, so every rank (and every world size) agrees
+    cfg = cfg_with(TRAIN__epochs=5, SCHEDULER__params__warmup_epochs=1)
+    assert LRFactor(cfg, 7)(20) == LRFactor(cfg, 7)(20)
+    assert lrs(cfg, 7) == lrs(cfg, 7)
+
+
+def test_optimizer_follows_config():
+    cfg = cfg_with(OPTIMIZER__lr=0.2, OPTIMIZER__momentum=0.9, OPTIMIZER__weight_decay=5e-4, OPTIMIZER__nesterov="true")
+    opt = build_optimizer(cfg, torch.nn.Linear(2, 2))
+    g = opt.param_groups[0]
+    assert (g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]) == (0.2, 0.9, 5e-4, True)

@@ -1,0 +1,183 @@
+"""End-to-end runs of bsdist.train.main in this process (world size 1, the same code path as torchrun)."""
+
+import csv
+import glob
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import tiny_model
+from bsdist import BsdistError, checkpoint, config
+from bsdist.data.longtail import long_tail_counts
+from bsdist.models import resnet18
+from bsdist.output import RunOutput
+from bsdist.train import main
+
+tiny_model.register()
+
+
+def demo_cfg(savedir, *overrides):
+    return config.validate(config.load("configs/demo.yaml", [
+        "DEFAULT.savedir", str(savedir), "TRAIN.epochs", "2", "TRAIN.device", "cpu", "TRAIN.compile", "false",
+        "TRAIN.log_interval", "3", "SCHEDULER.params.warmup_epochs", "0", *overrides]))
+
+
+def run_dir(cfg):
+    return config.run_dir(cfg)
+
+
+def read_csv(cfg):
+    with open(os.path.join(run_dir(cfg), "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def events(cfg):
+    acc = EventAccumulator(run_dir(cfg), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def snapshot(directory):
+    return {p: hashlib.sha256(open(p, "rb").read()).hexdigest()
+            for p in glob.glob(os.path.join(directory, "**"), recursive=True) if os.path.isfile(p)}
+
+
+def test_a_run_writes_checkpoints_metrics_results_and_tensorboard(tmp_path):
+    cfg = demo_cfg(tmp_path)
+    results = main(cfg)
+    d = run_dir(cfg)
+    assert d == str(tmp_path / "DigitsLT" / "resnet18" / "BalancedSoftmax-exp-IF_10")
+    for name in ("config.yaml", "metrics.csv", "results.json", "last.pt", "best.pt", "log.txt"):
+        assert os.path.isfile(os.path.join(d, name)), name
+    assert len(glob.glob(os.path.join(d, "events.out.tfevents.*"))) == 1
+    assert config.load(os.path.join(d, "config.yaml")) == cfg  # the merged config round-trips
+
+    with open(os.path.join(d, "results.json")) as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(results))
+    for key in ("best", "last"):
+        r = saved[key]
+        assert r["num_images"] == 500 and r["selected_on"] == "test"
+        assert len(r["per_class_recall"]) == 10 and len(r["confusion"]) == 10
+        assert r["bcr"] == pytest.approx(sum(r["per_class_recall"]) / 10)
+        assert {"acc", "many", "medium", "few", "loss", "epoch"} <= set(r)
+    assert saved["num_per_cls"] == [120, 92, 71, 55, 43, 33, 25, 20, 15, 12]
+    assert saved["last"]["epoch"] == 2
+
+    rows = read_csv(cfg)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert float(rows[-1]["test_acc"]) == pytest.approx(saved["last"]["acc"])
+
+    ckpt = checkpoint.load(os.path.join(d, "last.pt"))
+    assert {"model", "optimizer", "lr_scheduler", "scaler", "epoch", "rng", "best"} <= set(ckpt)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    resnet18(10, 1).load_state_dict(ckpt["model"])  # strict: loads into a plain model
+
+    acc = events(cfg)
+    scalars = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/img_per_s", "test/acc", "test/bcr", "test/many", "test/medium",
+            "test/few", "test_recall/class_000", "test_recall/class_009"} <= scalars
+    assert "test/confusion" in acc.Tags()["images"]
+    assert [e.value for e in acc.Scalars("test/acc")][-1] == pytest.approx(saved["last"]["acc"])
+    assert any("hparams" in tag for tag in acc.summary_metadata) or acc.Tags()["tensors"]  # hparams + config text
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
+    common = ["TRAIN.epochs", "3", "OPTIMIZER.momentum", "0.9", "TRAIN.resume", "auto"]
+    straight = main(demo_cfg(tmp_path / "straight", *common))
+
+    cfg = demo_cfg(tmp_path / "interrupted", *common)
+    original = RunOutput.save_checkpoint
+
+    def die_after_second_epoch(self, state, name):
+        original(self, state, name)
+        if name == "last.pt" and state["epoch"] == 2:
+            raise Interrupted
+    monkeypatch.setattr(RunOutput, "save_checkpoint", die_after_second_epoch)
+    with pytest.raises(Interrupted):
+        main(cfg)
+    monkeypatch.setattr(RunOutput, "save_checkpoint", original)
+    resumed = main(cfg)
+
+    a = checkpoint.load(os.path.join(run_dir(demo_cfg(tmp_path / "straight", *common)), "last.pt"))["model"]
+    b = checkpoint.load(os.path.join(run_dir(cfg), "last.pt"))["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed["last"]["confusion"] == straight["last"]["confusion"]
+    assert resumed["best"]["epoch"] == straight["best"]["epoch"]
+    assert [r["epoch"] for r in read_csv(cfg)] == ["1", "2", "3"]
+    steps = [e.step for e in events(cfg).Scalars("train/loss")]
+    assert steps == sorted(set(steps))  # nothing logged twice
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path):
+    cfg = demo_cfg(tmp_path, "TRAIN.epochs", "1")
+    main(cfg)
+    before = snapshot(run_dir(cfg))
+    with pytest.raises(BsdistError, match="already holds a run.*TRAIN.resume auto"):
+        main(cfg)
+    assert snapshot(run_dir(cfg)) == before
+
+
+def test_resuming_a_finished_run_returns_its_results_without_training(tmp_path):
+    cfg = demo_cfg(tmp_path, "TRAIN.epochs", "1", "TRAIN.resume", "auto")
+    first = main(cfg)
+    before = {p: h for p, h in snapshot(run_dir(cfg)).items() if not p.endswith("log.txt")}
+    assert main(cfg) == json.loads(json.dumps(first))
+    after = {p: h for p, h in snapshot(run_dir(cfg)).items() if not p.endswith("log.txt") and "tfevents" not in p}
+    assert after == {p: h for p, h in before.items() if "tfevents" not in p}
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    main(demo_cfg(tmp_path, "TRAIN.epochs", "1", "TRAIN.resume", "auto", "DEFAULT.exp_name", "run"))
+    changed = demo_cfg(tmp_path, "TRAIN.epochs", "1", "TRAIN.resume", "auto", "DEFAULT.exp_name", "run", "LOSS.name", "CrossEntropyLoss")
+    with pytest.raises(BsdistError, match="LOSS.name differ"):
+        main(changed)
+
+
+def test_validation_split_selects_the_best_model_without_the_test_set(tmp_path):
+    cfg = demo_cfg(tmp_path, "MODEL.name", "tiny", "DATASET.val_per_cls", "4", "TRAIN.epochs", "6", "OPTIMIZER.lr", "0.5")
+    results = main(cfg)
+    assert results["best"]["selected_on"] == "val"
+    rows = read_csv(cfg)
+    assert len({r["val_bcr"] for r in rows}) > 1  # the choice is a real one
+    best_row = max(rows, key=lambda r: float(r["val_bcr"]))  # first maximum wins ties, as in training
+    assert results["best"]["epoch"] == int(best_row["epoch"])
+    assert results["best"]["acc"] == pytest.approx(float(best_row["test_acc"]))
+    # img_max is 120 - 4 held out per class
+    assert checkpoint.load(os.path.join(run_dir(cfg), "best.pt"))["num_per_cls"] == long_tail_counts(1160, 10, "exp", 10)
+
+
+def test_loss_as_checkpoint_metric_saves_the_lowest_loss(tmp_path):
+    cfg = demo_cfg(tmp_path, "MODEL.name", "tiny", "TRAIN.ckp_metric", "loss", "TRAIN.epochs", "6", "OPTIMIZER.lr", "0.5")
+    results = main(cfg)
+    rows = read_csv(cfg)
+    assert min(rows, key=lambda r: float(r["test_loss"]))["epoch"] != "1"  # an improvement was saved
+    best_row = min(rows, key=lambda r: float(r["test_loss"]))
+    assert results["best"]["epoch"] == int(best_row["epoch"])
+    assert checkpoint.load(os.path.join(run_dir(cfg), "best.pt"))["epoch"] == int(best_row["epoch"])
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_trains(tmp_path, precision):
+    cfg = demo_cfg(tmp_path, "MODEL.name", "tiny", "TRAIN.mixed_precision", precision, "TRAIN.epochs", "1")
+    results = main(cfg)
+    assert 0 <= results["last"]["acc"] <= 1
+    scaler = checkpoint.load(os.path.join(run_dir(cfg), "last.pt"))["scaler"]
+    assert ("scale" in scaler) == (precision == "fp16")  # a gradient scaler only for fp16
+
+
+def test_compiled_model_trains_and_saves_plain_keys(tmp_path):
+    cfg = demo_cfg(tmp_path, "TRAIN.compile", "true", "TRAIN.epochs", "1")
+    main(cfg)
+    state = checkpoint.load(os.path.join(run_dir(cfg), "last.pt"))["model"]
+    assert not any("_orig_mod" in k or k.startswith("module.") for k in state)
+    resnet18(10, 1).load_state_dict(state)
