@@ -34,8 +34,8 @@ def write_cifar(root: str, num_classes: int = 10, train_per_class: int = 20, tes
     test_counts = test_counts or [10] * num_classes
     test_labels = rng.permutation(np.repeat(np.arange(num_classes), test_counts))
     for files, labels, offset in ((train_files, train_labels, 0), (test_files, test_labels, 1)):
-        for name, chunk in zip(files, np.array_split(np.arange(len(labels)), len(files))):
-            entry = {"batch_label": name, "data": images_for(labels[chunk], seed + offset + len(name)),
+        for i, (name, chunk) in enumerate(zip(files, np.array_split(np.arange(len(labels)), len(files)))):
+            entry = {"batch_label": name, "data": images_for(labels[chunk], seed * 1000 + offset * 100 + i),
                      label_key: labels[chunk].tolist(), "filenames": [f"{i}.png" for i in chunk]}
             if num_classes == 100:
                 entry["coarse_labels"] = (labels[chunk] // 5).tolist()

@@ -21,22 +21,27 @@ from bsdist.errors import BsdistError
 
 def long_tail_counts(num_images: int, num_classes: int, imbalance_type: str | None, imbalance_factor: float) -> list[int]:
     """Images kept per class, with img_max = num_images / num_classes and gamma = 1 / imbalance_factor."""
-    img_max = num_images / num_classes
+    if imbalance_type not in (None, "exp", "step"):
+        raise BsdistError(f"DATASET.imbalance_type must be exp, step or null, got {imbalance_type!r}")
+    counts = _profile(num_images / num_classes, num_classes, imbalance_type, imbalance_factor)
+    if min(counts) == 0:
+        img_max = num_images / num_classes
+        # the float profile can empty the tail even at factor == img_max, so find the largest factor that works
+        largest = next(f for f in range(max(int(img_max), 1), 0, -1)
+                       if min(_profile(img_max, num_classes, imbalance_type, f)) > 0)
+        raise BsdistError(f"imbalance factor {imbalance_factor:g} leaves class {counts.index(0)} with no training image "
+                          f"(img_max {img_max:g}); use DATASET.imbalance_factor <= {largest}")
+    return counts
+
+
+def _profile(img_max: float, num_classes: int, imbalance_type: str | None, imbalance_factor: float) -> list[int]:
     gamma = 1.0 / imbalance_factor
     if imbalance_type is None or imbalance_factor == 1:
-        counts = [int(img_max)] * num_classes
-    elif imbalance_type == "exp":
-        counts = [int(img_max * (gamma ** (c / (num_classes - 1.0)))) for c in range(num_classes)]
-    elif imbalance_type == "step":
-        half = num_classes // 2
-        counts = [int(img_max)] * half + [int(img_max * gamma)] * (num_classes - half)
-    else:
-        raise BsdistError(f"DATASET.imbalance_type must be exp, step or null, got {imbalance_type!r}")
-    empty = [c for c, n in enumerate(counts) if n == 0]
-    if empty:
-        raise BsdistError(f"imbalance factor {imbalance_factor:g} leaves class {empty[0]} with no training image "
-                          f"(img_max {img_max:g}); use DATASET.imbalance_factor <= {img_max:g}")
-    return counts
+        return [int(img_max)] * num_classes
+    if imbalance_type == "exp":
+        return [int(img_max * (gamma ** (c / (num_classes - 1.0)))) for c in range(num_classes)]
+    half = num_classes // 2
+    return [int(img_max)] * half + [int(img_max * gamma)] * (num_classes - half)
 
 
 def long_tail_split(targets, num_classes: int, imbalance_type: str | None, imbalance_factor: float,
