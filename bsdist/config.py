@@ -59,7 +59,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "download": Field(False, "bool", "download CIFAR (md5-checked) into datadir when missing"),
         "batch_size": Field(32, "int", "global images per step, split evenly across processes", check=_positive),
         "test_batch_size": Field(1024, "int", "images per evaluation batch on each process", check=_positive),
-        "num_workers": Field(2, "int", "DataLoader worker processes per training process", check=_non_negative),
+        "loader": Field("auto", "choice", "device: the uint8 dataset lives on the training device and batches are gathered there; dataloader: DataLoader workers feed batches from host memory; auto: device when the data fits", choices=("auto", "device", "dataloader")),
+        "num_workers": Field(2, "int", "DataLoader worker processes per training process (loader dataloader)", check=_non_negative),
         "imbalance_type": Field("exp", "choice", "long-tail profile; null means balanced", choices=("exp", "step"), nullable=True),
         "imbalance_factor": Field(100.0, "float", "largest / smallest class count (1 = balanced)", check=_at_least_one),
         "val_per_cls": Field(0, "int", "balanced validation images per class, taken from training images the long-tailed subset left unused; 0 selects the best model on the test set", check=_non_negative),
@@ -90,7 +91,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "TRAIN": {
         "epochs": Field(50, "int", "training epochs", check=_at_least_one),
         "grad_accum_steps": Field(1, "int", "micro-batches per optimiser step (DDP no_sync on the inner ones)", check=_at_least_one),
-        "mixed_precision": Field("bf16", "choice", "autocast dtype; fp16 adds a gradient scaler", choices=("fp16", "bf16", "no")),
+        "mixed_precision": Field("auto", "choice", "autocast dtype; fp16 adds a gradient scaler; auto is bf16 on CUDA (fp16 where the GPU lacks bf16) and no on CPU, where bf16 is emulated and slow", choices=("auto", "fp16", "bf16", "no")),
         "log_interval": Field(10, "int", "optimiser steps between console lines", check=_at_least_one),
         "ckp_metric": Field("bcr", "choice", "metric choosing best.pt (lower is better for loss)", choices=("bcr", "acc", "loss")),
         "compile": Field("auto", "auto_bool", "torch.compile the model; auto compiles on CUDA only"),
@@ -293,6 +294,15 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+def resolve_precision(name: str, device: str) -> str:
+    if name != "auto":
+        return name
+    if device != "cuda":
+        return "no"
+    import torch
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def default_exp_name(cfg: dict) -> str:

@@ -80,10 +80,12 @@ def train_one_epoch(state: TrainState, data, env: DistEnv, out, epoch: int, epoc
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, normalize, num_classes: int, num_per_cls: list[int], env: DistEnv,
-             amp_dtype: torch.dtype | None) -> dict:
+             amp_dtype: torch.dtype | None, fixed_batch: int | None = None) -> dict:
     """Metrics over every image of the split exactly once: this rank's shard, then one all-reduce.
 
-    The loss is cross-entropy on the raw logits, the ones used for prediction.
+    The loss is cross-entropy on the raw logits, the ones used for prediction. With `fixed_batch` a
+    short last batch is zero-padded to that size and the padding dropped from the logits, so a
+    compiled model sees one shape and never recompiles.
     """
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=env.device)
@@ -91,8 +93,11 @@ def evaluate(model: torch.nn.Module, loader, normalize, num_classes: int, num_pe
     for images, targets, _ in loader:
         images = images.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
+        n = len(targets)
+        if fixed_batch and n < fixed_batch:
+            images = torch.cat([images, images.new_zeros((fixed_batch - n, *images.shape[1:]))])
         with autocast(env.device, amp_dtype):
-            logits = model(normalize(images)).float()
+            logits = model(normalize(images))[:n].float()
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
         confusion += confusion_matrix(logits.argmax(1), targets, num_classes)
     all_reduce_sum(confusion)

@@ -67,7 +67,7 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None) -> dict:
     num_per_cls = broadcast_class_prior(data.num_per_cls, env)
     compile_model = t["compile"] is True or (t["compile"] == "auto" and env.device.type == "cuda")
     model, ddp = build_model(cfg, data.num_classes, data.in_channels, env.device, compile_model)
-    amp_dtype = AMP_DTYPES[t["mixed_precision"]]
+    amp_dtype = AMP_DTYPES[config.resolve_precision(t["mixed_precision"], env.device.type)]
     optimizer = build_optimizer(cfg, model)
     steps_per_epoch = -(-len(data.train) // t["grad_accum_steps"])
     state = TrainState(ddp, build_loss(cfg["LOSS"]["name"], num_per_cls).to(env.device), optimizer,
@@ -103,7 +103,8 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None) -> dict:
         started = time.perf_counter()
         train_loss = train_one_epoch(state, data, env, out, epoch, t["epochs"], t["log_interval"])
         sync_buffers_from_main(model)  # ranks' BatchNorm statistics drift apart; evaluate and save rank 0's
-        evaluated = {split: evaluate(ddp.module, loader, data.augment.normalize, data.num_classes, num_per_cls, env, amp_dtype)
+        evaluated = {split: evaluate(ddp.module, loader, data.augment.normalize, data.num_classes, num_per_cls, env, amp_dtype,
+                                     fixed_batch=data.eval_batch_size if compile_model else None)
                      for split, loader in data.eval.items()}
         last = {"epoch": epoch + 1, "selected_on": select_on, **evaluated["test"]}
         score = evaluated[select_on][t["ckp_metric"]]

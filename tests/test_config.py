@@ -169,7 +169,7 @@ def test_odd_number_of_override_tokens():
     (["SCHEDULER.sched_name", "multistep", "SCHEDULER.params.milestones", "[10.5]"], r"SCHEDULER\.params\.milestones"),
     (["SCHEDULER.params.milestones", "[10, 20]"], r"SCHEDULER\.params\.milestones.*multistep"),
     (["SCHEDULER.params.milestones", "10"], r"SCHEDULER\.params\.milestones"),
-    (["TRAIN.mixed_precision", "fp8"], r"TRAIN\.mixed_precision must be one of fp16, bf16, no.*'fp8'"),
+    (["TRAIN.mixed_precision", "fp8"], r"TRAIN\.mixed_precision must be one of auto, fp16, bf16, no.*'fp8'"),
     (["DATASET.aug_info", "[RandomCrop, ColorJitter]"], r"DATASET\.aug_info.*'ColorJitter'"),
     (["DATASET.aug_info", "[RandomCrop, RandomCrop]"], r"DATASET\.aug_info"),
     (["DATASET.aug_info", "RandomCrop"], r"DATASET\.aug_info"),

@@ -175,9 +175,23 @@ def test_mixed_precision_trains(tmp_path, precision):
     assert ("scale" in scaler) == (precision == "fp16")  # a gradient scaler only for fp16
 
 
-def test_compiled_model_trains_and_saves_plain_keys(tmp_path):
-    cfg = demo_cfg(tmp_path, "TRAIN.compile", "true", "TRAIN.epochs", "1")
+def test_compiled_model_trains_without_recompiling_and_saves_plain_keys(tmp_path, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    import bsdist.train
+    graphs_at_eval = []
+    original = bsdist.train.evaluate
+
+    def counting_evaluate(*args, **kwargs):
+        result = original(*args, **kwargs)
+        graphs_at_eval.append(counters["stats"]["unique_graphs"])
+        return result
+    monkeypatch.setattr(bsdist.train, "evaluate", counting_evaluate)
+    # 486 images: the test set of 500 in batches of 300 ends with a short batch
+    cfg = demo_cfg(tmp_path, "TRAIN.compile", "true", "TRAIN.epochs", "2", "DATASET.test_batch_size", "300")
     main(cfg)
+    assert len(graphs_at_eval) == 2 and graphs_at_eval[0] > 0
+    assert graphs_at_eval[1] == graphs_at_eval[0]  # the second epoch and the short batches compiled nothing new
     state = checkpoint.load(os.path.join(run_dir(cfg), "last.pt"))["model"]
     assert not any("_orig_mod" in k or k.startswith("module.") for k in state)
     resnet18(10, 1).load_state_dict(state)

@@ -12,7 +12,7 @@ from bsdist.data.datasets import DATASETS, LongTailDataset, collate_batch
 from bsdist.distributed import DistEnv, main_process_first
 from bsdist.errors import BsdistError
 
-__all__ = ["DATASETS", "Data", "ShardSampler", "build_data", "check_available"]
+__all__ = ["DATASETS", "Data", "DeviceLoader", "ShardSampler", "build_data", "check_available"]
 
 
 class ShardSampler(Sampler):
@@ -28,15 +28,49 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+class DeviceLoader:
+    """Batches gathered from a dataset held on the training device as one uint8 tensor.
+
+    The order comes from the same sampler a DataLoader would use (DistributedSampler for training,
+    ShardSampler for evaluation), so both paths see identical batches; only where they are gathered
+    differs. Yields (uint8 images N x H x W x C, int64 targets, int64 dataset indices) on the device.
+    """
+
+    def __init__(self, dataset, sampler: Sampler, batch_size: int, drop_last: bool, device: torch.device):
+        self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
+        self.images = torch.from_numpy(dataset.data).to(device)
+        self.targets = torch.from_numpy(dataset.targets).to(device)
+        self.device = device
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        order = torch.as_tensor(list(self.sampler), dtype=torch.long).to(self.device, non_blocking=True)
+        for b in range(len(self)):
+            indices = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield self.images[indices], self.targets[indices], indices
+
+
+def fits_on_device(datasets, device: torch.device) -> bool:
+    """Whether the uint8 images fit comfortably: host memory already holds them; a GPU needs 4x headroom."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return 4 * sum(ds.data.nbytes for ds in datasets) < free
+
+
 @dataclass
 class Data:
-    train: DataLoader
+    train: DeviceLoader | DataLoader
     train_sampler: DistributedSampler
-    eval: dict  # split name ("val", "test") -> DataLoader over this rank's exact shard
+    eval: dict  # split name ("val", "test") -> loader over this rank's exact shard
     augment: BatchAugment
     num_per_cls: dict
     num_classes: int
     in_channels: int
+    eval_batch_size: int
 
 
 def check_available(cfg: dict) -> None:
@@ -51,20 +85,23 @@ def build_data(cfg: dict, env: DistEnv) -> Data:
         train = cls(d["datadir"], train=True, download=d["download"], imbalance_type=d["imbalance_type"],
                     imbalance_factor=d["imbalance_factor"], seed=seed, val_per_cls=d["val_per_cls"])
         test = cls(d["datadir"], train=False)
+    splits = {"val": train.val, "test": test} if train.val is not None else {"test": test}
     local_batch = d["batch_size"] // env.world_size
     sampler = DistributedSampler(train, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed, drop_last=True)
     if len(sampler) < local_batch:
         raise BsdistError(f"the {len(train)} training images give each of {env.world_size} processes {len(sampler)}, fewer than "
                           f"one batch of {local_batch}; lower DATASET.batch_size")
-    pin = env.device.type == "cuda"
-    workers = d["num_workers"]
-    train_loader = DataLoader(train, batch_sampler=BatchSampler(sampler, local_batch, drop_last=True), collate_fn=collate_batch,
-                              num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
-    splits = {"val": train.val, "test": test} if train.val is not None else {"test": test}
-    eval_loaders = {
-        name: DataLoader(ds, batch_sampler=BatchSampler(ShardSampler(len(ds), env.rank, env.world_size), d["test_batch_size"], drop_last=False),
-                         collate_fn=collate_batch, num_workers=0, pin_memory=pin)
-        for name, ds in splits.items()
-    }
+    eval_samplers = {name: ShardSampler(len(ds), env.rank, env.world_size) for name, ds in splits.items()}
+    on_device = d["loader"] == "device" or (d["loader"] == "auto" and fits_on_device([train, *splits.values()], env.device))
+
+    def loader(dataset, sampler, batch_size: int, drop_last: bool, workers: int):
+        if on_device:
+            return DeviceLoader(dataset, sampler, batch_size, drop_last, env.device)
+        return DataLoader(dataset, batch_sampler=BatchSampler(sampler, batch_size, drop_last), collate_fn=collate_batch,
+                          num_workers=workers, pin_memory=env.device.type == "cuda", persistent_workers=workers > 0)
+
+    train_loader = loader(train, sampler, local_batch, True, d["num_workers"])
+    eval_loaders = {name: loader(ds, eval_samplers[name], d["test_batch_size"], False, 0) for name, ds in splits.items()}
     augment = BatchAugment(len(train), cls.mean, cls.std, d["aug_info"], d["crop_padding"], seed, env.device)
-    return Data(train_loader, sampler, eval_loaders, augment, train.num_per_cls, cls.num_classes, train.data.shape[-1])
+    return Data(train_loader, sampler, eval_loaders, augment, train.num_per_cls, cls.num_classes, train.data.shape[-1],
+                d["test_batch_size"])
