@@ -168,17 +168,22 @@ def _flatten(tree: dict, prefix: str = "", where: str = "") -> dict:
     return flat
 
 
+def read_yaml(path: str, what: str, example: str):
+    """The parsed YAML file (an empty file is {}), or one error naming the file and the problem."""
+    if not os.path.isfile(path):
+        raise BsdistError(f"{what} {path} does not exist; pass a YAML file such as {example}")
+    with open(path) as f:
+        try:
+            return yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise BsdistError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
 def load(path: str | None, overrides: list[str] = ()) -> dict:
     """Defaults, then the YAML file, then `KEY.SUB value` pairs (values parsed as YAML). Not validated."""
     cfg = defaults()
     if path is not None:
-        if not os.path.isfile(path):
-            raise BsdistError(f"config file {path} does not exist; pass a YAML file such as configs/demo.yaml")
-        with open(path) as f:
-            try:
-                tree = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise BsdistError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        tree = read_yaml(path, "config file", "configs/demo.yaml")
         for key, value in _flatten(tree, where=path).items():
             _set(cfg, key, value)
     if len(overrides) % 2:

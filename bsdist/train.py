@@ -47,14 +47,27 @@ def resume_checkpoint(cfg: dict) -> str | None:
     return last if os.path.exists(last) else None
 
 
+def finished_results(cfg: dict) -> dict | None:
+    """The results of a finished run (results.json is written only at its very end), else None."""
+    path = os.path.join(config.run_dir(cfg), "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def main(cfg: dict) -> dict:
     """Train and evaluate as the validated cfg says; return the results written to results.json."""
-    resume_from = resume_checkpoint(cfg)
+    resume_checkpoint(cfg)  # refuses a directory holding another run before anything happens
     device = config.resolve_device(cfg["TRAIN"]["device"])
     env = init_distributed(device, cfg["TRAIN"]["dist_timeout_s"])
     out = make_output(env, config.run_dir(cfg))
     try:
-        return _run(cfg, env, out, resume_from)
+        finished = finished_results(cfg)
+        if finished is not None:
+            out.info(f"run already finished; results in {config.run_dir(cfg)}/results.json")
+            return finished
+        return _run(cfg, env, out, resume_checkpoint(cfg))
     finally:
         out.close()
         shutdown()
@@ -74,7 +87,7 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None) -> dict:
                        build_scheduler(cfg, optimizer, steps_per_epoch),
                        torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16), amp_dtype,
                        t["grad_accum_steps"])
-    start_epoch, best = 0, None
+    start_epoch, best, last, seconds_before = 0, None, None, 0.0
     if resume_from:
         ckpt = checkpoint.load(resume_from)
         model.load_state_dict(ckpt["model"])
@@ -82,7 +95,8 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None) -> dict:
         state.scheduler.load_state_dict(ckpt["lr_scheduler"])
         state.scaler.load_state_dict(ckpt["scaler"])
         checkpoint.set_rng_state(ckpt["rng"])
-        start_epoch, state.step, best = ckpt["epoch"], ckpt["step"], ckpt["best"]
+        start_epoch, state.step, seconds_before = ckpt["epoch"], ckpt["step"], ckpt["seconds"]
+        best, last = ckpt["best"], ckpt["last"]
     out.start(cfg, state.step if resume_from else None, start_epoch)
     select_on = "val" if "val" in data.eval else "test"
     out.info(f"{env.world_size} process(es) on {env.device.type}; {len(data.train.dataset)} training images "
@@ -92,13 +106,8 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None) -> dict:
                  "set DATASET.val_per_cls > 0 to select on a held-out validation split")
     if resume_from:
         out.info(f"resumed from {resume_from} after epoch {start_epoch} (step {state.step})")
-    if start_epoch >= t["epochs"]:
-        out.info(f"run already finished ({start_epoch} epochs); results in {config.run_dir(cfg)}/results.json")
-        with open(os.path.join(config.run_dir(cfg), "results.json")) as f:
-            return json.load(f)
-
+    started_at = time.perf_counter()
     higher_is_better = t["ckp_metric"] != "loss"
-    last = None
     for epoch in range(start_epoch, t["epochs"]):
         started = time.perf_counter()
         train_loss = train_one_epoch(state, data, env, out, epoch, t["epochs"], t["log_interval"])
@@ -120,12 +129,14 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None) -> dict:
                  + f"  best {select_on} {t['ckp_metric']} {best['score']:.4f} (epoch {best['epoch']})")
         snapshot = {"model": checkpoint.clean_state_dict(model.state_dict()), "optimizer": optimizer.state_dict(),
                     "lr_scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
-                    "epoch": epoch + 1, "step": state.step, "best": best, "rng": checkpoint.rng_state(),
+                    "epoch": epoch + 1, "step": state.step, "best": best, "last": last, "rng": checkpoint.rng_state(),
+                    "seconds": seconds_before + time.perf_counter() - started_at,
                     "config": cfg, "num_per_cls": num_per_cls, "world_size": env.world_size}
         if improved:
             out.save_checkpoint(snapshot, "best.pt")
         out.save_checkpoint(snapshot, "last.pt")
-    results = {"best": best, "last": last, "num_per_cls": num_per_cls, "ckp_metric": t["ckp_metric"]}
+    results = {"best": best, "last": last, "num_per_cls": num_per_cls, "ckp_metric": t["ckp_metric"],
+               "seconds": seconds_before + time.perf_counter() - started_at}
     out.results(results)
     out.info(f"done: best (epoch {best['epoch']}) test acc {best['acc']:.4f} bcr {best['bcr']:.4f}; "
              f"last test acc {last['acc']:.4f} bcr {last['bcr']:.4f}; results in {config.run_dir(cfg)}/results.json")

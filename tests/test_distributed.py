@@ -30,7 +30,7 @@ def _eval_worker(raw_cfg):
         data = build_data(cfg, env)
         torch.manual_seed(0)
         model = tiny_model.tiny(10, 3)
-        shard = len(data.eval["test"].batch_sampler.sampler)
+        shard = sum(len(targets) for _, targets, _ in data.eval["test"])  # images this rank evaluates
         metrics = evaluate(model, data.eval["test"], data.augment.normalize, 10, list(data.num_per_cls.values()), env, None)
         return shard, metrics
     finally:

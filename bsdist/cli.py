@@ -1,0 +1,74 @@
+"""The command line behind launch.py: one run, a sweep of runs, or a report of finished runs.
+
+    launch.py CONFIG [KEY.SUB value ...]            one run (plain python or under torchrun)
+    launch.py --sweep SWEEP.yaml [--jobs N] [--nproc-per-node K]
+    launch.py --report RUNS_DIR
+
+It parses, validates before any process group or directory exists, and hands over; errors are one
+line on stderr (a traceback with --debug), printed by rank 0 alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="launch.py", usage="launch.py CONFIG [KEY.SUB value ...] | --sweep SWEEP.yaml | --report RUNS_DIR  [--debug]",
+        description="Long-tailed image classification with Balanced Softmax on raw torch.distributed.",
+        epilog="Example: torchrun --nproc_per_node 8 launch.py configs/cifar100lt_bs.yaml TRAIN.epochs 200")
+    parser.add_argument("config", nargs="?", help="YAML config file (see configs/)")
+    parser.add_argument("--sweep", metavar="SWEEP.yaml", help="run every configuration of a sweep file (see configs/sweeps/)")
+    parser.add_argument("--jobs", type=int, default=1, help="sweep runs at once on this machine (default 1)")
+    parser.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per sweep run, started with torchrun")
+    parser.add_argument("--report", metavar="RUNS_DIR", help="tabulate and plot every finished run under RUNS_DIR")
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    args, overrides = parser.parse_known_args(argv)  # flags may stand anywhere; the rest are KEY.SUB value pairs
+    unknown = [a for a in overrides if a.startswith("--")]
+    if unknown:
+        parser.error(f"unknown option {unknown[0]}; overrides are written KEY.SUB value, without dashes")
+    if (args.sweep or args.report) and args.config is not None:
+        overrides, args.config = [args.config, *overrides], None  # with --sweep/--report a positional is an override
+    modes = [m for m in (args.config, args.sweep, args.report) if m is not None]
+    if len(modes) != 1:
+        parser.error("give exactly one of CONFIG, --sweep SWEEP.yaml or --report RUNS_DIR")
+    if overrides and args.config is None:
+        parser.error(f"extra arguments ({overrides[0]} ...) go only with a CONFIG: a sweep file sets its own under "
+                     "`overrides:`, and --report takes just RUNS_DIR")
+    if args.jobs < 1 or args.nproc_per_node < 1:
+        parser.error("--jobs and --nproc-per-node must be at least 1")
+    args.overrides = overrides
+    return args
+
+
+def run(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from bsdist import BsdistError, config
+    from bsdist.data import check_available
+    from bsdist.distributed import launched_as_main, world_size_from_env
+    try:
+        if args.sweep:
+            from bsdist.sweep import run_sweep
+            return run_sweep(args.sweep, jobs=args.jobs, nproc_per_node=args.nproc_per_node)
+        if args.report:
+            from bsdist.report import write_report
+            write_report(args.report)
+            return 0
+        cfg = config.validate(config.load(args.config, args.overrides), world_size_from_env())
+        check_available(cfg)
+        from bsdist.train import main
+        main(cfg)
+    except BsdistError as e:
+        if launched_as_main():  # under torchrun every rank fails alike: say it once
+            if args.debug:
+                traceback.print_exc()
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

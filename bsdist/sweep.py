@@ -1,0 +1,156 @@
+"""A grid of runs from one sweep file, restartable at any point.
+
+    base: ../cifar10lt_ce.yaml           # the config every run starts from (relative to this file)
+    overrides: {TRAIN.epochs: 50}        # optional: set for every run
+    axes:                                # every combination of these values is one run
+      DATASET.name: [CIFAR10LT, CIFAR100LT]
+      DATASET.imbalance_factor: [1, 10, 50, 100, 200]
+      LOSS.name: [CrossEntropyLoss, BalancedSoftmax]
+    exclude:                             # combinations matching every key of an entry are skipped
+      - {DATASET.imbalance_factor: 1, LOSS.name: BalancedSoftmax}
+
+Every run is validated before the first starts. Each runs as a process of its own (`python -m
+bsdist.cli`, or torchrun with --nproc-per-node), `jobs` at a time, with TRAIN.resume auto: started
+again, the sweep skips finished runs and resumes unfinished ones from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from bsdist import config
+from bsdist.data import check_available
+from bsdist.errors import BsdistError
+from bsdist.train import resume_checkpoint
+
+SWEEP_KEYS = {"base", "overrides", "axes", "exclude"}
+
+
+@dataclass
+class Run:
+    label: str
+    tokens: list[str]  # KEY.SUB value pairs after the base config
+    cfg: dict  # validated
+
+    @property
+    def run_dir(self) -> str:
+        return config.run_dir(self.cfg)
+
+    @property
+    def log_path(self) -> str:
+        return self.run_dir + ".log"  # beside the run directory, which the run itself creates
+
+
+def _mapping(value, what: str, path: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BsdistError(f"{path}: {what} must be a mapping of KEY.SUB: value, got {type(value).__name__}")
+    return value
+
+
+def load_sweep(path: str, nproc_per_node: int = 1) -> tuple[str, list[Run]]:
+    """(base config path, validated runs in grid order). Raises BsdistError on any bad run."""
+    spec = config.read_yaml(path, "sweep file", "configs/sweeps/demo.yaml")
+    if not isinstance(spec, dict) or set(spec) - SWEEP_KEYS or "base" not in spec:
+        raise BsdistError(f"sweep file {path} must be a mapping with base (and optional overrides, axes, exclude); "
+                          f"found {sorted(spec) if isinstance(spec, dict) else type(spec).__name__}")
+    base = os.path.normpath(os.path.join(os.path.dirname(path), spec["base"]))
+    overrides = _mapping(spec.get("overrides"), "overrides", path)
+    axes = _mapping(spec.get("axes"), "axes", path)
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise BsdistError(f"{path}: axis {key} must be a non-empty list of values, got {values!r}")
+    excludes = spec.get("exclude") or []
+    if not isinstance(excludes, list) or not all(isinstance(e, dict) for e in excludes):
+        raise BsdistError(f"{path}: exclude must be a list of mappings such as {{LOSS.name: BalancedSoftmax}}")
+    for entry in excludes:
+        stray = set(entry) - set(axes)
+        if stray:
+            raise BsdistError(f"{path}: exclude names {sorted(stray)[0]}, which is not an axis; exclude only axis values")
+
+    runs, seen = [], {}
+    for combo in itertools.product(*axes.values()):
+        point = dict(zip(axes, combo))
+        if any(all(point[k] == v for k, v in entry.items()) for entry in excludes):
+            continue
+        values = {**overrides, **point, "TRAIN.resume": "auto"}
+        tokens = [t for k, v in values.items() for t in (k, json.dumps(v))]  # JSON is YAML: values survive as typed
+        label = "/".join(str(v) for v in point.values()) or "base"
+        try:
+            cfg = config.validate(config.load(base, tokens), nproc_per_node)
+        except BsdistError as e:
+            raise BsdistError(f"{path}: run {label}: {e}") from None
+        run = Run(label, tokens, cfg)
+        if run.run_dir in seen:
+            raise BsdistError(f"{path}: runs {seen[run.run_dir]} and {label} share the run directory {run.run_dir}; "
+                              "add DEFAULT.exp_name to the axes or to the overrides of one of them")
+        seen[run.run_dir] = label
+        runs.append(run)
+    if not runs:
+        raise BsdistError(f"{path}: the exclusions leave no run")
+    return base, runs
+
+
+def command(base: str, run: Run, nproc_per_node: int) -> list[str]:
+    if nproc_per_node == 1:
+        return [sys.executable, "-m", "bsdist.cli", base, *run.tokens]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
+            "-m", "bsdist.cli", base, *run.tokens]
+
+
+def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1) -> int:
+    """Run every unfinished run; 0 when all have finished, 1 when any failed (the others still run)."""
+    base, runs = load_sweep(path, nproc_per_node)
+    for cfg in {r.cfg["DATASET"]["name"]: r.cfg for r in runs}.values():
+        check_available(cfg)
+    for run in runs:  # a run directory that holds another run stops the sweep before anything starts
+        resume_checkpoint(run.cfg)
+    env = dict(os.environ)
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # each run is a process group of its own
+
+    total, failed, running, pending = len(runs), [], [], []
+    for i, run in enumerate(runs, 1):
+        if os.path.exists(os.path.join(run.run_dir, "results.json")):
+            print(f"[{i}/{total}] {run.label}: finished before, skipped ({run.run_dir})", flush=True)
+        else:
+            pending.append((i, run))
+    while pending or running:
+        for entry in [e for e in running if e[2].poll() is not None]:
+            running.remove(entry)
+            i, run, proc, log, started = entry
+            log.close()
+            minutes = (time.perf_counter() - started) / 60
+            if proc.returncode == 0:
+                with open(os.path.join(run.run_dir, "results.json")) as f:
+                    best = json.load(f)["best"]
+                print(f"[{i}/{total}] {run.label}: done in {minutes:.1f} min, best epoch {best['epoch']} "
+                      f"test acc {best['acc']:.4f} bcr {best['bcr']:.4f}", flush=True)
+            else:
+                failed.append(run)
+                print(f"[{i}/{total}] {run.label}: FAILED (exit {proc.returncode}) after {minutes:.1f} min; "
+                      f"see {run.log_path}", flush=True)
+        while pending and len(running) < jobs:
+            i, run = pending.pop(0)
+            os.makedirs(os.path.dirname(run.log_path), exist_ok=True)
+            log = open(run.log_path, "a")
+            print(f"[{i}/{total}] {run.label}: started, log {run.log_path}", flush=True)
+            proc = subprocess.Popen(command(base, run, nproc_per_node), stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((i, run, proc, log, time.perf_counter()))
+        time.sleep(0.2)
+    if failed:
+        print(f"{len(failed)} of {total} runs failed: {', '.join(r.label for r in failed)}; "
+              "run the same command again to resume them", file=sys.stderr, flush=True)
+        return 1
+    print(f"all {total} runs finished; tabulate them with: python launch.py --report "
+          f"{os.path.commonpath([r.cfg['DEFAULT']['savedir'] for r in runs])}", flush=True)
+    return 0

@@ -1,0 +1,112 @@
+"""Sweeps (python launch.py --sweep) and the report (python launch.py --report / python -m bsdist.report)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from bsdist import BsdistError
+from bsdist.report import REFERENCE_ACC, collect
+from bsdist.sweep import load_sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_sweep(tmp_path, root, **changes):
+    spec = {
+        "base": os.path.join(ROOT, "configs", "cifar10lt_ce.yaml"),
+        "overrides": {"DEFAULT.savedir": str(tmp_path / "runs"), "DATASET.datadir": root, "DATASET.download": False,
+                      "TRAIN.epochs": 1, "DATASET.batch_size": 50, "DATASET.test_batch_size": 103, "DATASET.num_workers": 0,
+                      "TRAIN.device": "cpu", "TRAIN.compile": False},
+        "axes": {"DATASET.imbalance_factor": [1, 2], "LOSS.name": ["CrossEntropyLoss", "BalancedSoftmax"]},
+        **changes,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def launch(*args, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_two_by_two_sweep_runs_resumes_and_is_reported(cifar10_root, tmp_path):
+    sweep = write_sweep(tmp_path, cifar10_root)
+    first = launch("--sweep", sweep)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.count(": done in") == 4 and "all 4 runs finished" in first.stdout
+    runs = tmp_path / "runs" / "CIFAR10LT" / "resnet18"
+    names = sorted(p.name for p in runs.iterdir() if p.is_dir())
+    assert names == ["BalancedSoftmax-exp-IF_1", "BalancedSoftmax-exp-IF_2", "CrossEntropyLoss-exp-IF_1", "CrossEntropyLoss-exp-IF_2"]
+
+    # started again: finished runs are skipped; a run whose results were lost resumes from last.pt
+    lost = runs / "BalancedSoftmax-exp-IF_2" / "results.json"
+    before = json.loads(lost.read_text())
+    lost.unlink()
+    again = launch("--sweep", sweep)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("finished before, skipped") == 3 and again.stdout.count(": done in") == 1
+    after = json.loads(lost.read_text())
+    assert after["best"]["confusion"] == before["best"]["confusion"] and after["last"]["epoch"] == 1
+    assert "resumed from" in (runs / "BalancedSoftmax-exp-IF_2.log").read_text()
+
+    report = launch("--report", str(tmp_path / "runs"))
+    assert report.returncode == 0, report.stderr
+    rows, unfinished = collect(str(tmp_path / "runs"))
+    assert not unfinished
+    assert [(r["imbalance_factor"], r["loss"]) for r in rows] == [
+        (1, "CrossEntropyLoss"), (1, "BalancedSoftmax"), (2, "CrossEntropyLoss"), (2, "BalancedSoftmax")]
+    assert rows[0]["reference_acc"] == REFERENCE_ACC[("CIFAR10LT", "CrossEntropyLoss")][1]
+    assert rows[3]["reference_acc"] is None  # the reference has no factor 2
+    assert rows[3]["acc"] == after["best"]["acc"]
+    table = (tmp_path / "runs" / "report.md").read_text()
+    assert table.count("\n| CIFAR10LT |") == 4 and "0.9283" in table
+    with open(tmp_path / "runs" / "report.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert (tmp_path / "runs" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_module_entry_point_reports_too(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bsdist.report", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and "no finished run" in proc.stderr
+
+
+def test_exclusions_and_run_count(cifar10_root, tmp_path):
+    sweep = write_sweep(tmp_path, cifar10_root, exclude=[{"DATASET.imbalance_factor": 1, "LOSS.name": "BalancedSoftmax"}])
+    base, runs = load_sweep(sweep)
+    assert base.endswith("cifar10lt_ce.yaml") and len(runs) == 3
+    assert all(r.cfg["TRAIN"]["resume"] == "auto" for r in runs)
+    assert [r.label for r in runs] == ["1/CrossEntropyLoss", "2/CrossEntropyLoss", "2/BalancedSoftmax"]
+
+
+def test_the_shipped_sweeps_expand_to_their_grids():
+    assert len(load_sweep(os.path.join(ROOT, "configs/sweeps/reference.yaml"))[1]) == 18
+    assert len(load_sweep(os.path.join(ROOT, "configs/sweeps/recipe.yaml"))[1]) == 18
+    assert len(load_sweep(os.path.join(ROOT, "configs/sweeps/demo.yaml"))[1]) == 7
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"axes": {"LOSS.nmae": ["BalancedSoftmax"]}}, "unknown config key LOSS.nmae; did you mean LOSS.name?"),
+    ({"axes": {"OPTIMIZER.lr": [0.1, 0.2]}}, "share the run directory"),
+    ({"axes": {"LOSS.name": "BalancedSoftmax"}}, "axis LOSS.name must be a non-empty list"),
+    ({"exclude": [{"OPTIMIZER.lr": 0.1}]}, "not an axis"),
+    ({"exclude": [{"DATASET.imbalance_factor": 1}, {"DATASET.imbalance_factor": 2}]}, "leave no run"),
+    ({"axes": {"DATASET.imbalance_factor": [0.5]}}, "run 0.5: DATASET.imbalance_factor must be >= 1"),
+    ({"runs": 3}, "must be a mapping with base"),
+])
+def test_sweep_mistakes_are_named_before_any_run_starts(cifar10_root, tmp_path, changes, message):
+    with pytest.raises(BsdistError, match=message.replace("?", r"\?")):
+        load_sweep(write_sweep(tmp_path, cifar10_root, **changes))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_refuses_overrides_on_the_command_line(tmp_path):
+    proc = launch("--sweep", "configs/sweeps/demo.yaml", "TRAIN.epochs", "3", timeout=60)
+    assert proc.returncode == 2 and "a sweep file sets its own" in proc.stderr
+    proc = launch("--report", "results", "extra", timeout=60)
+    assert proc.returncode == 2 and "--report takes just RUNS_DIR" in proc.stderr
