@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 
 from bsdist import config  # noqa: E402
-from bsdist.data import Data, DeviceLoader  # noqa: E402
+from bsdist.data import Data, DeviceLoader, ResumableBatchSampler  # noqa: E402
 from bsdist.data.augment import BatchAugment  # noqa: E402
 from bsdist.data.datasets import CIFAR10LT, ImageArrays  # noqa: E402
 from bsdist.data.longtail import long_tail_counts  # noqa: E402
@@ -76,7 +76,7 @@ def bsdist_data(data, targets, batch_size, device, seed=0):
     ds = ImageArrays(data, targets)
     sampler = torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
     augment = BatchAugment(len(ds), CIFAR10LT.mean, CIFAR10LT.std, ["RandomCrop", "RandomHorizontalFlip"], 4, seed, device)
-    loader = DeviceLoader(ds, sampler, batch_size, True, device)
+    loader = DeviceLoader(ds, ResumableBatchSampler(sampler, batch_size, True), device)
     return Data(loader, sampler, {}, augment, {c: int((targets == c).sum()) for c in range(10)}, 10, 3, batch_size)
 
 
@@ -156,7 +156,7 @@ def bench_bsdist_training(data, targets, batch_size, env, steps, compile_model, 
     sync(env.device)
     rate = images_per_second(steps * batch_size, time.perf_counter() - t0)
     test = DeviceLoader(ImageArrays(data[:4 * batch_size], targets[:4 * batch_size]),
-                        range(4 * batch_size), batch_size, False, env.device)
+                        ResumableBatchSampler(range(4 * batch_size), batch_size, False), env.device)
     evaluate(ddp.module, test, steady.augment.normalize, 10, [1] * 10, env, amp, batch_size)
     sync(env.device)
     t0 = time.perf_counter()

@@ -66,7 +66,7 @@ def run(argv=None) -> int:
             if args.debug:
                 traceback.print_exc()
             print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return e.exit_code
     return 0
 
 

@@ -96,6 +96,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "ckp_metric": Field("bcr", "choice", "metric choosing best.pt (lower is better for loss)", choices=("bcr", "acc", "loss")),
         "compile": Field("auto", "auto_bool", "torch.compile the model; auto compiles on CUDA only"),
         "device": Field("auto", "choice", "training device; auto picks cuda when available", choices=("auto", "cuda", "cpu")),
+        "ckpt_every_steps": Field(0, "int", "also write last.pt every this many optimiser steps inside an epoch (0: at epoch ends only); a resume continues from that exact step", check=_non_negative),
+        "nonfinite": Field("stop", "choice", "on a non-finite loss (seen by all ranks at the same step): stop, keeping the last good checkpoint, or skip the step", choices=("stop", "skip")),
         "resume": Field(False, "auto_bool", "auto continues the run in the run directory from last.pt; false refuses a directory that holds a run"),
         "dist_timeout_s": Field(600, "int", "timeout of every collective, in seconds", check=_positive),
     },
@@ -106,7 +108,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
 }
 
 # Keys that may differ between a run and its resumption: they change speed or logging, never results.
-RESUMABLE_CHANGES = {"TRAIN.resume", "TRAIN.log_interval", "TRAIN.compile", "DATASET.num_workers",
+RESUMABLE_CHANGES = {"TRAIN.resume", "TRAIN.log_interval", "TRAIN.compile", "DATASET.num_workers", "TRAIN.ckpt_every_steps",
+                     "TRAIN.nonfinite", "DATASET.loader",
                      "DATASET.test_batch_size", "DATASET.download", "DATASET.datadir", "TRAIN.dist_timeout_s"}
 
 

@@ -36,6 +36,11 @@ def launched_as_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def restarted_by_launcher() -> bool:
+    """Whether torchrun restarted this worker group after a failure (so the run must resume)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
 def world_size_from_env() -> int:
     """The world size a launcher announced, known before any process group exists."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -55,8 +60,15 @@ def init_distributed(device_type: str, timeout_s: float) -> DistEnv:
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
-                                    device_id=device if device.type == "cuda" else None)
+            try:
+                dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
+                                        device_id=device if device.type == "cuda" else None)
+            except RuntimeError as e:
+                if not restarted_by_launcher():
+                    raise
+                # torchrun's shared rendezvous store can hand a restarted group the old peers (pytorch#135712)
+                raise BsdistError(f"the process group could not form again after torchrun restarted it ({str(e).splitlines()[0][:120]}); "
+                                  "start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment") from None
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
@@ -97,7 +109,7 @@ def main_process_first(env: DistEnv):
         _any_failed(env, False)
     else:
         if _any_failed(env, False):
-            raise BsdistError("rank 0 failed while preparing the data; its error message says why")
+            raise BsdistError("rank 0 failed while preparing the run; its error message says why")
         yield
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from bsdist import checkpoint
 from bsdist.config import dump
 from bsdist.distributed import DistEnv
+from bsdist.errors import BsdistError
 
 SCALARS = ("acc", "bcr", "loss", "many", "medium", "few")
 
@@ -36,11 +38,23 @@ class RunOutput:
     def path(self, name: str) -> str:
         return os.path.join(self.run_dir, name)
 
-    def start(self, cfg: dict, resumed_step: int | None, resumed_epoch: int) -> None:
-        """Create the run directory and its writers; on resume drop what came after the checkpoint."""
+    def start(self, cfg: dict, resumed_step: int | None, resumed_epoch: int, checkpoint_bytes: int) -> None:
+        """Create the run directory and its writers; on resume drop what came after the checkpoint.
+
+        Stops first if the directory cannot be written or lacks room for two checkpoints (the atomic
+        write holds the old one until the new one is complete).
+        """
         from torch.utils.tensorboard import SummaryWriter
-        os.makedirs(self.run_dir, exist_ok=True)
-        self.log_file = open(self.path("log.txt"), "a")
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            self.log_file = open(self.path("log.txt"), "a")
+        except OSError as e:
+            raise BsdistError(f"run directory {self.run_dir} cannot be written ({e.strerror}); "
+                              "set DEFAULT.savedir to a writable directory") from None
+        free = shutil.disk_usage(self.run_dir).free
+        if free < 2 * checkpoint_bytes:
+            raise BsdistError(f"{self.run_dir} has {free / 2**20:.0f} MiB free, less than the {2 * checkpoint_bytes / 2**20:.0f} MiB "
+                              "two checkpoints need; free space or set DEFAULT.savedir elsewhere")
         with open(self.path("config.yaml.tmp"), "w") as f:
             f.write(dump(cfg))
         os.replace(self.path("config.yaml.tmp"), self.path("config.yaml"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 
 import torch
@@ -11,9 +13,10 @@ import yaml
 
 from bsdist import checkpoint, config
 from bsdist.data import build_data
-from bsdist.distributed import DistEnv, init_distributed, shutdown, sync_buffers_from_main
-from bsdist.engine import TrainState, evaluate, train_one_epoch
-from bsdist.errors import BsdistError
+from bsdist.distributed import (DistEnv, all_reduce_max, init_distributed, main_process_first, restarted_by_launcher,
+                                shutdown, sync_buffers_from_main)
+from bsdist.engine import EpochProgress, TrainState, evaluate, train_one_epoch
+from bsdist.errors import BsdistError, Stopped
 from bsdist.losses import broadcast_class_prior, build_loss
 from bsdist.models import build_model
 from bsdist.optim import build_optimizer, build_scheduler
@@ -32,7 +35,7 @@ def resume_checkpoint(cfg: dict) -> str | None:
     held = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
     if not held:
         return None
-    if cfg["TRAIN"]["resume"] != "auto":
+    if cfg["TRAIN"]["resume"] != "auto" and not restarted_by_launcher():  # torchrun's restart continues the run
         raise BsdistError(f"run directory {run_dir} already holds a run ({', '.join(held)}); continue it with "
                           "TRAIN.resume auto, or choose another DEFAULT.exp_name or DEFAULT.savedir")
     saved_path = os.path.join(run_dir, "config.yaml")
@@ -67,13 +70,39 @@ def main(cfg: dict) -> dict:
         if finished is not None:
             out.info(f"run already finished; results in {config.run_dir(cfg)}/results.json")
             return finished
-        return _run(cfg, env, out, resume_checkpoint(cfg))
+        with StopSignals() as signals:
+            return _run(cfg, env, out, resume_checkpoint(cfg), signals)
     finally:
         out.close()
         shutdown()
 
 
-def _run(cfg: dict, env: DistEnv, out, resume_from: str | None) -> dict:
+class StopSignals:
+    """SIGTERM / SIGINT ask training to stop at the next optimiser step with a checkpoint (a second
+    SIGINT interrupts at once). The previous handlers come back afterwards."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = 0
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSignals) -> dict:
     t, seed = cfg["TRAIN"], cfg["DEFAULT"]["seed"]
     torch.manual_seed(seed)  # the same initial weights on every rank and for every world size
     data = build_data(cfg, env)
@@ -86,8 +115,8 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None) -> dict:
     state = TrainState(ddp, build_loss(cfg["LOSS"]["name"], num_per_cls).to(env.device), optimizer,
                        build_scheduler(cfg, optimizer, steps_per_epoch),
                        torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16), amp_dtype,
-                       t["grad_accum_steps"])
-    start_epoch, best, last, seconds_before = 0, None, None, 0.0
+                       t["grad_accum_steps"], t["nonfinite"], t["ckpt_every_steps"], stop_requested=lambda: signals.received)
+    start_epoch, progress, best, last, seconds_before = 0, EpochProgress(), None, None, 0.0
     if resume_from:
         ckpt = checkpoint.load(resume_from)
         model.load_state_dict(ckpt["model"])
@@ -96,8 +125,10 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None) -> dict:
         state.scaler.load_state_dict(ckpt["scaler"])
         checkpoint.set_rng_state(ckpt["rng"])
         start_epoch, state.step, seconds_before = ckpt["epoch"], ckpt["step"], ckpt["seconds"]
-        best, last = ckpt["best"], ckpt["last"]
-    out.start(cfg, state.step if resume_from else None, start_epoch)
+        progress, best, last = EpochProgress(**ckpt["progress"]), ckpt["best"], ckpt["last"]
+    checkpoint_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # model, momentum, slack
+    with main_process_first(env):  # rank 0 makes the run directory; if it cannot, every rank stops
+        out.start(cfg, state.step if resume_from else None, start_epoch, checkpoint_bytes)
     select_on = "val" if "val" in data.eval else "test"
     out.info(f"{env.world_size} process(es) on {env.device.type}; {len(data.train.dataset)} training images "
              f"{list(num_per_cls)}; run directory {config.run_dir(cfg)}")
@@ -105,12 +136,23 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None) -> dict:
         out.info("model selection (best.pt) uses the test set, as the published recipes do; "
                  "set DATASET.val_per_cls > 0 to select on a held-out validation split")
     if resume_from:
-        out.info(f"resumed from {resume_from} after epoch {start_epoch} (step {state.step})")
+        out.info(f"resumed from {resume_from} at epoch {start_epoch + 1} step {progress.step} (global step {state.step})")
     started_at = time.perf_counter()
+
+    def snapshot(epochs_done: int, at: EpochProgress) -> dict:
+        """Everything a resume needs to continue exactly from here."""
+        return {"model": checkpoint.clean_state_dict(model.state_dict()), "optimizer": optimizer.state_dict(),
+                "lr_scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
+                "epoch": epochs_done, "progress": vars(at), "step": state.step, "best": best, "last": last,
+                "rng": checkpoint.rng_state(), "seconds": seconds_before + time.perf_counter() - started_at,
+                "config": cfg, "num_per_cls": num_per_cls, "world_size": env.world_size}
+
+    state.save = lambda epoch, at: out.save_checkpoint(snapshot(epoch, at), "last.pt")
     higher_is_better = t["ckp_metric"] != "loss"
     for epoch in range(start_epoch, t["epochs"]):
         started = time.perf_counter()
-        train_loss = train_one_epoch(state, data, env, out, epoch, t["epochs"], t["log_interval"])
+        train_loss = train_one_epoch(state, data, env, out, epoch, t["epochs"], t["log_interval"], progress)
+        progress = EpochProgress()
         sync_buffers_from_main(model)  # ranks' BatchNorm statistics drift apart; evaluate and save rank 0's
         evaluated = {split: evaluate(ddp.module, loader, data.augment.normalize, data.num_classes, num_per_cls, env, amp_dtype,
                                      fixed_batch=data.eval_batch_size if compile_model else None)
@@ -127,14 +169,14 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None) -> dict:
                        **{f"{split}_{k}": m[k] for split, m in evaluated.items() for k in ("loss", "acc", "bcr", "many", "medium", "few")}})
         out.info(f"epoch {epoch + 1}: " + "  ".join(f"{split} acc {m['acc']:.4f} bcr {m['bcr']:.4f}" for split, m in evaluated.items())
                  + f"  best {select_on} {t['ckp_metric']} {best['score']:.4f} (epoch {best['epoch']})")
-        snapshot = {"model": checkpoint.clean_state_dict(model.state_dict()), "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
-                    "epoch": epoch + 1, "step": state.step, "best": best, "last": last, "rng": checkpoint.rng_state(),
-                    "seconds": seconds_before + time.perf_counter() - started_at,
-                    "config": cfg, "num_per_cls": num_per_cls, "world_size": env.world_size}
+        done = snapshot(epoch + 1, progress)
         if improved:
-            out.save_checkpoint(snapshot, "best.pt")
-        out.save_checkpoint(snapshot, "last.pt")
+            out.save_checkpoint(done, "best.pt")
+        out.save_checkpoint(done, "last.pt")
+        signum = int(all_reduce_max(torch.tensor([float(signals.received)], device=env.device)).item())
+        if signum and epoch + 1 < t["epochs"]:
+            raise Stopped(f"stopped by signal {signum} after epoch {epoch + 1}; last.pt holds this point: "
+                          "continue with TRAIN.resume auto", signum)
     results = {"best": best, "last": last, "num_per_cls": num_per_cls, "ckp_metric": t["ckp_metric"],
                "seconds": seconds_before + time.perf_counter() - started_at}
     out.results(results)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +14,7 @@ from bsdist.data.datasets import DATASETS, LongTailDataset, collate_batch
 from bsdist.distributed import DistEnv, main_process_first
 from bsdist.errors import BsdistError
 
-__all__ = ["DATASETS", "Data", "DeviceLoader", "ShardSampler", "build_data", "check_available"]
+__all__ = ["DATASETS", "Data", "DeviceLoader", "ResumableBatchSampler", "ShardSampler", "build_data", "check_available"]
 
 
 class ShardSampler(Sampler):
@@ -28,28 +30,34 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+class ResumableBatchSampler(BatchSampler):
+    """A BatchSampler whose next epoch can begin at batch `start`, to resume mid-epoch exactly."""
+
+    start = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+
 class DeviceLoader:
     """Batches gathered from a dataset held on the training device as one uint8 tensor.
 
-    The order comes from the same sampler a DataLoader would use (DistributedSampler for training,
+    It iterates the same batch sampler a DataLoader would (DistributedSampler for training,
     ShardSampler for evaluation), so both paths see identical batches; only where they are gathered
     differs. Yields (uint8 images N x H x W x C, int64 targets, int64 dataset indices) on the device.
     """
 
-    def __init__(self, dataset, sampler: Sampler, batch_size: int, drop_last: bool, device: torch.device):
-        self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
+    def __init__(self, dataset, batch_sampler: ResumableBatchSampler, device: torch.device):
+        self.dataset, self.batch_sampler, self.device = dataset, batch_sampler, device
         self.images = torch.from_numpy(dataset.data).to(device)
         self.targets = torch.from_numpy(dataset.targets).to(device)
-        self.device = device
 
     def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return len(self.batch_sampler)
 
     def __iter__(self):
-        order = torch.as_tensor(list(self.sampler), dtype=torch.long).to(self.device, non_blocking=True)
-        for b in range(len(self)):
-            indices = order[b * self.batch_size:(b + 1) * self.batch_size]
+        for batch in self.batch_sampler:
+            indices = torch.as_tensor(batch, dtype=torch.long).to(self.device, non_blocking=True)
             yield self.images[indices], self.targets[indices], indices
 
 
@@ -95,10 +103,11 @@ def build_data(cfg: dict, env: DistEnv) -> Data:
     on_device = d["loader"] == "device" or (d["loader"] == "auto" and fits_on_device([train, *splits.values()], env.device))
 
     def loader(dataset, sampler, batch_size: int, drop_last: bool, workers: int):
+        batches = ResumableBatchSampler(sampler, batch_size, drop_last)
         if on_device:
-            return DeviceLoader(dataset, sampler, batch_size, drop_last, env.device)
-        return DataLoader(dataset, batch_sampler=BatchSampler(sampler, batch_size, drop_last), collate_fn=collate_batch,
-                          num_workers=workers, pin_memory=env.device.type == "cuda", persistent_workers=workers > 0)
+            return DeviceLoader(dataset, batches, env.device)
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_batch, num_workers=workers,
+                          pin_memory=env.device.type == "cuda", persistent_workers=workers > 0)
 
     train_loader = loader(train, sampler, local_batch, True, d["num_workers"])
     eval_loaders = {name: loader(ds, eval_samplers[name], d["test_batch_size"], False, 0) for name, ds in splits.items()}

@@ -1,0 +1,186 @@
+"""Faults caused for real: interruptions mid-epoch, signals, a killed worker, non-finite loss, bad disks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import tiny_model
+from bsdist import BsdistError, checkpoint, config
+from bsdist.losses import BalancedSoftmax
+from bsdist.output import RunOutput
+from bsdist.train import main
+
+tiny_model.register()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = ["TRAIN.epochs", "3", "SCHEDULER.params.warmup_epochs", "0", "TRAIN.ckpt_every_steps", "2", "TRAIN.log_interval", "2",
+        "OPTIMIZER.momentum", "0.9", "TRAIN.resume", "auto"]
+
+
+def demo_cfg(savedir, *overrides):
+    return config.validate(config.load(os.path.join(ROOT, "configs/demo.yaml"), [
+        "DEFAULT.savedir", str(savedir), "TRAIN.device", "cpu", "TRAIN.compile", "false", *DEMO, *overrides]))
+
+
+def weights(cfg_or_dir):
+    directory = cfg_or_dir if isinstance(cfg_or_dir, str) else config.run_dir(cfg_or_dir)
+    return checkpoint.load(os.path.join(directory, "last.pt"))["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch):
+    straight = main(demo_cfg(tmp_path / "straight", "MODEL.name", "tiny"))
+    cfg = demo_cfg(tmp_path / "interrupted", "MODEL.name", "tiny")
+    original = RunOutput.save_checkpoint
+
+    def die_mid_epoch(self, state, name):
+        original(self, state, name)
+        if state["epoch"] == 1 and state["progress"]["step"] == 4:  # inside the second epoch, after 4 of its 7 steps
+            raise Interrupted
+    monkeypatch.setattr(RunOutput, "save_checkpoint", die_mid_epoch)
+    with pytest.raises(Interrupted):
+        main(cfg)
+    monkeypatch.setattr(RunOutput, "save_checkpoint", original)
+    resumed = main(cfg)
+    assert_same_weights(weights(demo_cfg(tmp_path / "straight", "MODEL.name", "tiny")), weights(cfg))
+    assert resumed["last"]["confusion"] == straight["last"]["confusion"]
+    with open(os.path.join(config.run_dir(cfg), "metrics.csv")) as f:
+        rows = f.read().splitlines()
+    straight_rows = open(os.path.join(config.run_dir(demo_cfg(tmp_path / "straight", "MODEL.name", "tiny")), "metrics.csv")).read().splitlines()
+    # the epoch's training loss counts every image once, across the interruption
+    train_loss = [r.split(",")[2] for r in rows[1:]]
+    assert [float(x) for x in train_loss] == pytest.approx([float(r.split(",")[2]) for r in straight_rows[1:]], rel=1e-9)
+
+
+def launch(args, prefix=(sys.executable,), extra_env=None, **kwargs):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(extra_env or {})
+    return subprocess.Popen([*prefix, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def wait_for(path, proc, timeout=240):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def run_args(savedir):
+    return ["configs/demo.yaml", "DEFAULT.savedir", str(savedir), "TRAIN.device", "cpu", *DEMO]
+
+
+def test_sigterm_stops_at_a_safe_point_and_the_resumed_run_matches(tmp_path):
+    reference = launch(run_args(tmp_path / "straight"))
+    assert reference.wait(timeout=300) == 0, reference.communicate()
+    proc = launch(run_args(tmp_path / "stopped"))
+    run = str(tmp_path / "stopped" / "DigitsLT" / "resnet18" / "BalancedSoftmax-exp-IF_10")
+    wait_for(os.path.join(run, "last.pt"), proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by signal 15" in err and "TRAIN.resume auto" in err
+    assert not os.path.exists(os.path.join(run, "results.json"))
+    resumed = launch(run_args(tmp_path / "stopped"))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resumed from" in out
+    straight_run = str(tmp_path / "straight" / "DigitsLT" / "resnet18" / "BalancedSoftmax-exp-IF_10")
+    assert_same_weights(weights(straight_run), weights(run))
+
+
+def children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if ppid == pid and "launch.py" in cmdline:
+                found.append(int(entry))
+    return found
+
+
+def test_a_worker_killed_under_torchrun_restarts_and_ends_like_an_uninterrupted_run(tmp_path):
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1")
+    args = lambda d: [*run_args(d), "DATASET.batch_size", "64"]  # noqa: E731
+    reference = launch(args(tmp_path / "straight"), prefix=torchrun)
+    out, err = reference.communicate(timeout=400)
+    assert reference.returncode == 0, err[-3000:]
+    proc = launch(args(tmp_path / "killed"), prefix=torchrun, extra_env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    run = str(tmp_path / "killed" / "DigitsLT" / "resnet18" / "BalancedSoftmax-exp-IF_10")
+    wait_for(os.path.join(run, "last.pt"), proc)
+    workers = children(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed from" in out  # the restarted group continued from the checkpoint
+    straight_run = str(tmp_path / "straight" / "DigitsLT" / "resnet18" / "BalancedSoftmax-exp-IF_10")
+    assert_same_weights(weights(straight_run), weights(run))
+    with open(os.path.join(run, "results.json")) as f, open(os.path.join(straight_run, "results.json")) as g:
+        assert json.load(f)["last"]["confusion"] == json.load(g)["last"]["confusion"]
+
+
+def poison_fifth_loss(monkeypatch):
+    original, calls = BalancedSoftmax.forward, []
+
+    def forward(self, logits, target):
+        calls.append(1)
+        loss = original(self, logits, target)
+        return loss * float("nan") if len(calls) == 5 else loss
+    monkeypatch.setattr(BalancedSoftmax, "forward", forward)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_epoch_and_step(tmp_path, monkeypatch):
+    poison_fifth_loss(monkeypatch)
+    cfg = demo_cfg(tmp_path, "MODEL.name", "tiny")
+    with pytest.raises(BsdistError, match=r"non-finite loss at epoch 1 step 5 .*TRAIN.nonfinite skip"):
+        main(cfg)
+    kept = checkpoint.load(os.path.join(config.run_dir(cfg), "last.pt"))
+    assert (kept["epoch"], kept["progress"]["step"]) == (0, 4)  # the last good checkpoint, loadable
+    assert all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_a_non_finite_loss_can_skip_the_step(tmp_path, monkeypatch):
+    poison_fifth_loss(monkeypatch)
+    cfg = demo_cfg(tmp_path, "MODEL.name", "tiny", "TRAIN.nonfinite", "skip")
+    results = main(cfg)
+    assert results["last"]["epoch"] == 3
+    assert all(torch.isfinite(v).all() for v in weights(cfg).values())
+    with open(os.path.join(config.run_dir(cfg), "log.txt")) as f:
+        assert "step 5: non-finite loss on some rank, step skipped" in f.read()
+
+
+def test_an_unwritable_run_directory_is_refused_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(BsdistError, match="cannot be written.*DEFAULT.savedir"):
+        main(demo_cfg(blocker, "MODEL.name", "tiny"))
+
+
+def test_a_full_disk_is_refused_before_training(tmp_path, monkeypatch):
+    import shutil
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(BsdistError, match="MiB free, less than"):
+        main(demo_cfg(tmp_path, "MODEL.name", "tiny"))
+    assert not os.path.exists(os.path.join(config.run_dir(demo_cfg(tmp_path, "MODEL.name", "tiny")), "last.pt"))
