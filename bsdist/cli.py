@@ -62,7 +62,7 @@ def run(argv=None) -> int:
         from bsdist.train import main
         main(cfg)
     except BsdistError as e:
-        if launched_as_main():  # under torchrun every rank fails alike: say it once
+        if launched_as_main() or e.every_rank_reports:  # under torchrun every rank fails alike: say it once
             if args.debug:
                 traceback.print_exc()
             print(f"error: {e}", file=sys.stderr, flush=True)

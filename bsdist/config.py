@@ -99,7 +99,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "ckpt_every_steps": Field(0, "int", "also write last.pt every this many optimiser steps inside an epoch (0: at epoch ends only); a resume continues from that exact step", check=_non_negative),
         "nonfinite": Field("stop", "choice", "on a non-finite loss (seen by all ranks at the same step): stop, keeping the last good checkpoint, or skip the step", choices=("stop", "skip")),
         "resume": Field(False, "auto_bool", "auto continues the run in the run directory from last.pt; false refuses a directory that holds a run"),
-        "dist_timeout_s": Field(600, "int", "timeout of every collective, in seconds", check=_positive),
+        "dist_timeout_s": Field(600, "int", "timeout of every collective after the first epoch, in seconds: a peer that dies or hangs stops the others within it", check=_positive),
+        "dist_startup_timeout_s": Field(1800, "int", "the collectives' timeout from start-up through the first epoch (data download, compilation), in seconds", check=_positive),
     },
     "MODEL": {
         "name": Field("resnet18", "str", "model (see bsdist.models.MODELS)"),
@@ -110,7 +111,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
 # Keys that may differ between a run and its resumption: they change speed or logging, never results.
 RESUMABLE_CHANGES = {"TRAIN.resume", "TRAIN.log_interval", "TRAIN.compile", "DATASET.num_workers", "TRAIN.ckpt_every_steps",
                      "TRAIN.nonfinite", "DATASET.loader",
-                     "DATASET.test_batch_size", "DATASET.download", "DATASET.datadir", "TRAIN.dist_timeout_s"}
+                     "DATASET.test_batch_size", "DATASET.download", "DATASET.datadir", "TRAIN.dist_timeout_s",
+                     "TRAIN.dist_startup_timeout_s"}
 
 
 def _fields(schema=SCHEMA, prefix=""):
@@ -231,7 +233,7 @@ def _coerce(key: str, f: Field, v: Any) -> Any:
         if not isinstance(v, str):
             raise bad
         if f.choices and v not in f.choices:
-            near = difflib.get_close_matches(v, f.choices, n=1)
+            near = difflib.get_close_matches(v, f.choices, n=1) or [c for c in f.choices if c.lower().startswith(v.lower())]
             hint = f"; did you mean {near[0]}?" if near else ""
             raise BsdistError(f"{key} must be one of {', '.join(f.choices)}, got {v!r}{hint}")
     elif f.kind == "list":

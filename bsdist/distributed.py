@@ -74,6 +74,11 @@ def init_distributed(device_type: str, timeout_s: float) -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def set_collective_timeout(seconds: float) -> None:
+    """Tighten the generous start-up timeout once compilation and the first evaluation are behind."""
+    dist.set_timeout(datetime.timedelta(seconds=seconds))
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -5,6 +5,13 @@ class BsdistError(Exception):
     """A mistake in the user's input or environment, reported without a traceback."""
 
     exit_code = 2
+    every_rank_reports = False  # True where rank 0 itself may be the process that failed
+
+
+class PeerFailure(BsdistError):
+    """A collective failed or timed out: another process died or stopped answering."""
+
+    every_rank_reports = True
 
 
 class Stopped(BsdistError):

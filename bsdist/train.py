@@ -9,14 +9,15 @@ import threading
 import time
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from bsdist import checkpoint, config
 from bsdist.data import build_data
 from bsdist.distributed import (DistEnv, all_reduce_max, init_distributed, main_process_first, restarted_by_launcher,
-                                shutdown, sync_buffers_from_main)
+                                set_collective_timeout, shutdown, sync_buffers_from_main)
 from bsdist.engine import EpochProgress, TrainState, evaluate, train_one_epoch
-from bsdist.errors import BsdistError, Stopped
+from bsdist.errors import BsdistError, PeerFailure, Stopped
 from bsdist.losses import broadcast_class_prior, build_loss
 from bsdist.models import build_model
 from bsdist.optim import build_optimizer, build_scheduler
@@ -63,7 +64,7 @@ def main(cfg: dict) -> dict:
     """Train and evaluate as the validated cfg says; return the results written to results.json."""
     resume_checkpoint(cfg)  # refuses a directory holding another run before anything happens
     device = config.resolve_device(cfg["TRAIN"]["device"])
-    env = init_distributed(device, cfg["TRAIN"]["dist_timeout_s"])
+    env = init_distributed(device, cfg["TRAIN"]["dist_startup_timeout_s"])
     out = make_output(env, config.run_dir(cfg))
     try:
         finished = finished_results(cfg)
@@ -72,6 +73,12 @@ def main(cfg: dict) -> dict:
             return finished
         with StopSignals() as signals:
             return _run(cfg, env, out, resume_checkpoint(cfg), signals)
+    except RuntimeError as e:
+        if not (isinstance(e, dist.DistError) or "gloo/transport" in str(e)):  # NCCL raises DistError, gloo RuntimeError
+            raise
+        raise PeerFailure(f"rank {env.rank}: a collective failed ({str(e).strip().splitlines()[0][:160]}): another process died "
+                          f"or stopped answering within the collective timeout; the last checkpoint is kept, continue "
+                          f"with TRAIN.resume auto") from None
     finally:
         out.close()
         shutdown()
@@ -119,7 +126,11 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSig
     start_epoch, progress, best, last, seconds_before = 0, EpochProgress(), None, None, 0.0
     if resume_from:
         ckpt = checkpoint.load(resume_from)
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise BsdistError(f"checkpoint {resume_from} does not fit this model ({str(e).splitlines()[1].strip()[:120]}): it comes from "
+                              "another run; move it away to start afresh, or resume the run it belongs to") from None
         optimizer.load_state_dict(ckpt["optimizer"])
         state.scheduler.load_state_dict(ckpt["lr_scheduler"])
         state.scaler.load_state_dict(ckpt["scaler"])
@@ -173,6 +184,8 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSig
         if improved:
             out.save_checkpoint(done, "best.pt")
         out.save_checkpoint(done, "last.pt")
+        if epoch == start_epoch:
+            set_collective_timeout(t["dist_timeout_s"])
         signum = int(all_reduce_max(torch.tensor([float(signals.received)], device=env.device)).item())
         if signum and epoch + 1 < t["epochs"]:
             raise Stopped(f"stopped by signal {signum} after epoch {epoch + 1}; last.pt holds this point: "

@@ -184,3 +184,39 @@ def test_a_full_disk_is_refused_before_training(tmp_path, monkeypatch):
     with pytest.raises(BsdistError, match="MiB free, less than"):
         main(demo_cfg(tmp_path, "MODEL.name", "tiny"))
     assert not os.path.exists(os.path.join(config.run_dir(demo_cfg(tmp_path, "MODEL.name", "tiny")), "last.pt"))
+
+
+def _hanging_peer_worker(raw_cfg):
+    import time as clock
+
+    import bsdist.engine as engine
+    from bsdist.distributed import world_size_from_env
+    tiny_model.register()
+    calls, original = [], engine.all_reduce_max
+
+    def stall_rank_1(tensor):
+        calls.append(1)
+        if os.environ["RANK"] == "1" and len(calls) == 10:  # in the second epoch: the steady timeout applies
+            clock.sleep(8)
+        return original(tensor)
+    engine.all_reduce_max = stall_rank_1
+    started = clock.time()
+    try:
+        main(config.validate(raw_cfg, world_size_from_env()))
+        return {"error": None}
+    except BsdistError as e:
+        return {"error": f"{type(e).__name__}: {e}", "seconds": clock.time() - started}
+
+
+def test_a_hanging_peer_stops_the_others_within_the_timeout(cifar10_root, tmp_path):
+    from spawn import run_ranks
+    raw = config.load(None, ["DATASET.name", "CIFAR10LT", "DATASET.datadir", cifar10_root, "DEFAULT.savedir", str(tmp_path),
+                             "DATASET.imbalance_factor", "1", "DATASET.batch_size", "32", "DATASET.num_workers", "0",
+                             "TRAIN.device", "cpu", "TRAIN.compile", "false", "TRAIN.mixed_precision", "no", "MODEL.name", "tiny",
+                             "TRAIN.epochs", "3", "TRAIN.dist_timeout_s", "3", "TRAIN.dist_startup_timeout_s", "120"])
+    results, errors = run_ranks(_hanging_peer_worker, 2, raw, timeout=90)
+    assert not errors, errors
+    rank0 = results[0]
+    assert rank0["error"] and rank0["error"].startswith("PeerFailure: rank 0: a collective failed"), rank0
+    assert "TRAIN.resume auto" in rank0["error"]
+    assert rank0["seconds"] < 20  # the tightened timeout, not the 120 s start-up one
