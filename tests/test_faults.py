@@ -87,7 +87,8 @@ def run_args(savedir):
 
 def test_sigterm_stops_at_a_safe_point_and_the_resumed_run_matches(tmp_path):
     reference = launch(run_args(tmp_path / "straight"))
-    assert reference.wait(timeout=300) == 0, reference.communicate()
+    out, err = reference.communicate(timeout=300)  # communicate, not wait: a full pipe would block the child
+    assert reference.returncode == 0, err[-3000:]
     proc = launch(run_args(tmp_path / "stopped"))
     run = str(tmp_path / "stopped" / "DigitsLT" / "resnet18" / "BalancedSoftmax-exp-IF_10")
     wait_for(os.path.join(run, "last.pt"), proc)
@@ -100,6 +101,26 @@ def test_sigterm_stops_at_a_safe_point_and_the_resumed_run_matches(tmp_path):
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "resumed from" in out
+    straight_run = str(tmp_path / "straight" / "DigitsLT" / "resnet18" / "BalancedSoftmax-exp-IF_10")
+    assert_same_weights(weights(straight_run), weights(run))
+
+
+def test_sigterm_to_torchrun_stops_every_worker_at_one_safe_point(tmp_path):
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    args = lambda d: [*run_args(d), "DATASET.batch_size", "64"]  # noqa: E731
+    reference = launch(args(tmp_path / "straight"), prefix=torchrun)
+    out, err = reference.communicate(timeout=400)
+    assert reference.returncode == 0, err[-3000:]
+    proc = launch(args(tmp_path / "stopped"), prefix=torchrun)
+    run = str(tmp_path / "stopped" / "DigitsLT" / "resnet18" / "BalancedSoftmax-exp-IF_10")
+    wait_for(os.path.join(run, "last.pt"), proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "stopped by signal 15" in err, (proc.returncode, out[-2000:], err[-3000:])
+    assert not os.path.exists(os.path.join(run, "results.json"))
+    resumed = launch(args(tmp_path / "stopped"), prefix=torchrun)
+    out, err = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, err[-3000:]
     straight_run = str(tmp_path / "straight" / "DigitsLT" / "resnet18" / "BalancedSoftmax-exp-IF_10")
     assert_same_weights(weights(straight_run), weights(run))
 
