@@ -12,7 +12,6 @@ import shutil
 import time
 
 import numpy as np
-import torch
 
 from bsdist import checkpoint
 from bsdist.config import dump

@@ -4,8 +4,6 @@ Each must end with exit status 2 and one line on stderr naming the problem and t
 run directory, and leave an existing run untouched.
 """
 
-import glob
-import hashlib
 import os
 
 import pytest
@@ -15,16 +13,12 @@ import tiny_model
 from bsdist import checkpoint
 from bsdist.cli import run
 from cifar_files import write_cifar
+from runs import snapshot
 
 tiny_model.register()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
 FAST = ["TRAIN.epochs", "1", "SCHEDULER.params.warmup_epochs", "0", "TRAIN.device", "cpu", "TRAIN.compile", "false"]
-
-
-def snapshot(directory):
-    return {p: hashlib.sha256(open(p, "rb").read()).hexdigest()
-            for p in glob.glob(os.path.join(directory, "**"), recursive=True) if os.path.isfile(p)}
 
 
 def broken_cifar(tmp_path, damage):

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import tiny_model
+from runs import clean_env, run_until
 from bsdist import BsdistError, checkpoint, config
 from bsdist.losses import BalancedSoftmax
-from bsdist.output import RunOutput
 from bsdist.train import main
 
 tiny_model.register()
@@ -38,23 +38,11 @@ def assert_same_weights(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch):
     straight = main(demo_cfg(tmp_path / "straight", "MODEL.name", "tiny"))
     cfg = demo_cfg(tmp_path / "interrupted", "MODEL.name", "tiny")
-    original = RunOutput.save_checkpoint
-
-    def die_mid_epoch(self, state, name):
-        original(self, state, name)
-        if state["epoch"] == 1 and state["progress"]["step"] == 4:  # inside the second epoch, after 4 of its 7 steps
-            raise Interrupted
-    monkeypatch.setattr(RunOutput, "save_checkpoint", die_mid_epoch)
-    with pytest.raises(Interrupted):
-        main(cfg)
-    monkeypatch.setattr(RunOutput, "save_checkpoint", original)
+    # inside the second epoch, after 4 of its 7 steps
+    run_until(monkeypatch, cfg, lambda name, state: state["epoch"] == 1 and state["progress"]["step"] == 4)
     resumed = main(cfg)
     assert_same_weights(weights(demo_cfg(tmp_path / "straight", "MODEL.name", "tiny")), weights(cfg))
     assert resumed["last"]["confusion"] == straight["last"]["confusion"]
@@ -67,9 +55,7 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch):
 
 
 def launch(args, prefix=(sys.executable,), extra_env=None, **kwargs):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(extra_env or {})
-    return subprocess.Popen([*prefix, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([*prefix, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT, env=clean_env(**(extra_env or {})), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 

@@ -9,13 +9,14 @@ import sys
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from runs import clean_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 def launch(args, prefix=(sys.executable,), timeout=300):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return subprocess.run([*prefix, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([*prefix, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT, env=clean_env(), capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -12,6 +12,7 @@ import yaml
 from bsdist import BsdistError
 from bsdist.report import REFERENCE_ACC, collect
 from bsdist.sweep import load_sweep
+from runs import clean_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +32,7 @@ def write_sweep(tmp_path, root, **changes):
 
 
 def launch(*args, timeout=600):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -2,7 +2,6 @@
 
 import csv
 import glob
-import hashlib
 import json
 import os
 
@@ -11,10 +10,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import tiny_model
+from runs import run_until, snapshot
 from bsdist import BsdistError, checkpoint, config
 from bsdist.data.longtail import long_tail_counts
 from bsdist.models import resnet18
-from bsdist.output import RunOutput
 from bsdist.train import main
 
 tiny_model.register()
@@ -39,11 +38,6 @@ def events(cfg):
     acc = EventAccumulator(run_dir(cfg), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     return acc
-
-
-def snapshot(directory):
-    return {p: hashlib.sha256(open(p, "rb").read()).hexdigest()
-            for p in glob.glob(os.path.join(directory, "**"), recursive=True) if os.path.isfile(p)}
 
 
 def test_a_run_writes_checkpoints_metrics_results_and_tensorboard(tmp_path):
@@ -86,25 +80,12 @@ def test_a_run_writes_checkpoints_metrics_results_and_tensorboard(tmp_path):
     assert any("hparams" in tag for tag in acc.summary_metadata) or acc.Tags()["tensors"]  # hparams + config text
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
     common = ["TRAIN.epochs", "3", "OPTIMIZER.momentum", "0.9", "TRAIN.resume", "auto"]
     straight = main(demo_cfg(tmp_path / "straight", *common))
 
     cfg = demo_cfg(tmp_path / "interrupted", *common)
-    original = RunOutput.save_checkpoint
-
-    def die_after_second_epoch(self, state, name):
-        original(self, state, name)
-        if name == "last.pt" and state["epoch"] == 2:
-            raise Interrupted
-    monkeypatch.setattr(RunOutput, "save_checkpoint", die_after_second_epoch)
-    with pytest.raises(Interrupted):
-        main(cfg)
-    monkeypatch.setattr(RunOutput, "save_checkpoint", original)
+    run_until(monkeypatch, cfg, lambda name, state: name == "last.pt" and state["epoch"] == 2)
     resumed = main(cfg)
 
     a = checkpoint.load(os.path.join(run_dir(demo_cfg(tmp_path / "straight", *common)), "last.pt"))["model"]
