@@ -62,7 +62,7 @@ def finished_results(cfg: dict) -> dict | None:
 
 def main(cfg: dict) -> dict:
     """Train and evaluate as the validated cfg says; return the results written to results.json."""
-    resume_checkpoint(cfg)  # refuses a directory holding another run before anything happens
+    resume_from = resume_checkpoint(cfg)  # refuses a directory holding another run before anything happens
     device = config.resolve_device(cfg["TRAIN"]["device"])
     env = init_distributed(device, cfg["TRAIN"]["dist_startup_timeout_s"])
     out = make_output(env, config.run_dir(cfg))
@@ -72,7 +72,7 @@ def main(cfg: dict) -> dict:
             out.info(f"run already finished; results in {config.run_dir(cfg)}/results.json")
             return finished
         with StopSignals() as signals:
-            return _run(cfg, env, out, resume_checkpoint(cfg), signals)
+            return _run(cfg, env, out, resume_from, signals)
     except RuntimeError as e:
         if not (isinstance(e, dist.DistError) or "gloo/transport" in str(e)):  # NCCL raises DistError, gloo RuntimeError
             raise
