@@ -77,7 +77,7 @@ def bsdist_data(data, targets, batch_size, device, seed=0):
     sampler = torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
     augment = BatchAugment(len(ds), CIFAR10LT.mean, CIFAR10LT.std, ["RandomCrop", "RandomHorizontalFlip"], 4, seed, device)
     loader = DeviceLoader(ds, ResumableBatchSampler(sampler, batch_size, True), device)
-    return Data(loader, sampler, {}, augment, {c: int((targets == c).sum()) for c in range(10)}, 10, 3, batch_size)
+    return Data(loader, sampler, {}, augment, {c: int((targets == c).sum()) for c in range(10)}, 10, 3)
 
 
 def images_per_second(n_images, seconds):

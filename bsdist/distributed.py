@@ -31,6 +31,10 @@ class DistEnv:
         return self.rank == 0
 
 
+# What a launcher (torchrun, SLURM) tells each process; a child that starts its own group must not inherit it.
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launched_as_main() -> bool:
     """Whether this process is rank 0 of its launch (known before any process group exists)."""
     return int(os.environ.get("RANK", "0")) == 0

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from bsdist import config
 from bsdist.data import check_available
 from bsdist.errors import BsdistError
-from bsdist.train import resume_checkpoint
+from bsdist.distributed import LAUNCH_VARIABLES
+from bsdist.train import finished_results, resume_checkpoint
 
 SWEEP_KEYS = {"base", "overrides", "axes", "exclude"}
 
@@ -115,12 +116,12 @@ def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1) -> int:
     env = dict(os.environ)
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for key in LAUNCH_VARIABLES:
         env.pop(key, None)  # each run is a process group of its own
 
     total, failed, running, pending = len(runs), [], [], []
     for i, run in enumerate(runs, 1):
-        if os.path.exists(os.path.join(run.run_dir, "results.json")):
+        if finished_results(run.cfg) is not None:
             print(f"[{i}/{total}] {run.label}: finished before, skipped ({run.run_dir})", flush=True)
         else:
             pending.append((i, run))
@@ -131,8 +132,7 @@ def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1) -> int:
             log.close()
             minutes = (time.perf_counter() - started) / 60
             if proc.returncode == 0:
-                with open(os.path.join(run.run_dir, "results.json")) as f:
-                    best = json.load(f)["best"]
+                best = finished_results(run.cfg)["best"]
                 print(f"[{i}/{total}] {run.label}: done in {minutes:.1f} min, best epoch {best['epoch']} "
                       f"test acc {best['acc']:.4f} bcr {best['bcr']:.4f}", flush=True)
             else:

@@ -166,7 +166,7 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSig
         progress = EpochProgress()
         sync_buffers_from_main(model)  # ranks' BatchNorm statistics drift apart; evaluate and save rank 0's
         evaluated = {split: evaluate(ddp.module, loader, data.augment.normalize, data.num_classes, num_per_cls, env, amp_dtype,
-                                     fixed_batch=data.eval_batch_size if compile_model else None)
+                                     fixed_batch=loader.batch_sampler.batch_size if compile_model else None)
                      for split, loader in data.eval.items()}
         last = {"epoch": epoch + 1, "selected_on": select_on, **evaluated["test"]}
         score = evaluated[select_on][t["ckp_metric"]]

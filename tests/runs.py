@@ -5,10 +5,10 @@ import glob
 import hashlib
 import os
 
+from bsdist.distributed import LAUNCH_VARIABLES
 from bsdist.output import RunOutput
 from bsdist.train import main
 
-LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class Interrupted(Exception):

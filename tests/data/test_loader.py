@@ -79,7 +79,8 @@ def test_padding_the_last_evaluation_batch_changes_nothing(cifar10_root, tmp_pat
     model = tiny_model.tiny(10, 3)
     args = (model, data.eval["test"], data.augment.normalize, 10, list(data.num_per_cls.values()))
     plain = evaluate(*args, CPU, None)
-    padded = evaluate(*args, CPU, None, fixed_batch=data.eval_batch_size)
-    assert 103 % data.eval_batch_size != 0  # the last batch really is short
+    batch_size = data.eval["test"].batch_sampler.batch_size
+    padded = evaluate(*args, CPU, None, fixed_batch=batch_size)
+    assert 103 % batch_size != 0  # the last batch really is short
     assert padded["confusion"] == plain["confusion"] and padded["num_images"] == 103
     assert padded["loss"] == pytest.approx(plain["loss"], rel=1e-6)
