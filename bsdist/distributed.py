@@ -83,8 +83,12 @@ def set_collective_timeout(seconds: float) -> None:
     dist.set_timeout(datetime.timedelta(seconds=seconds))
 
 
-def shutdown() -> None:
+def shutdown(wait_for: DistEnv | None = None) -> None:
+    """Leave the process group; with `wait_for` (after a clean run) only once every rank is done: a rank
+    that tears its group down while a peer still works (rank 0 writing results) can abort in gloo's teardown."""
     if dist.is_initialized():
+        if wait_for is not None:
+            all_reduce_sum(torch.zeros(1, device=wait_for.device))
         dist.destroy_process_group()
 
 

@@ -66,13 +66,17 @@ def main(cfg: dict) -> dict:
     device = config.resolve_device(cfg["TRAIN"]["device"])
     env = init_distributed(device, cfg["TRAIN"]["dist_startup_timeout_s"])
     out = make_output(env, config.run_dir(cfg))
+    clean = False
     try:
         finished = finished_results(cfg)
         if finished is not None:
             out.info(f"run already finished; results in {config.run_dir(cfg)}/results.json")
-            return finished
-        with StopSignals() as signals:
-            return _run(cfg, env, out, resume_from, signals)
+            results = finished
+        else:
+            with StopSignals() as signals:
+                results = _run(cfg, env, out, resume_from, signals)
+        clean = True
+        return results
     except RuntimeError as e:
         if not (isinstance(e, dist.DistError) or "gloo/transport" in str(e)):  # NCCL raises DistError, gloo RuntimeError
             raise
@@ -81,7 +85,7 @@ def main(cfg: dict) -> dict:
                           f"with TRAIN.resume auto") from None
     finally:
         out.close()
-        shutdown()
+        shutdown(wait_for=env if clean else None)
 
 
 class StopSignals:
