@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -41,8 +42,8 @@ def launched_as_main() -> bool:
 
 
 def restarted_by_launcher() -> bool:
-    """Whether torchrun restarted this worker group after a failure (so the run must resume)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    """Whether torchrun restarted this worker group after a failure, or SLURM requeued this job (so the run must resume)."""
+    return any(int(os.environ.get(v) or 0) > 0 for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
 
 
 def world_size_from_env() -> int:
@@ -56,8 +57,8 @@ def init_distributed(device_type: str, timeout_s: float) -> DistEnv:
     world_size = world_size_from_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", _visible_gpu(local_rank))
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
@@ -78,18 +79,39 @@ def init_distributed(device_type: str, timeout_s: float) -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def _visible_gpu(local_rank: int) -> int:
+    """This rank's GPU among the visible ones: its local rank when the node's GPUs are all visible
+    (torchrun, srun without binding), else the one GPU a launcher bound to this task."""
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return local_rank
+    if count == 1:
+        return 0
+    raise BsdistError(f"local rank {local_rank} has no GPU of its own among the {count} visible ones; "
+                      "start one process per GPU (torchrun --nproc_per_node, or --gpus-per-node with --slurm)")
+
+
 def set_collective_timeout(seconds: float) -> None:
     """Tighten the generous start-up timeout once compilation and the first evaluation are behind."""
     dist.set_timeout(datetime.timedelta(seconds=seconds))
 
 
 def shutdown(wait_for: DistEnv | None = None) -> None:
-    """Leave the process group; with `wait_for` (after a clean run) only once every rank is done: a rank
-    that tears its group down while a peer still works (rank 0 writing results) can abort in gloo's teardown."""
+    """Leave the process group; with `wait_for` (after an orderly end) only once every rank is done: a
+    rank that tears its group down while a peer still works (rank 0 writing results) can abort in gloo's
+    teardown.
+
+    The group must really be gone before the interpreter shuts down. DDP's reducer holds it, and the
+    run's objects form reference cycles, so without a collection here the group's C++ threads were torn
+    down during interpreter finalisation, where they can no longer take the GIL: the process then
+    aborted ("terminate called without an active exception", exit -6) after a run that had succeeded.
+    """
     if dist.is_initialized():
         if wait_for is not None:
             all_reduce_sum(torch.zeros(1, device=wait_for.device))
+        gc.collect()
         dist.destroy_process_group()
+    gc.collect()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@
 
 Every run is validated before the first starts. Each runs as a process of its own (`python -m
 bsdist.cli`, or torchrun with --nproc-per-node), `jobs` at a time, with TRAIN.resume auto: started
-again, the sweep skips finished runs and resumes unfinished ones from their last checkpoint.
+again, the sweep skips finished runs and resumes unfinished ones from their last checkpoint. With
+--slurm the unfinished runs go to SLURM as one job array instead (bsdist.slurm.submit_sweep).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _mapping(value, what: str, path: str) -> dict:
     return value
 
 
-def load_sweep(path: str, nproc_per_node: int = 1) -> tuple[str, list[Run]]:
+def load_sweep(path: str, world_size: int = 1, device_here: bool = True) -> tuple[str, list[Run]]:
     """(base config path, validated runs in grid order). Raises BsdistError on any bad run."""
     spec = config.read_yaml(path, "sweep file", "configs/sweeps/demo.yaml")
     if not isinstance(spec, dict) or set(spec) - SWEEP_KEYS or "base" not in spec:
@@ -85,7 +86,7 @@ def load_sweep(path: str, nproc_per_node: int = 1) -> tuple[str, list[Run]]:
         tokens = [t for k, v in values.items() for t in (k, json.dumps(v))]  # JSON is YAML: values survive as typed
         label = "/".join(str(v) for v in point.values()) or "base"
         try:
-            cfg = config.validate(config.load(base, tokens), nproc_per_node)
+            cfg = config.validate(config.load(base, tokens), world_size, device_here)
         except BsdistError as e:
             raise BsdistError(f"{path}: run {label}: {e}") from None
         run = Run(label, tokens, cfg)
@@ -106,25 +107,47 @@ def command(base: str, run: Run, nproc_per_node: int) -> list[str]:
             "-m", "bsdist.cli", base, *run.tokens]
 
 
-def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1) -> int:
-    """Run every unfinished run; 0 when all have finished, 1 when any failed (the others still run)."""
-    base, runs = load_sweep(path, nproc_per_node)
+def check_runs(runs: list[Run]) -> None:
+    """Stop the sweep before anything starts: data missing, or a run directory that holds another run."""
     for cfg in {r.cfg["DATASET"]["name"]: r.cfg for r in runs}.values():
         check_available(cfg)
-    for run in runs:  # a run directory that holds another run stops the sweep before anything starts
+    for run in runs:
         resume_checkpoint(run.cfg)
+
+
+def unfinished(runs: list[Run]) -> list[tuple[int, Run]]:
+    """(position, run) of the runs still to do; the finished ones are reported as skipped."""
+    pending = []
+    for i, run in enumerate(runs, 1):
+        if finished_results(run.cfg) is not None:
+            print(f"[{i}/{len(runs)}] {run.label}: finished before, skipped ({run.run_dir})", flush=True)
+        else:
+            pending.append((i, run))
+    return pending
+
+
+def savedir(runs: list[Run]) -> str:
+    """The directory that holds every run of the sweep."""
+    return os.path.commonpath([r.cfg["DEFAULT"]["savedir"] for r in runs])
+
+
+def _last_line(path: str) -> str:
+    with open(path, errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return lines[-1][:300] if lines else "(the log is empty)"
+
+
+def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1) -> int:
+    """Run every unfinished run here; 0 when all have finished, 1 when any failed (the others still run)."""
+    base, runs = load_sweep(path, nproc_per_node)
+    check_runs(runs)
     env = dict(os.environ)
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
     for key in LAUNCH_VARIABLES:
         env.pop(key, None)  # each run is a process group of its own
 
-    total, failed, running, pending = len(runs), [], [], []
-    for i, run in enumerate(runs, 1):
-        if finished_results(run.cfg) is not None:
-            print(f"[{i}/{total}] {run.label}: finished before, skipped ({run.run_dir})", flush=True)
-        else:
-            pending.append((i, run))
+    total, failed, running, pending = len(runs), [], [], unfinished(runs)
     while pending or running:
         for entry in [e for e in running if e[2].poll() is not None]:
             running.remove(entry)
@@ -137,8 +160,8 @@ def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1) -> int:
                       f"test acc {best['acc']:.4f} bcr {best['bcr']:.4f}", flush=True)
             else:
                 failed.append(run)
-                print(f"[{i}/{total}] {run.label}: FAILED (exit {proc.returncode}) after {minutes:.1f} min; "
-                      f"see {run.log_path}", flush=True)
+                print(f"[{i}/{total}] {run.label}: FAILED (exit {proc.returncode}) after {minutes:.1f} min: "
+                      f"{_last_line(run.log_path)!r}; see {run.log_path}", flush=True)
         while pending and len(running) < jobs:
             i, run = pending.pop(0)
             os.makedirs(os.path.dirname(run.log_path), exist_ok=True)
@@ -151,6 +174,5 @@ def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1) -> int:
         print(f"{len(failed)} of {total} runs failed: {', '.join(r.label for r in failed)}; "
               "run the same command again to resume them", file=sys.stderr, flush=True)
         return 1
-    print(f"all {total} runs finished; tabulate them with: python launch.py --report "
-          f"{os.path.commonpath([r.cfg['DEFAULT']['savedir'] for r in runs])}", flush=True)
+    print(f"all {total} runs finished; tabulate them with: python launch.py --report {savedir(runs)}", flush=True)
     return 0

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -63,10 +65,10 @@ def finished_results(cfg: dict) -> dict | None:
 def main(cfg: dict) -> dict:
     """Train and evaluate as the validated cfg says; return the results written to results.json."""
     resume_from = resume_checkpoint(cfg)  # refuses a directory holding another run before anything happens
-    device = config.resolve_device(cfg["TRAIN"]["device"])
+    device = config.check_device(cfg)  # on the machine that trains, SLURM nodes included
     env = init_distributed(device, cfg["TRAIN"]["dist_startup_timeout_s"])
     out = make_output(env, config.run_dir(cfg))
-    clean = False
+    orderly = False  # every rank is alive and at the same point: leave together
     try:
         finished = finished_results(cfg)
         if finished is not None:
@@ -75,8 +77,11 @@ def main(cfg: dict) -> dict:
         else:
             with StopSignals() as signals:
                 results = _run(cfg, env, out, resume_from, signals)
-        clean = True
+        orderly = True
         return results
+    except Stopped:
+        orderly = True  # the others wait until rank 0 has written last.pt, so none is cut short (srun's kill-on-bad-exit)
+        raise
     except RuntimeError as e:
         if not (isinstance(e, dist.DistError) or "gloo/transport" in str(e)):  # NCCL raises DistError, gloo RuntimeError
             raise
@@ -84,15 +89,27 @@ def main(cfg: dict) -> dict:
                           f"or stopped answering within the collective timeout; the last checkpoint is kept, continue "
                           f"with TRAIN.resume auto") from None
     finally:
+        _release_frames(sys.exc_info()[1])  # a failed run's model and DDP go now, not at interpreter exit
         out.close()
-        shutdown(wait_for=env if clean else None)
+        shutdown(wait_for=env if orderly else None)
+
+
+def _release_frames(failure: BaseException | None) -> None:
+    """Drop the local variables of the frames an exception (and those it arose from) still holds, so
+    that the process group is not kept alive by them (see distributed.shutdown)."""
+    seen = set()
+    while failure is not None and id(failure) not in seen:
+        seen.add(id(failure))
+        traceback.clear_frames(failure.__traceback__)
+        failure = failure.__context__
 
 
 class StopSignals:
-    """SIGTERM / SIGINT ask training to stop at the next optimiser step with a checkpoint (a second
-    SIGINT interrupts at once). The previous handlers come back afterwards."""
+    """SIGTERM / SIGINT / SIGUSR2 ask training to stop at the next optimiser step with a checkpoint (a
+    second SIGINT interrupts at once). The previous handlers come back afterwards: under SLURM that is
+    submitit's USR2 handler, which then requeues the job (bsdist.slurm)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
     def __init__(self):
         self.received = 0

@@ -111,3 +111,14 @@ def test_sweep_refuses_overrides_on_the_command_line(tmp_path):
     assert proc.returncode == 2 and "a sweep file sets its own" in proc.stderr
     proc = launch("--report", "results", "extra", timeout=60)
     assert proc.returncode == 2 and "--report takes just RUNS_DIR" in proc.stderr
+
+
+def test_a_failed_run_is_reported_with_its_error_and_the_rest_still_run(cifar10_root, tmp_path):
+    # factor 100 leaves classes of the 20-image test set empty, found only when the run loads its data
+    sweep = write_sweep(tmp_path, cifar10_root, axes={"DATASET.imbalance_factor": [100, 2]})
+    result = launch("--sweep", sweep)
+    assert result.returncode == 1
+    failed = next(line for line in result.stdout.splitlines() if line.startswith("[1/2] 100: FAILED (exit 2)"))
+    assert "min: 'error: imbalance factor 100 leaves class 6 with no training image" in failed
+    assert "[2/2] 2: done in" in result.stdout
+    assert "1 of 2 runs failed: 100; run the same command again" in result.stderr

@@ -1,6 +1,7 @@
 """End-to-end runs of bsdist.train.main in this process (world size 1, the same code path as torchrun)."""
 
 import csv
+import gc
 import glob
 import json
 import os
@@ -97,6 +98,19 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(tmp_p
     assert [r["epoch"] for r in read_csv(cfg)] == ["1", "2", "3"]
     steps = [e.step for e in events(cfg).Scalars("train/loss")]
     assert steps == sorted(set(steps))  # nothing logged twice
+
+
+def ddp_objects():
+    return sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+
+
+def test_the_process_group_is_gone_when_main_returns_or_fails(tmp_path, monkeypatch):
+    """DDP holds the process group; left to interpreter exit, gloo's teardown aborted the process (exit -6)."""
+    gc.collect()
+    main(demo_cfg(tmp_path / "ok", "TRAIN.epochs", "1"))
+    assert ddp_objects() == 0 and not torch.distributed.is_initialized()
+    run_until(monkeypatch, demo_cfg(tmp_path / "failed"), lambda name, state: name == "last.pt")
+    assert ddp_objects() == 0 and not torch.distributed.is_initialized()
 
 
 def test_an_existing_run_is_never_overwritten(tmp_path):
