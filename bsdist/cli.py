@@ -1,7 +1,8 @@
 """The command line behind launch.py: one run, a sweep of runs, or a report of finished runs.
 
     launch.py CONFIG [KEY.SUB value ...]            one run (plain python or under torchrun)
-    launch.py --sweep SWEEP.yaml [--jobs N] [--nproc-per-node K]
+    launch.py CONFIG --slurm --partition gpu [...]  the same run submitted to SLURM (bsdist.slurm)
+    launch.py --sweep SWEEP.yaml [--jobs N] [--nproc-per-node K] [--slurm ...]
     launch.py --report RUNS_DIR
 
 It parses, validates before any process group or directory exists, and hands over; errors are one
@@ -17,15 +18,17 @@ import traceback
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        prog="launch.py", usage="launch.py CONFIG [KEY.SUB value ...] | --sweep SWEEP.yaml | --report RUNS_DIR  [--debug]",
+        prog="launch.py", usage="launch.py CONFIG [KEY.SUB value ...] | --sweep SWEEP.yaml | --report RUNS_DIR  [--slurm ...] [--debug]",
         description="Long-tailed image classification with Balanced Softmax on raw torch.distributed.",
         epilog="Example: torchrun --nproc_per_node 8 launch.py configs/cifar100lt_bs.yaml TRAIN.epochs 200")
     parser.add_argument("config", nargs="?", help="YAML config file (see configs/)")
     parser.add_argument("--sweep", metavar="SWEEP.yaml", help="run every configuration of a sweep file (see configs/sweeps/)")
-    parser.add_argument("--jobs", type=int, default=1, help="sweep runs at once on this machine (default 1)")
+    parser.add_argument("--jobs", type=int, help="sweep runs at once (default 1 here; with --slurm, all)")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per sweep run, started with torchrun")
     parser.add_argument("--report", metavar="RUNS_DIR", help="tabulate and plot every finished run under RUNS_DIR")
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    from bsdist import slurm
+    slurm_flags = slurm.add_arguments(parser)
     args, overrides = parser.parse_known_args(argv)  # flags may stand anywhere; the rest are KEY.SUB value pairs
     unknown = [a for a in overrides if a.startswith("--")]
     if unknown:
@@ -38,8 +41,15 @@ def parse_args(argv):
     if overrides and args.config is None:
         parser.error(f"extra arguments ({overrides[0]} ...) go only with a CONFIG: a sweep file sets its own under "
                      "`overrides:`, and --report takes just RUNS_DIR")
-    if args.jobs < 1 or args.nproc_per_node < 1:
+    if (args.jobs is not None and args.jobs < 1) or args.nproc_per_node < 1:
         parser.error("--jobs and --nproc-per-node must be at least 1")
+    slurm_given = [f"--{k.replace('_', '-')}" for k in slurm_flags if getattr(args, k) != parser.get_default(k)]
+    if slurm_given and not args.slurm:
+        parser.error(f"{slurm_given[0]} is a SLURM option: add --slurm to submit the run to SLURM")
+    if args.slurm and args.report:
+        parser.error("--report reads finished runs here; drop --slurm")
+    if args.slurm and args.nproc_per_node != 1:
+        parser.error("--nproc-per-node is for sweeps run here; with --slurm give --gpus-per-node or --ntasks-per-node")
     args.overrides = overrides
     return args
 
@@ -50,9 +60,11 @@ def run(argv=None) -> int:
     from bsdist.data import check_available
     from bsdist.distributed import launched_as_main, world_size_from_env
     try:
+        if args.slurm:
+            return submit_to_slurm(args)
         if args.sweep:
             from bsdist.sweep import run_sweep
-            return run_sweep(args.sweep, jobs=args.jobs, nproc_per_node=args.nproc_per_node)
+            return run_sweep(args.sweep, jobs=args.jobs or 1, nproc_per_node=args.nproc_per_node)
         if args.report:
             from bsdist.report import write_report
             write_report(args.report)
@@ -68,6 +80,23 @@ def run(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     return 0
+
+
+def submit_to_slurm(args) -> int:
+    """Validate here (all but the device, which is the nodes' business) and submit."""
+    from bsdist import config, slurm
+    slurm.check_arguments(args)
+    if args.sweep:
+        from bsdist.sweep import check_runs, load_sweep
+        _, runs = load_sweep(args.sweep, 1, device_here=False)  # the task count depends on TRAIN.device
+        _, runs = load_sweep(args.sweep, slurm.world_size(args, runs[0].cfg), device_here=False)
+        check_runs(runs)
+        return slurm.submit_sweep(args, runs)
+    from bsdist.data import check_available
+    cfg = config.validate(config.load(args.config, args.overrides), 1, device_here=False)
+    cfg = config.validate(cfg, slurm.world_size(args, cfg), device_here=False)
+    check_available(cfg)
+    return slurm.submit(args, cfg)
 
 
 if __name__ == "__main__":

@@ -254,8 +254,11 @@ def _describe(f: Field) -> str:
     return kind + (" or null" if f.nullable else "")
 
 
-def validate(cfg: dict, world_size: int = 1) -> dict:
-    """Check types, ranges and cross-key rules; return the normalised config. Raises BsdistError."""
+def validate(cfg: dict, world_size: int = 1, device_here: bool = True) -> dict:
+    """Check types, ranges and cross-key rules; return the normalised config. Raises BsdistError.
+
+    device_here=False leaves the device checks to the machine that will train (a SLURM submission).
+    """
     cfg = copy.deepcopy(cfg)
     for key, f in FIELDS.items():
         _set(cfg, key, _coerce(key, f, get(cfg, key)))
@@ -283,18 +286,25 @@ def validate(cfg: dict, world_size: int = 1) -> dict:
                           "set imbalance_type exp or step, or imbalance_factor 1")
     if len(set(d["aug_info"])) != len(d["aug_info"]):
         raise BsdistError(f"DATASET.aug_info lists an augmentation twice: {d['aug_info']}")
-    device = resolve_device(t["device"])
-    if device == "cpu" and cfg["MODEL"]["sync_bn"]:
-        raise BsdistError("MODEL.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel); set MODEL.sync_bn false")
-    if device == "cuda" and t["mixed_precision"] == "bf16":
-        import torch
-        if not torch.cuda.is_bf16_supported():
-            raise BsdistError("TRAIN.mixed_precision bf16 is not supported by this GPU; use fp16")
+    if device_here:
+        check_device(cfg)
     if cfg["DEFAULT"]["exp_name"] is None:
         cfg["DEFAULT"]["exp_name"] = default_exp_name(cfg)
     if any(c in cfg["DEFAULT"]["exp_name"] for c in "/\\") or cfg["DEFAULT"]["exp_name"] in ("", ".", ".."):
         raise BsdistError(f"DEFAULT.exp_name {cfg['DEFAULT']['exp_name']!r} must be a plain directory name")
     return cfg
+
+
+def check_device(cfg: dict) -> str:
+    """The device this process trains on, once the config's device-dependent choices are known to work here."""
+    device = resolve_device(cfg["TRAIN"]["device"])
+    if device == "cpu" and cfg["MODEL"]["sync_bn"]:
+        raise BsdistError("MODEL.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel); set MODEL.sync_bn false")
+    if device == "cuda" and cfg["TRAIN"]["mixed_precision"] == "bf16":
+        import torch
+        if not torch.cuda.is_bf16_supported():
+            raise BsdistError("TRAIN.mixed_precision bf16 is not supported by this GPU; use fp16")
+    return device
 
 
 def resolve_device(name: str) -> str:
