@@ -19,4 +19,5 @@ class Stopped(BsdistError):
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
+        self.signum = signum
         self.exit_code = 128 + signum

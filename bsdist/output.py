@@ -63,9 +63,11 @@ class RunOutput:
         if resumed_step is None:
             self._hparams(cfg)
 
-    def info(self, message: str) -> None:
+    def info(self, message: str, console: bool = True) -> None:
+        """A line for the console and the run's log.txt (console=False: the launcher prints it itself)."""
         line = f"[{time.strftime('%H:%M:%S')}] {message}"
-        print(line, flush=True)
+        if console:
+            print(line, flush=True)
         if self.log_file:
             self.log_file.write(line + "\n")
             self.log_file.flush()

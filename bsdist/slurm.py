@@ -16,6 +16,8 @@ preempted mid-way ends with the results of one that was not.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import secrets
 import shutil
@@ -164,12 +166,13 @@ def _submitted(folder: str, params: dict, submit):
         created = os.path.dirname(created)
     executor = _executor(folder, params)
     try:
-        return submit(executor)
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's stderr; the error below says it once
+            return submit(executor)
     except Exception as e:  # submitit raises its own error types with sbatch's stderr inside
         shutil.rmtree(created, ignore_errors=True)
         lines = [line.strip() for line in str(e).splitlines() if "error:" in line or "fatal:" in line]
-        said = (lines[-1] if lines else str(e).strip().splitlines()[-1][:200]).removeprefix("sbatch: ")
-        hint = ("; sinfo lists the partitions" if "partition" in said else
+        said = (lines[-1] if lines else str(e).strip().splitlines()[-1][:200]).removeprefix("sbatch: ").removeprefix("error: ")
+        hint = (f" (--partition {params.get('partition', 'not given')}); sinfo lists the partitions" if "partition" in said.lower() else
                 "; is SLURM_CONF set (slurm/dev-cluster.sh env prints it for the local cluster)?" if "configuration" in said else "")
         raise BsdistError(f"sbatch refused the job: {said}{hint}") from None
 

@@ -79,8 +79,9 @@ def main(cfg: dict) -> dict:
                 results = _run(cfg, env, out, resume_from, signals)
         orderly = True
         return results
-    except Stopped:
+    except Stopped as e:
         orderly = True  # the others wait until rank 0 has written last.pt, so none is cut short (srun's kill-on-bad-exit)
+        out.info(str(e), console=False)  # the log tells why the run paused; the launcher prints the error
         raise
     except RuntimeError as e:
         if not (isinstance(e, dist.DistError) or "gloo/transport" in str(e)):  # NCCL raises DistError, gloo RuntimeError

@@ -82,7 +82,7 @@ def test_a_two_task_job_trains_and_writes_results_and_tensorboard(uninterrupted)
     assert "2 process(es) on cpu" in open(os.path.join(directory, "log.txt")).read()
     folders = os.listdir(os.path.join(directory, "slurm"))
     assert len(folders) == 1 and os.path.exists(os.path.join(directory, "slurm", folders[0], f"{job}_0_log.out"))
-    assert sacct_state(job) == "COMPLETED"
+    wait_until(lambda: sacct_state(job) == "COMPLETED", "accounting to see the job complete", seconds=60)
 
 
 def test_a_job_preempted_mid_run_requeues_resumes_and_matches_an_uninterrupted_run(uninterrupted, tmp_path):
@@ -120,8 +120,8 @@ def test_a_cancelled_job_is_reported_by_wait(tmp_path):
 def test_a_bad_partition_is_one_clear_error_and_leaves_nothing(tmp_path):
     result = launch("configs/demo.yaml", *JOB, "--partition", "nosuch", "DEFAULT.savedir", str(tmp_path))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == ("error: sbatch refused the job: error: invalid partition specified: "
-                                                       "nosuch; sinfo lists the partitions")
+    assert result.stderr.strip() == ("error: sbatch refused the job: Batch job submission failed: Invalid partition name "
+                                     "specified (--partition nosuch); sinfo lists the partitions")
     assert os.listdir(tmp_path) == []
 
 
@@ -139,3 +139,27 @@ def test_a_sweep_is_one_job_array_and_a_second_submission_skips_finished_runs(tm
     assert result.stdout.count(": done, best epoch 1") == 2
     again = launch("--sweep", str(sweep), "--slurm", "--partition", "gpu")
     assert again.returncode == 0 and "all 2 runs finished before; nothing submitted" in again.stdout
+
+
+def sbatch_template(savedir, *extra):
+    """Submit slurm/torchrun.sbatch with two CPU workers; return the job id."""
+    os.makedirs(savedir, exist_ok=True)  # SLURM fails a job whose --output directory is missing
+    submitted = subprocess.run(["sbatch", "--parsable", "--partition", "gpu", "--cpus-per-task", "2", *extra,
+                                f"--output={savedir}/slurm-%j.out", "slurm/torchrun.sbatch", "configs/demo.yaml",
+                                *JOB[JOB.index("TRAIN.device"):], "DEFAULT.savedir", str(savedir)],
+                               cwd=ROOT, env=clean_env(NPROC_PER_NODE="2"), capture_output=True, text=True, check=True)
+    return submitted.stdout.strip().split(";")[0]
+
+
+def test_the_sbatch_torchrun_template_trains_and_requeues_near_the_time_limit(tmp_path):
+    sbatch_template(tmp_path / "straight", "--wait")  # torchrun's workers run one thread each: compare like with like
+    job, directory = sbatch_template(tmp_path / "requeued"), run_dir(tmp_path / "requeued")
+    wait_until(lambda: os.path.exists(os.path.join(directory, "last.pt")), "the first checkpoint")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)  # what --signal=B:USR1@120 sends
+    wait_until(lambda: os.path.exists(os.path.join(directory, "results.json")), "the requeued job's results")
+    wait_until(lambda: sacct_state(job) == "COMPLETED", "the job to complete", seconds=60)
+    assert "requeueing job" in open(tmp_path / "requeued" / f"slurm-{job}.out").read()
+    assert "resumed from" in open(os.path.join(directory, "log.txt")).read()
+    ours = json.load(open(os.path.join(directory, "results.json")))
+    reference = json.load(open(os.path.join(run_dir(tmp_path / "straight"), "results.json")))
+    assert ours["last"]["confusion"] == reference["last"]["confusion"]
