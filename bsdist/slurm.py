@@ -207,6 +207,11 @@ def submit(args, cfg: dict) -> int:
 def wait_for(job) -> dict:
     """Rank 0's results once every task ended; a failed, cancelled or timed-out job is one clear error."""
     from submitit.core.utils import FailedJobError, UncompletedJobError
+    started = time.monotonic()
+    # ask sacct at least every 10 s: submitit's own polling backs off to 10 minutes, so a job cancelled
+    # late in a long run would be noticed that much later
+    while not all(job.task(i).done(force_check=True) for i in range(job.num_tasks)):
+        time.sleep(min(10.0, 1.0 + (time.monotonic() - started) / 10))
     try:
         return job.results()[0]
     except (FailedJobError, UncompletedJobError) as e:
