@@ -45,3 +45,8 @@ def summarize(confusion: torch.Tensor, num_per_cls: list[int], loss_sum: float) 
     result["per_class_recall"] = [None if math.isnan(r) else r for r in recall]
     result["confusion"] = confusion.long().tolist()
     return result
+
+
+def describe_best(best: dict) -> str:
+    """The one-line account of a run's best model that the run, a sweep and a SLURM --wait print."""
+    return f"best (epoch {best['epoch']}) test acc {best['acc']:.4f} bcr {best['bcr']:.4f}"

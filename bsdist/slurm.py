@@ -183,6 +183,7 @@ def _logs(job) -> str:
 
 def submit(args, cfg: dict) -> int:
     """Submit one run; return at once (0), or with --wait once it ended (0 on success)."""
+    from bsdist.metrics import describe_best
     from bsdist.train import finished_results, resume_checkpoint
     resume_checkpoint(cfg)  # a directory that holds another run refuses before anything is submitted
     run_dir = config.run_dir(cfg)
@@ -198,9 +199,7 @@ def submit(args, cfg: dict) -> int:
         print(f"follow it with: squeue -j {job.job_id}; tensorboard --logdir {run_dir}", flush=True)
         return 0
     results = wait_for(job)
-    best = results["best"]
-    print(f"job {job.job_id} done: best (epoch {best['epoch']}) test acc {best['acc']:.4f} bcr {best['bcr']:.4f}; "
-          f"results in {run_dir}/results.json", flush=True)
+    print(f"job {job.job_id} done: {describe_best(results['best'])}; results in {run_dir}/results.json", flush=True)
     return 0
 
 
@@ -228,6 +227,7 @@ def wait_for(job) -> dict:
 def submit_sweep(args, runs: list) -> int:
     """Every unfinished run of a sweep as one job array, its folder under the sweep's savedir; with
     --wait, 0 only if every run succeeded."""
+    from bsdist.metrics import describe_best
     from bsdist.sweep import savedir, unfinished
     pending = unfinished(runs)
     if not pending:
@@ -244,9 +244,7 @@ def submit_sweep(args, runs: list) -> int:
     failed = []
     for (i, run), job in zip(pending, jobs):
         try:
-            best = wait_for(job)["best"]
-            print(f"[{i}/{len(runs)}] {run.label}: done, best epoch {best['epoch']} test acc {best['acc']:.4f} bcr {best['bcr']:.4f}",
-                  flush=True)
+            print(f"[{i}/{len(runs)}] {run.label}: done, {describe_best(wait_for(job)['best'])}", flush=True)
         except BsdistError as e:
             failed.append(run.label)
             print(f"[{i}/{len(runs)}] {run.label}: FAILED: {e}", flush=True)

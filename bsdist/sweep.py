@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from bsdist import config
 from bsdist.data import check_available
 from bsdist.errors import BsdistError
+from bsdist.metrics import describe_best
 from bsdist.distributed import LAUNCH_VARIABLES
 from bsdist.train import finished_results, resume_checkpoint
 
@@ -155,9 +156,8 @@ def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1) -> int:
             log.close()
             minutes = (time.perf_counter() - started) / 60
             if proc.returncode == 0:
-                best = finished_results(run.cfg)["best"]
-                print(f"[{i}/{total}] {run.label}: done in {minutes:.1f} min, best epoch {best['epoch']} "
-                      f"test acc {best['acc']:.4f} bcr {best['bcr']:.4f}", flush=True)
+                print(f"[{i}/{total}] {run.label}: done in {minutes:.1f} min, {describe_best(finished_results(run.cfg)['best'])}",
+                      flush=True)
             else:
                 failed.append(run)
                 print(f"[{i}/{total}] {run.label}: FAILED (exit {proc.returncode}) after {minutes:.1f} min: "

@@ -21,6 +21,7 @@ from bsdist.distributed import (DistEnv, all_reduce_max, init_distributed, main_
 from bsdist.engine import EpochProgress, TrainState, evaluate, train_one_epoch
 from bsdist.errors import BsdistError, PeerFailure, Stopped
 from bsdist.losses import broadcast_class_prior, build_loss
+from bsdist.metrics import describe_best
 from bsdist.models import build_model
 from bsdist.optim import build_optimizer, build_scheduler
 from bsdist.output import make_output
@@ -215,6 +216,6 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSig
     results = {"best": best, "last": last, "num_per_cls": num_per_cls, "ckp_metric": t["ckp_metric"],
                "seconds": seconds_before + time.perf_counter() - started_at}
     out.results(results)
-    out.info(f"done: best (epoch {best['epoch']}) test acc {best['acc']:.4f} bcr {best['bcr']:.4f}; "
+    out.info(f"done: {describe_best(best)}; "
              f"last test acc {last['acc']:.4f} bcr {last['bcr']:.4f}; results in {config.run_dir(cfg)}/results.json")
     return results

@@ -136,7 +136,7 @@ def test_a_sweep_is_one_job_array_and_a_second_submission_skips_finished_runs(tm
     assert result.returncode == 0, result.stdout + result.stderr
     ids = re.findall(r": job (\d+_\d+),", result.stdout)
     assert len(ids) == 2 and len({i.split("_")[0] for i in ids}) == 1  # one array
-    assert result.stdout.count(": done, best epoch 1") == 2
+    assert result.stdout.count(": done, best (epoch 1) test acc") == 2
     again = launch("--sweep", str(sweep), "--slurm", "--partition", "gpu")
     assert again.returncode == 0 and "all 2 runs finished before; nothing submitted" in again.stdout
 
