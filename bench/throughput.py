@@ -72,9 +72,10 @@ def reference_loader(data, targets, batch_size):
     return torch.utils.data.DataLoader(PILDataset(), batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)
 
 
-def bsdist_data(data, targets, batch_size, device, seed=0):
+def bsdist_data(data, targets, batch_size, device, seed=0, world_size=1, rank=0):
+    """bsdist's default training data (device loader, batch augmentation); batch_size is per process."""
     ds = ImageArrays(data, targets)
-    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
+    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     augment = BatchAugment(len(ds), CIFAR10LT.mean, CIFAR10LT.std, ["RandomCrop", "RandomHorizontalFlip"], 4, seed, device)
     loader = DeviceLoader(ds, ResumableBatchSampler(sampler, batch_size, True), device)
     return Data(loader, sampler, {}, augment, {c: int((targets == c).sum()) for c in range(10)}, 10, 3)
@@ -133,6 +134,15 @@ def bench_reference_training(data, targets, batch_size, device, steps):
     return images_per_second(steps * batch_size, time.perf_counter() - t0)
 
 
+def train_state(cfg, model, ddp, data, env, steps):
+    """What train_one_epoch needs, as bsdist's run builds it: the config's optimiser and schedule, Balanced Softmax."""
+    optimizer = build_optimizer(cfg, model)
+    amp = AMP_DTYPES[config.resolve_precision(cfg["TRAIN"]["mixed_precision"], env.device.type)]
+    return TrainState(ddp, BalancedSoftmax(list(data.num_per_cls.values())).to(env.device), optimizer,
+                      build_scheduler(cfg, optimizer, steps), torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16),
+                      amp, cfg["TRAIN"]["grad_accum_steps"])
+
+
 def bench_bsdist_training(data, targets, batch_size, env, steps, compile_model, precision):
     """Time to the first step and steady images/s through the real train_one_epoch."""
     cfg = config.validate(config.load(None, ["DATASET.batch_size", str(batch_size), "TRAIN.mixed_precision", precision]))
@@ -141,11 +151,8 @@ def bench_bsdist_training(data, targets, batch_size, env, steps, compile_model, 
     model, ddp = build_model(cfg, 10, 3, env.device, compile_model)
     first = bsdist_data(data[:batch_size], targets[:batch_size], batch_size, env.device)
     steady = bsdist_data(data[:batch_size * steps], targets[:batch_size * steps], batch_size, env.device)
-    optimizer = build_optimizer(cfg, model)
-    amp = AMP_DTYPES[precision]
-    state = TrainState(ddp, BalancedSoftmax(list(steady.num_per_cls.values())).to(env.device), optimizer,
-                       build_scheduler(cfg, optimizer, steps), torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16),
-                       amp, 1)
+    state = train_state(cfg, model, ddp, steady, env, steps)
+    amp = state.amp_dtype
     train_one_epoch(state, first, env, NullOutput(), 0, 1, 10**9)
     sync(env.device)
     first_step_s = time.perf_counter() - started

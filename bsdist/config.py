@@ -95,6 +95,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "log_interval": Field(10, "int", "optimiser steps between console lines", check=_at_least_one),
         "ckp_metric": Field("bcr", "choice", "metric choosing best.pt (lower is better for loss)", choices=("bcr", "acc", "loss")),
         "compile": Field("auto", "auto_bool", "torch.compile the model; auto compiles on CUDA only"),
+        "ddp_bucket_mb": Field(25.0, "float", "size of DDP's gradient all-reduce buckets in MB (ResNet-18's gradients are 45 MB in fp32); at least DDP's 1 MB first bucket, which torch.compile's split at the buckets requires", check=_at_least_one),
         "device": Field("auto", "choice", "training device; auto picks cuda when available", choices=("auto", "cuda", "cpu")),
         "ckpt_every_steps": Field(0, "int", "also write last.pt every this many optimiser steps inside an epoch (0: at epoch ends only); a resume continues from that exact step", check=_non_negative),
         "nonfinite": Field("stop", "choice", "on a non-finite loss (seen by all ranks at the same step): stop, keeping the last good checkpoint, or skip the step", choices=("stop", "skip")),
@@ -110,7 +111,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
 
 # Keys that may differ between a run and its resumption: they change speed or logging, never results.
 RESUMABLE_CHANGES = {"TRAIN.resume", "TRAIN.log_interval", "TRAIN.compile", "DATASET.num_workers", "TRAIN.ckpt_every_steps",
-                     "TRAIN.nonfinite", "DATASET.loader",
+                     "TRAIN.nonfinite", "DATASET.loader", "TRAIN.ddp_bucket_mb",
                      "DATASET.test_batch_size", "DATASET.download", "DATASET.datadir", "TRAIN.dist_timeout_s",
                      "TRAIN.dist_startup_timeout_s"}
 

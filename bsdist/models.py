@@ -20,12 +20,31 @@ def resnet18(num_classes: int, in_channels: int) -> nn.Module:
 MODELS: dict[str, Callable[[int, int], nn.Module]] = {"resnet18": resnet18}
 
 
-def build_model(cfg: dict, num_classes: int, in_channels: int, device: torch.device, compile_model: bool):
-    """Return (the plain module whose state_dict is saved, the module to run: compiled and DDP-wrapped)."""
+def create(cfg: dict, num_classes: int, in_channels: int, device: torch.device) -> nn.Module:
+    """The plain model on the device, channels_last, with SyncBatchNorm if asked for."""
     model = MODELS[cfg["MODEL"]["name"]](num_classes, in_channels)
     if cfg["MODEL"]["sync_bn"]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device, memory_format=torch.channels_last)
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def distribute(module: nn.Module, device: torch.device, bucket_mb: float, static_graph: bool,
+               gradient_as_bucket_view: bool = True) -> nn.parallel.DistributedDataParallel:
+    """DDP for a small model. Gradients are views into the all-reduce buckets (no copy into them, one
+    gradient-sized buffer less). A static graph is only valid without no_sync: torch 2.14 asserts in
+    the reducer on the first accumulated backward (pytorch#187732), so it needs grad_accum_steps 1."""
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                               bucket_cap_mb=bucket_mb, gradient_as_bucket_view=gradient_as_bucket_view,
+                                               static_graph=static_graph)
+
+
+def build_model(cfg: dict, num_classes: int, in_channels: int, device: torch.device, compile_model: bool):
+    """Return (the plain module whose state_dict is saved, the module to run: compiled, then DDP-wrapped).
+
+    Compiling before wrapping keeps one graph for the whole model (timm's order); see BENCHMARKS.md
+    for the measurement against wrapping first, where dynamo splits the graph at the DDP buckets.
+    """
+    model = create(cfg, num_classes, in_channels, device)
     runnable = torch.compile(model) if compile_model else model
-    ddp = nn.parallel.DistributedDataParallel(runnable, device_ids=[device.index] if device.type == "cuda" else None)
-    return model, ddp
+    t = cfg["TRAIN"]
+    return model, distribute(runnable, device, t["ddp_bucket_mb"], static_graph=t["grad_accum_steps"] == 1)

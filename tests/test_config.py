@@ -178,6 +178,7 @@ def test_odd_number_of_override_tokens():
     (["DATASET.val_per_cls", "-1"], r"DATASET\.val_per_cls"),
     (["DEFAULT.seed", "-3"], r"DEFAULT\.seed"),
     (["TRAIN.compile", "maybe"], r"TRAIN\.compile must be true, false or auto"),
+    (["TRAIN.ddp_bucket_mb", "0.5"], r"TRAIN\.ddp_bucket_mb must be >= 1, got 0\.5"),
     (["DATASET.download", "auto"], r"DATASET\.download must be a bool"),
     (["TRAIN.device", "tpu"], r"TRAIN\.device"),
     (["MODEL.sync_bn", "true", "TRAIN.device", "cpu"], r"MODEL\.sync_bn"),

@@ -71,7 +71,10 @@ def final_weights(savedir):
 def test_two_processes_end_with_the_weights_of_one_process_with_the_same_global_batch(cifar10_root, tmp_path):
     recipe = ["DATASET.batch_size", "32", "TRAIN.epochs", "2", "OPTIMIZER.momentum", "0.9",
               "OPTIMIZER.weight_decay", "0.0005", "SCHEDULER.params.warmup_epochs", "1"]
-    runs = {"one": (1, []), "two": (2, []), "accumulated": (1, ["DATASET.batch_size", "16", "TRAIN.grad_accum_steps", "2"])}
+    accumulate = ["DATASET.batch_size", "16", "TRAIN.grad_accum_steps", "2"]
+    runs = {"one": (1, []), "two": (2, []), "accumulated": (1, accumulate),
+            "two accumulated": (2, accumulate),  # no_sync at world size 2: DDP's static graph must be off there
+            "two compiled": (2, ["TRAIN.compile", "true"])}  # compiled inside DDP's forward, static graph on
     weights, results = {}, {}
     for name, (world_size, extra) in runs.items():
         out, errors = run_ranks(_train_worker, world_size, make_cfg(cifar10_root, tmp_path / name, *recipe, *extra))
@@ -79,7 +82,7 @@ def test_two_processes_end_with_the_weights_of_one_process_with_the_same_global_
         weights[name], results[name] = final_weights(tmp_path / name), out[0]
     initial = tiny_model_initial()
     assert any(not torch.equal(initial[k], weights["one"][k]) for k in initial)  # training moved the weights
-    for name in ("two", "accumulated"):
+    for name in ("two", "accumulated", "two accumulated", "two compiled"):
         for key, value in weights["one"].items():
             torch.testing.assert_close(weights[name][key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
         assert results[name]["last"]["acc"] == results["one"]["last"]["acc"]

@@ -1,0 +1,170 @@
+"""DDP settings and compile placement for ResNet-18, measured through the real train_one_epoch.
+
+    torchrun --nproc_per_node 2 bench/ddp.py [--device auto|cpu|cuda] [--batch-size 16] [--steps 3]
+                                             [--repeats 3] [--compile] [--out ddp.json]
+
+Every variant trains the same model on the same shards (bsdist's device loader, batch augmentation,
+TRAIN.mixed_precision default); `--batch-size` is per process. The variants are timed in turns,
+`--repeats` times, so drift of a shared machine hits them alike; the median is reported, as images
+per second over all processes and as a ratio to DDP's defaults:
+- no DDP: each process steps alone, no gradient exchange (the upper bound, not a valid run);
+- DDP defaults: 25 MB buckets, gradients copied into them, dynamic graph;
+- + gradient_as_bucket_view, + static_graph (bsdist's default at grad_accum_steps 1), and bucket sizes;
+- with --compile: compile then wrap (bsdist) against wrap then compile. Either way dynamo compiles on
+  the first call, inside DDP's forward, and then splits the graph at the buckets (DDPOptimizer) so
+  that all-reduces can overlap the backward; the number of graphs compiled is printed.
+Images are scikit-learn's real digits scaled to CIFAR's shape, so the benchmark runs offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from throughput import bsdist_data, cifar_shaped_digits, images_per_second, sync, train_state
+from bsdist import config
+from bsdist.distributed import init_distributed, shutdown, world_size_from_env
+from bsdist.engine import train_one_epoch
+from bsdist.models import build_model, create, distribute
+from bsdist.output import NullOutput
+
+DEFAULT_BUCKET_MB = 25.0  # DDP's own default
+
+
+def variants(compile_model: bool, bucket_mb: float) -> dict[str, dict]:
+    """name -> how the model is run: ddp (None: no wrapper) with its options, and where compile goes."""
+    ddp = lambda mb, view, static: {"bucket_mb": mb, "gradient_as_bucket_view": view, "static_graph": static}  # noqa: E731
+    eager = {
+        "no DDP (upper bound)": {"ddp": None},
+        "DDP defaults": {"ddp": ddp(DEFAULT_BUCKET_MB, False, False)},
+        "+ gradient_as_bucket_view": {"ddp": ddp(DEFAULT_BUCKET_MB, True, False)},
+        f"+ static_graph (bsdist, {bucket_mb:g} MB)": {"ddp": ddp(bucket_mb, True, True), "bsdist": True},
+        "  buckets 5 MB": {"ddp": ddp(5.0, True, True)},
+        "  buckets 100 MB (one)": {"ddp": ddp(100.0, True, True)},
+    }
+    if not compile_model:
+        return eager
+    return {
+        "compiled, no DDP (upper bound)": {"ddp": None, "compile": "before"},
+        "compile then wrap (bsdist)": {"ddp": ddp(bucket_mb, True, True), "compile": "before", "bsdist": True},
+        "wrap then compile (DDPOptimizer)": {"ddp": ddp(bucket_mb, True, False), "compile": "after"},
+    }
+
+
+class Undistributed(torch.nn.Module):
+    """The bare model with the two DDP members train_one_epoch and evaluate use."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)
+
+    def no_sync(self):
+        import contextlib
+        return contextlib.nullcontext()
+
+
+def build(cfg, spec, env):
+    if spec.get("bsdist"):  # exactly what a run builds
+        return build_model(cfg, 10, 3, env.device, compile_model=spec.get("compile") == "before")
+    model = create(cfg, 10, 3, env.device)
+    runnable = torch.compile(model) if spec.get("compile") == "before" else model
+    if spec["ddp"] is not None:
+        runnable = distribute(runnable, env.device, **spec["ddp"])
+    else:
+        runnable = Undistributed(runnable)
+    if spec.get("compile") == "after":
+        runnable = torch.compile(runnable)
+    return model, runnable
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--batch-size", type=int, default=16, help="images per process per step")
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed turn")
+    parser.add_argument("--repeats", type=int, default=3, help="timed turns per variant")
+    parser.add_argument("--compile", action="store_true", help="compare compile placements instead of DDP options")
+    parser.add_argument("--out", default="ddp.json")
+    args = parser.parse_args()
+    if args.batch_size * args.steps * world_size_from_env() < 10:
+        parser.error("--batch-size x --steps x processes must be at least 10, so that every digit class has an image")
+    env = init_distributed(config.resolve_device(args.device), 1800)
+    rank0 = env.rank == 0
+    try:
+        cfg = config.validate(config.defaults(), env.world_size)
+        bs, steps = args.batch_size, args.steps
+        data, targets = cifar_shaped_digits(bs * steps * env.world_size)
+        shard = bsdist_data(data, targets, bs, env.device, world_size=env.world_size, rank=env.rank)
+        runs = {}
+
+        def prepare(name, spec):
+            if spec.get("compile"):
+                torch._dynamo.reset()  # else a later model reuses the first one's graphs and dynamo's DDP split never runs
+            torch.manual_seed(0)
+            graphs_before = torch._dynamo.utils.counters["aot_autograd"]["total"]
+            started = time.perf_counter()
+            model, runnable = build(cfg, spec, env)
+            state = train_state(cfg, model, runnable, shard, env, steps)
+            train_one_epoch(state, shard, env, NullOutput(), 0, 1, 10**9)  # warm: compilation, bucket rebuild, allocator
+            sync(env.device)
+            graphs = torch._dynamo.utils.counters["aot_autograd"]["total"] - graphs_before
+            runs[name] = {"spec": spec, "state": state, "warm_s": time.perf_counter() - started, "graphs": graphs, "rates": []}
+            if rank0:
+                print(f"built and warmed {name.strip()} in {runs[name]['warm_s']:.1f} s"
+                      + (f" ({graphs} graph(s) compiled)" if spec.get("compile") else ""), flush=True)
+
+        def timed_turn(run, turn):
+            sync(env.device)
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            train_one_epoch(run["state"], shard, env, NullOutput(), turn + 1, args.repeats + 1, 10**9)
+            sync(env.device)
+            run["rates"].append(images_per_second(steps * bs * env.world_size, time.perf_counter() - t0))
+
+        if args.compile:  # each compiled variant is timed right after it was compiled, before the next reset
+            for name, spec in variants(True, cfg["TRAIN"]["ddp_bucket_mb"]).items():
+                prepare(name, spec)
+                for turn in range(args.repeats):
+                    timed_turn(runs[name], turn)
+        else:
+            for name, spec in variants(False, cfg["TRAIN"]["ddp_bucket_mb"]).items():
+                prepare(name, spec)
+            for turn in range(args.repeats):
+                for run in runs.values():
+                    timed_turn(run, turn)
+        precision = config.resolve_precision(cfg["TRAIN"]["mixed_precision"], env.device.type)
+        report = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "world_size": env.world_size,
+                  "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else platform.processor() or "cpu",
+                  "backend": torch.distributed.get_backend(), "threads_per_process": torch.get_num_threads(),
+                  "batch_size_per_process": bs, "steps_per_turn": steps, "precision": precision, "variants": []}
+        baseline = statistics.median(runs["DDP defaults"]["rates"]) if "DDP defaults" in runs else None
+        if rank0:
+            print(f"{env.world_size} process(es), {report['backend']}, {report['device']}, {precision}, "
+                  f"batch {bs} per process, median of {args.repeats} turns of {steps} steps")
+        for name, run in runs.items():
+            rate = statistics.median(run["rates"])
+            ratio = rate / baseline if baseline else None
+            report["variants"].append({"name": name.strip(), **run["spec"], "img_per_s": rate, "turns": run["rates"],
+                                       "ratio_to_ddp_defaults": ratio, "build_and_warm_s": run["warm_s"],
+                                       "compiled_graphs": run["graphs"]})
+            if rank0:
+                spread = f"{min(run['rates']):,.0f}-{max(run['rates']):,.0f}"
+                print(f"  {name:42s} {rate:9,.1f} img/s  (turns {spread})" + (f"  {ratio:.3f}x DDP defaults" if ratio else ""))
+    finally:
+        shutdown()
+    if rank0:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
