@@ -23,7 +23,7 @@ def parse_args(argv):
         epilog="Example: torchrun --nproc_per_node 8 launch.py configs/cifar100lt_bs.yaml TRAIN.epochs 200")
     parser.add_argument("config", nargs="?", help="YAML config file (see configs/)")
     parser.add_argument("--sweep", metavar="SWEEP.yaml", help="run every configuration of a sweep file (see configs/sweeps/)")
-    parser.add_argument("--jobs", type=int, help="sweep runs at once (default 1 here; with --slurm, all)")
+    parser.add_argument("--jobs", type=int, help="sweep runs at once, spread over the visible GPUs (default 1 here; with --slurm, all)")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per sweep run, started with torchrun")
     parser.add_argument("--report", metavar="RUNS_DIR", help="tabulate and plot every finished run under RUNS_DIR")
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")

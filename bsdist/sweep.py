@@ -11,7 +11,8 @@
 
 Every run is validated before the first starts. Each runs as a process of its own (`python -m
 bsdist.cli`, or torchrun with --nproc-per-node), `jobs` at a time, with TRAIN.resume auto: started
-again, the sweep skips finished runs and resumes unfinished ones from their last checkpoint. With
+again, the sweep skips finished runs and resumes unfinished ones from their last checkpoint. Runs at
+once are spread over the visible GPUs, nproc-per-node GPUs each (CUDA_VISIBLE_DEVICES). With
 --slurm the unfinished runs go to SLURM as one job array instead (bsdist.slurm.submit_sweep).
 """
 
@@ -138,6 +139,34 @@ def _last_line(path: str) -> str:
     return lines[-1][:300] if lines else "(the log is empty)"
 
 
+def visible_gpus() -> list[str]:
+    """This process's GPUs as CUDA_VISIBLE_DEVICES names them (indices or UUIDs); none without CUDA."""
+    import torch
+    count = torch.cuda.device_count()
+    names = [n.strip() for n in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if n.strip()]
+    return names[:count] if "CUDA_VISIBLE_DEVICES" in os.environ else [str(i) for i in range(count)]
+
+
+class GpuSlots:
+    """The visible GPUs in groups of nproc_per_node, one group to each run that starts; with more runs
+    at once than groups, the least-loaded group is shared (several small runs fit on one GPU)."""
+
+    def __init__(self, gpus: list[str], per_run: int):
+        self.groups = [",".join(gpus[i:i + per_run]) for i in range(0, len(gpus) - per_run + 1, per_run)]
+        self.load = [0] * len(self.groups)
+
+    def take(self) -> int | None:
+        if not self.groups:
+            return None
+        slot = self.load.index(min(self.load))
+        self.load[slot] += 1
+        return slot
+
+    def give_back(self, slot: int | None) -> None:
+        if slot is not None:
+            self.load[slot] -= 1
+
+
 def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1) -> int:
     """Run every unfinished run here; 0 when all have finished, 1 when any failed (the others still run)."""
     base, runs = load_sweep(path, nproc_per_node)
@@ -148,12 +177,18 @@ def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1) -> int:
     for key in LAUNCH_VARIABLES:
         env.pop(key, None)  # each run is a process group of its own
 
+    gpus = visible_gpus()
+    if gpus and nproc_per_node > len(gpus) and any(r.cfg["TRAIN"]["device"] != "cpu" for r in runs):
+        raise BsdistError(f"--nproc-per-node {nproc_per_node} needs that many GPUs for each run, and {len(gpus)} are visible: "
+                          f"use --nproc-per-node {len(gpus)} or fewer")
+    slots = GpuSlots(gpus, nproc_per_node)
     total, failed, running, pending = len(runs), [], [], unfinished(runs)
     while pending or running:
         for entry in [e for e in running if e[2].poll() is not None]:
             running.remove(entry)
-            i, run, proc, log, started = entry
+            i, run, proc, log, started, slot = entry
             log.close()
+            slots.give_back(slot)
             minutes = (time.perf_counter() - started) / 60
             if proc.returncode == 0:
                 print(f"[{i}/{total}] {run.label}: done in {minutes:.1f} min, {describe_best(finished_results(run.cfg)['best'])}",
@@ -166,9 +201,12 @@ def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1) -> int:
             i, run = pending.pop(0)
             os.makedirs(os.path.dirname(run.log_path), exist_ok=True)
             log = open(run.log_path, "a")
-            print(f"[{i}/{total}] {run.label}: started, log {run.log_path}", flush=True)
-            proc = subprocess.Popen(command(base, run, nproc_per_node), stdout=log, stderr=subprocess.STDOUT, env=env)
-            running.append((i, run, proc, log, time.perf_counter()))
+            slot = slots.take() if run.cfg["TRAIN"]["device"] != "cpu" else None
+            run_env = env if slot is None else {**env, "CUDA_VISIBLE_DEVICES": slots.groups[slot]}
+            on = "" if slot is None else f" on GPU {slots.groups[slot]}"
+            print(f"[{i}/{total}] {run.label}: started{on}, log {run.log_path}", flush=True)
+            proc = subprocess.Popen(command(base, run, nproc_per_node), stdout=log, stderr=subprocess.STDOUT, env=run_env)
+            running.append((i, run, proc, log, time.perf_counter(), slot))
         time.sleep(0.2)
     if failed:
         print(f"{len(failed)} of {total} runs failed: {', '.join(r.label for r in failed)}; "

@@ -11,7 +11,7 @@ import yaml
 
 from bsdist import BsdistError
 from bsdist.report import REFERENCE_ACC, collect
-from bsdist.sweep import load_sweep
+from bsdist.sweep import GpuSlots, load_sweep, visible_gpus
 from runs import clean_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,3 +122,38 @@ def test_a_failed_run_is_reported_with_its_error_and_the_rest_still_run(cifar10_
     assert "min: 'error: imbalance factor 100 leaves class 6 with no training image" in failed
     assert "[2/2] 2: done in" in result.stdout
     assert "1 of 2 runs failed: 100; run the same command again" in result.stderr
+
+
+def test_gpu_slots_give_each_run_its_own_gpus_then_share_the_least_loaded():
+    slots = GpuSlots(["0", "1", "2", "3"], 2)
+    assert slots.groups == ["0,1", "2,3"]
+    assert [slots.take(), slots.take(), slots.take()] == [0, 1, 0]  # a third run at once shares a group
+    slots.give_back(1)
+    assert slots.take() == 1
+    assert GpuSlots(["0", "1", "2"], 2).groups == ["0,1"]  # a group is whole or not at all
+    assert GpuSlots([], 1).take() is None  # no GPU: runs keep the environment they were given
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_gpus() == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a1, GPU-b2,GPU-c3")  # CUDA counts what it can use
+    assert visible_gpus() == ["GPU-a1", "GPU-b2"]
+
+
+def test_runs_at_once_are_spread_over_the_gpus(cifar10_root, tmp_path, monkeypatch, capsys):
+    import bsdist.sweep
+    # names of GPUs this machine does not have: each run is told its own, finds no CUDA and trains on CPU
+    monkeypatch.setattr(bsdist.sweep, "visible_gpus", lambda: ["GPU-a1", "GPU-b2"])
+    sweep = write_sweep(tmp_path, cifar10_root, axes={"DATASET.imbalance_factor": [1, 2]})
+    spec = yaml.safe_load(open(sweep))
+    spec["overrides"]["TRAIN.device"] = "auto"
+    open(sweep, "w").write(yaml.safe_dump(spec))
+    with pytest.raises(BsdistError, match="--nproc-per-node 5 needs that many GPUs for each run, and 2 are visible"):
+        bsdist.sweep.run_sweep(sweep, jobs=2, nproc_per_node=5)
+    assert bsdist.sweep.run_sweep(sweep, jobs=2) == 0
+    out = capsys.readouterr().out
+    assert "[1/2] 1: started on GPU GPU-a1" in out and "[2/2] 2: started on GPU GPU-b2" in out
+    assert "all 2 runs finished" in out
