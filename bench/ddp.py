@@ -12,7 +12,8 @@ per second over all processes and as a ratio to DDP's defaults:
 - + gradient_as_bucket_view, + static_graph (bsdist's default at grad_accum_steps 1), and bucket sizes;
 - with --compile: compile then wrap (bsdist) against wrap then compile. Either way dynamo compiles on
   the first call, inside DDP's forward, and then splits the graph at the buckets (DDPOptimizer) so
-  that all-reduces can overlap the backward; the number of graphs compiled is printed.
+  that all-reduces can overlap the backward; the number of graphs compiled is printed. Wrapping
+  first keeps DDP's graph dynamic (DDPOptimizer with a static graph: pytorch#109261).
 Images are scikit-learn's real digits scaled to CIFAR's shape, so the benchmark runs offline.
 """
 

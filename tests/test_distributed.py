@@ -58,8 +58,10 @@ def _train_worker(raw_cfg):
     import tiny_model
     from bsdist.distributed import world_size_from_env
     from bsdist.train import main
+    from torch._dynamo.utils import counters
     tiny_model.register()
-    return main(config.validate(raw_cfg, world_size_from_env()))
+    results = main(config.validate(raw_cfg, world_size_from_env()))
+    return results, counters["aot_autograd"]["total"]  # graphs compiled
 
 
 def final_weights(savedir):
@@ -69,26 +71,29 @@ def final_weights(savedir):
 
 
 def test_two_processes_end_with_the_weights_of_one_process_with_the_same_global_batch(cifar10_root, tmp_path):
+    # three DDP buckets; compiled, dynamo splits the graph at them (DDPOptimizer), with DDP's static graph on
     recipe = ["DATASET.batch_size", "32", "TRAIN.epochs", "2", "OPTIMIZER.momentum", "0.9",
-              "OPTIMIZER.weight_decay", "0.0005", "SCHEDULER.params.warmup_epochs", "1"]
+              "OPTIMIZER.weight_decay", "0.0005", "SCHEDULER.params.warmup_epochs", "1", "MODEL.name", "wide",
+              "TRAIN.ddp_bucket_mb", "1"]
     accumulate = ["DATASET.batch_size", "16", "TRAIN.grad_accum_steps", "2"]
     runs = {"one": (1, []), "two": (2, []), "accumulated": (1, accumulate),
             "two accumulated": (2, accumulate),  # no_sync at world size 2: DDP's static graph must be off there
-            "two compiled": (2, ["TRAIN.compile", "true"])}  # compiled inside DDP's forward, static graph on
+            "two compiled": (2, ["TRAIN.compile", "true"])}
     weights, results = {}, {}
     for name, (world_size, extra) in runs.items():
         out, errors = run_ranks(_train_worker, world_size, make_cfg(cifar10_root, tmp_path / name, *recipe, *extra))
         assert not errors, errors
-        weights[name], results[name] = final_weights(tmp_path / name), out[0]
-    initial = tiny_model_initial()
+        weights[name], (results[name], graphs) = final_weights(tmp_path / name), out[0]
+        assert graphs == (3 if name == "two compiled" else 0)  # one graph per bucket, none where eager
+    initial = initial_weights()
     assert any(not torch.equal(initial[k], weights["one"][k]) for k in initial)  # training moved the weights
     for name in ("two", "accumulated", "two accumulated", "two compiled"):
         for key, value in weights["one"].items():
-            torch.testing.assert_close(weights[name][key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+            torch.testing.assert_close(weights[name][key], value, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {key}: {m}")
         assert results[name]["last"]["acc"] == results["one"]["last"]["acc"]
 
 
-def tiny_model_initial():
+def initial_weights():
     import tiny_model
     torch.manual_seed(0)
-    return tiny_model.tiny(10, 3).state_dict()
+    return tiny_model.wide(10, 3).state_dict()
