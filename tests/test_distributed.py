@@ -84,7 +84,7 @@ def test_two_processes_end_with_the_weights_of_one_process_with_the_same_global_
         out, errors = run_ranks(_train_worker, world_size, make_cfg(cifar10_root, tmp_path / name, *recipe, *extra))
         assert not errors, errors
         weights[name], (results[name], graphs) = final_weights(tmp_path / name), out[0]
-        assert graphs == (3 if name == "two compiled" else 0)  # one graph per bucket, none where eager
+        assert graphs > 1 if name == "two compiled" else graphs == 0  # split at the buckets; nothing compiled where eager
     initial = initial_weights()
     assert any(not torch.equal(initial[k], weights["one"][k]) for k in initial)  # training moved the weights
     for name in ("two", "accumulated", "two accumulated", "two compiled"):
