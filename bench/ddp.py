@@ -20,6 +20,7 @@ Images are scikit-learn's real digits scaled to CIFAR's shape, so the benchmark 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -68,7 +69,6 @@ class Undistributed(torch.nn.Module):
         return self.module(x)
 
     def no_sync(self):
-        import contextlib
         return contextlib.nullcontext()
 
 

@@ -41,8 +41,9 @@ def distribute(module: nn.Module, device: torch.device, bucket_mb: float, static
 def build_model(cfg: dict, num_classes: int, in_channels: int, device: torch.device, compile_model: bool):
     """Return (the plain module whose state_dict is saved, the module to run: compiled, then DDP-wrapped).
 
-    Compiling before wrapping keeps one graph for the whole model (timm's order); see BENCHMARKS.md
-    for the measurement against wrapping first, where dynamo splits the graph at the DDP buckets.
+    Either order compiles on the first call, inside DDP's forward, where dynamo splits the graph at the
+    buckets so all-reduces overlap the backward; compiling first keeps the plain module reachable
+    without unwrapping a compiled DDP (measured against wrapping first in BENCHMARKS.md).
     """
     model = create(cfg, num_classes, in_channels, device)
     runnable = torch.compile(model) if compile_model else model

@@ -47,6 +47,10 @@ class Run:
         return config.run_dir(self.cfg)
 
     @property
+    def uses_gpus(self) -> bool:
+        return self.cfg["TRAIN"]["device"] != "cpu"  # auto trains on the GPUs it is given, if any
+
+    @property
     def log_path(self) -> str:
         return self.run_dir + ".log"  # beside the run directory, which the run itself creates
 
@@ -155,16 +159,17 @@ class GpuSlots:
         self.groups = [",".join(gpus[i:i + per_run]) for i in range(0, len(gpus) - per_run + 1, per_run)]
         self.load = [0] * len(self.groups)
 
-    def take(self) -> int | None:
+    def take(self) -> str | None:
+        """The least-loaded group, as CUDA_VISIBLE_DEVICES names it; None without GPUs."""
         if not self.groups:
             return None
         slot = self.load.index(min(self.load))
         self.load[slot] += 1
-        return slot
+        return self.groups[slot]
 
-    def give_back(self, slot: int | None) -> None:
-        if slot is not None:
-            self.load[slot] -= 1
+    def give_back(self, group: str | None) -> None:
+        if group is not None:
+            self.load[self.groups.index(group)] -= 1
 
 
 def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1) -> int:
@@ -178,7 +183,7 @@ def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1) -> int:
         env.pop(key, None)  # each run is a process group of its own
 
     gpus = visible_gpus()
-    if gpus and nproc_per_node > len(gpus) and any(r.cfg["TRAIN"]["device"] != "cpu" for r in runs):
+    if gpus and nproc_per_node > len(gpus) and any(r.uses_gpus for r in runs):
         raise BsdistError(f"--nproc-per-node {nproc_per_node} needs that many GPUs for each run, and {len(gpus)} are visible: "
                           f"use --nproc-per-node {len(gpus)} or fewer")
     slots = GpuSlots(gpus, nproc_per_node)
@@ -186,9 +191,9 @@ def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1) -> int:
     while pending or running:
         for entry in [e for e in running if e[2].poll() is not None]:
             running.remove(entry)
-            i, run, proc, log, started, slot = entry
+            i, run, proc, log, started, gpus_of_run = entry
             log.close()
-            slots.give_back(slot)
+            slots.give_back(gpus_of_run)
             minutes = (time.perf_counter() - started) / 60
             if proc.returncode == 0:
                 print(f"[{i}/{total}] {run.label}: done in {minutes:.1f} min, {describe_best(finished_results(run.cfg)['best'])}",
@@ -201,12 +206,12 @@ def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1) -> int:
             i, run = pending.pop(0)
             os.makedirs(os.path.dirname(run.log_path), exist_ok=True)
             log = open(run.log_path, "a")
-            slot = slots.take() if run.cfg["TRAIN"]["device"] != "cpu" else None
-            run_env = env if slot is None else {**env, "CUDA_VISIBLE_DEVICES": slots.groups[slot]}
-            on = "" if slot is None else f" on GPU {slots.groups[slot]}"
+            gpus_of_run = slots.take() if run.uses_gpus else None
+            run_env = env if gpus_of_run is None else {**env, "CUDA_VISIBLE_DEVICES": gpus_of_run}
+            on = "" if gpus_of_run is None else f" on GPU {gpus_of_run}"
             print(f"[{i}/{total}] {run.label}: started{on}, log {run.log_path}", flush=True)
             proc = subprocess.Popen(command(base, run, nproc_per_node), stdout=log, stderr=subprocess.STDOUT, env=run_env)
-            running.append((i, run, proc, log, time.perf_counter(), slot))
+            running.append((i, run, proc, log, time.perf_counter(), gpus_of_run))
         time.sleep(0.2)
     if failed:
         print(f"{len(failed)} of {total} runs failed: {', '.join(r.label for r in failed)}; "

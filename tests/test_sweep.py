@@ -127,9 +127,9 @@ def test_a_failed_run_is_reported_with_its_error_and_the_rest_still_run(cifar10_
 def test_gpu_slots_give_each_run_its_own_gpus_then_share_the_least_loaded():
     slots = GpuSlots(["0", "1", "2", "3"], 2)
     assert slots.groups == ["0,1", "2,3"]
-    assert [slots.take(), slots.take(), slots.take()] == [0, 1, 0]  # a third run at once shares a group
-    slots.give_back(1)
-    assert slots.take() == 1
+    assert [slots.take(), slots.take(), slots.take()] == ["0,1", "2,3", "0,1"]  # a third run at once shares a group
+    slots.give_back("2,3")
+    assert slots.take() == "2,3"
     assert GpuSlots(["0", "1", "2"], 2).groups == ["0,1"]  # a group is whole or not at all
     assert GpuSlots([], 1).take() is None  # no GPU: runs keep the environment they were given
 
