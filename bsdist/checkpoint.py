@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import threading
 
 import numpy as np
 import torch
@@ -38,24 +40,94 @@ def save_atomic(obj, path: str) -> None:
             os.remove(tmp)
 
 
+def to_host(obj):
+    """A copy of obj whose tensors are in host memory and no longer shared with training (one device
+    synchronisation for all of them on CUDA)."""
+    copies = []
+
+    def copy(x):
+        if isinstance(x, torch.Tensor):
+            if x.device.type == "cpu":
+                return x.detach().clone()
+            host = torch.empty_like(x, device="cpu", pin_memory=True)
+            copies.append(x.device)
+            return host.copy_(x.detach(), non_blocking=True)
+        if isinstance(x, dict):
+            return {k: copy(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(copy(v) for v in x)
+        return x
+    result = copy(obj)
+    for device in set(copies):
+        torch.cuda.synchronize(device)
+    return result
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, one after another: the caller waits only for the copy
+    to host memory, and training (and the ranks waiting for this one) goes on while the file is written.
+    A failed write is kept in `error`, for the run to stop at its next agreement point."""
+
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def save(self, state: dict, paths: list[str]) -> None:
+        host = to_host(state)
+        self.wait(raise_error=False)  # one write at a time, in order
+        if self.error is None:
+            self.thread = threading.Thread(target=self._write, args=(host, paths), name="checkpoint-writer")
+            self.thread.start()
+
+    def _write(self, state: dict, paths: list[str]) -> None:
+        try:
+            for path in paths:
+                save_atomic(state, path)
+        except OSError as e:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            self.error = BsdistError(f"checkpoint {path} could not be written ({e.strerror or e}; {free / 2**20:.0f} MiB free "
+                                     "there); the previous checkpoint is kept: free space, then continue with "
+                                     "TRAIN.resume auto")
+        except BaseException as e:  # noqa: BLE001 - reported by the run at its next agreement point
+            self.error = e
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Until every write handed over has finished; then raise the first failure, if any."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if raise_error and self.error is not None:
+            raise self.error
+
+
 def load(path: str) -> dict:
+    """A checkpoint, read without unpickling code (weights_only): one from someone else cannot run anything."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise BsdistError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:80]}); "
+        raise BsdistError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).strip().splitlines()[0][:80]}); "
                           "remove it to start the run again, or restore it from a copy") from None
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def rng_state(device: torch.device) -> dict:
+    """This process's random generators as tensors and plain values (loadable with weights_only)."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached": float(cached)},
+            "torch": torch.get_rng_state(),
+            "device": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+def set_rng_state(states: list[dict], rank: int, device: torch.device) -> None:
+    """Restore this rank's generators from a checkpoint's per-rank list (rank 0's where the checkpoint had
+    fewer ranks); the device generator only where both runs train on CUDA, so a checkpoint moves between
+    GPU counts and between GPU and CPU."""
+    state = states[rank] if rank < len(states) else states[0]
+    p, n = state["python"], state["numpy"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["device"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["device"], device)

@@ -96,8 +96,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "ckp_metric": Field("bcr", "choice", "metric choosing best.pt (lower is better for loss)", choices=("bcr", "acc", "loss")),
         "compile": Field("auto", "auto_bool", "torch.compile the model; auto compiles on CUDA only"),
         "ddp_bucket_mb": Field(25.0, "float", "size of DDP's gradient all-reduce buckets in MB (ResNet-18's gradients are 45 MB in fp32); at least DDP's 1 MB first bucket, which torch.compile's split at the buckets requires", check=_at_least_one),
-        "device": Field("auto", "choice", "training device; auto picks cuda when available", choices=("auto", "cuda", "cpu")),
+        "device": Field("auto", "choice", "training device; auto picks cuda when available, and refuses to train on the CPU of a node whose GPUs CUDA cannot see", choices=("auto", "cuda", "cpu")),
+        "dist_backend": Field("auto", "choice", "collectives: auto is NCCL for CUDA tensors (gloo for host objects) and gloo on CPU; gloo on CUDA is slow but lets several processes share one GPU", choices=("auto", "gloo")),
         "ckpt_every_steps": Field(0, "int", "also write last.pt every this many optimiser steps inside an epoch (0: at epoch ends only); a resume continues from that exact step", check=_non_negative),
+        "check_every_steps": Field(20, "int", "optimiser steps between the host's reads of what the processes agree on (stop signals, non-finite losses), besides every log point and checkpoint; the step itself never waits for the device, so a signal or a non-finite loss is acted on up to this many steps later", check=_at_least_one),
         "nonfinite": Field("stop", "choice", "on a non-finite loss (seen by all ranks at the same step): stop, keeping the last good checkpoint, or skip the step", choices=("stop", "skip")),
         "resume": Field(False, "auto_bool", "auto continues the run in the run directory from last.pt; false refuses a directory that holds a run"),
         "dist_timeout_s": Field(600, "int", "timeout of every collective after the first epoch, in seconds: a peer that dies or hangs stops the others within it", check=_positive),
@@ -105,13 +107,14 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "MODEL": {
         "name": Field("resnet18", "str", "model (see bsdist.models.MODELS)"),
-        "sync_bn": Field(False, "bool", "SyncBatchNorm across processes (CUDA only)"),
+        "sync_bn": Field("auto", "auto_bool", "BatchNorm statistics over the global batch (all processes' images), as one process with the same batch computes them; auto: when several processes each hold fewer than MODEL.sync_bn_batch images"),
+        "sync_bn_batch": Field(32, "int", "with MODEL.sync_bn auto, the per-process batch below which BatchNorm synchronises", check=_positive),
     },
 }
 
 # Keys that may differ between a run and its resumption: they change speed or logging, never results.
 RESUMABLE_CHANGES = {"TRAIN.resume", "TRAIN.log_interval", "TRAIN.compile", "DATASET.num_workers", "TRAIN.ckpt_every_steps",
-                     "TRAIN.nonfinite", "DATASET.loader", "TRAIN.ddp_bucket_mb",
+                     "TRAIN.nonfinite", "DATASET.loader", "TRAIN.check_every_steps", "TRAIN.dist_backend", "TRAIN.ddp_bucket_mb",
                      "DATASET.test_batch_size", "DATASET.download", "DATASET.datadir", "TRAIN.dist_timeout_s",
                      "TRAIN.dist_startup_timeout_s"}
 
@@ -299,11 +302,9 @@ def validate(cfg: dict, world_size: int = 1, device_here: bool = True) -> dict:
 def check_device(cfg: dict) -> str:
     """The device this process trains on, once the config's device-dependent choices are known to work here."""
     device = resolve_device(cfg["TRAIN"]["device"])
-    if device == "cpu" and cfg["MODEL"]["sync_bn"]:
-        raise BsdistError("MODEL.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel); set MODEL.sync_bn false")
     if device == "cuda" and cfg["TRAIN"]["mixed_precision"] == "bf16":
         import torch
-        if not torch.cuda.is_bf16_supported():
+        if not torch.cuda.is_bf16_supported(including_emulation=False):
             raise BsdistError("TRAIN.mixed_precision bf16 is not supported by this GPU; use fp16")
     return device
 
@@ -313,8 +314,28 @@ def resolve_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise BsdistError("TRAIN.device cuda but no CUDA device is visible; set TRAIN.device cpu or auto")
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        expected = gpus_expected()
+        if expected:
+            raise BsdistError(f"this node has GPUs ({expected}) but CUDA cannot use them (torch {torch.__version__}, built for "
+                              f"CUDA {torch.version.cuda}): install a torch build that matches the driver, or set TRAIN.device "
+                              "cpu to train on the CPU")
+        return "cpu"
     return name
+
+
+def gpus_expected(dev: str = "/dev") -> str | None:
+    """Why this process should have GPUs (SLURM allocated some, or NVIDIA device files exist), or None."""
+    for var in ("SLURM_GPUS_ON_NODE", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+        value = os.environ.get(var, "").strip()
+        if value and value != "0":
+            return f"{var}={value}"
+    try:
+        devices = sorted(f for f in os.listdir(dev) if f.startswith("nvidia") and f[6:].isdigit())
+    except OSError:
+        return None
+    return f"{os.path.join(dev, devices[0])}" if devices else None
 
 
 def resolve_precision(name: str, device: str) -> str:
@@ -323,7 +344,20 @@ def resolve_precision(name: str, device: str) -> str:
     if device != "cuda":
         return "no"
     import torch
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"  # emulated bf16 is slow
+
+
+def resolve_sync_bn(cfg: dict, world_size: int) -> tuple[bool, str]:
+    """Whether BatchNorm synchronises across processes, and why (for the log)."""
+    setting, local_batch = cfg["MODEL"]["sync_bn"], cfg["DATASET"]["batch_size"] // world_size
+    if world_size == 1:
+        return False, "one process: its BatchNorm already sees the whole batch"
+    if setting != "auto":
+        return setting, f"MODEL.sync_bn {str(setting).lower()}"
+    if local_batch < cfg["MODEL"]["sync_bn_batch"]:
+        return True, (f"{local_batch} images per process is below MODEL.sync_bn_batch {cfg['MODEL']['sync_bn_batch']}: "
+                      f"statistics of the global batch of {cfg['DATASET']['batch_size']}, as one process computes them")
+    return False, f"{local_batch} images per process (at least MODEL.sync_bn_batch {cfg['MODEL']['sync_bn_batch']})"
 
 
 def default_exp_name(cfg: dict) -> str:

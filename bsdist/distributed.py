@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import gc
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +52,14 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device_type: str, timeout_s: float) -> DistEnv:
-    """Join (or reuse) the default process group and pick this rank's device."""
+def init_distributed(device_type: str, timeout_s: float, backend: str = "auto") -> DistEnv:
+    """Join (or reuse) the default process group and pick this rank's device.
+
+    On CUDA the group has two backends: NCCL for device tensors and gloo for host objects, so that
+    ranks can compare their GPUs before NCCL (created lazily, at the first device collective) meets
+    two ranks on one GPU. `backend` gloo runs device tensors through gloo as well (slow, but several
+    processes may then share one GPU).
+    """
     rank = int(os.environ.get("RANK", "0"))
     world_size = world_size_from_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -61,13 +68,13 @@ def init_distributed(device_type: str, timeout_s: float) -> DistEnv:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    nccl = device.type == "cuda" and backend != "gloo"
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
         if "MASTER_ADDR" in os.environ:
             try:
-                dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
-                                        device_id=device if device.type == "cuda" else None)
+                dist.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo", rank=rank, world_size=world_size,
+                                        timeout=timeout)
             except RuntimeError as e:
                 if not restarted_by_launcher():
                     raise
@@ -75,13 +82,27 @@ def init_distributed(device_type: str, timeout_s: float) -> DistEnv:
                 raise BsdistError(f"the process group could not form again after torchrun restarted it ({str(e).splitlines()[0][:120]}); "
                                   "start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment") from None
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    if nccl:
+        check_distinct_gpus(all_gather_objects((socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid))))
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def check_distinct_gpus(gpus: list[tuple[str, str]]) -> None:
+    """Refuse two ranks on one GPU (by host and GPU UUID): NCCL fails obscurely or hangs on that."""
+    first = {}
+    for rank, gpu in enumerate(gpus):
+        if gpu in first:
+            raise BsdistError(f"ranks {first[gpu]} and {rank} share one GPU ({gpu[1]} on {gpu[0]}), which NCCL cannot do: "
+                              "start at most one process per visible GPU (torchrun --nproc_per_node, CUDA_VISIBLE_DEVICES), "
+                              "or set TRAIN.dist_backend gloo to share it slowly")
+        first[gpu] = rank
 
 
 def _visible_gpu(local_rank: int) -> int:
     """This rank's GPU among the visible ones: its local rank when the node's GPUs are all visible
-    (torchrun, srun without binding), else the one GPU a launcher bound to this task."""
+    (torchrun, srun without binding); the only one when a launcher bound one GPU to each process
+    (that two processes did not get the same one is checked once the group exists)."""
     count = torch.cuda.device_count()
     if local_rank < count:
         return local_rank
@@ -122,6 +143,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's obj, by rank (pickled between the processes; used at checkpoints, never in a step)."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:

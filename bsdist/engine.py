@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -13,6 +14,8 @@ import torch.nn.functional as F
 from bsdist.distributed import DistEnv, all_reduce_max, all_reduce_sum
 from bsdist.errors import BsdistError, Stopped
 from bsdist.metrics import confusion_matrix, summarize
+from bsdist.models import no_sync
+from bsdist.optim import optimizer_step
 
 
 @dataclass
@@ -26,7 +29,7 @@ class EpochProgress:
 @dataclass
 class TrainState:
     """What the epoch loop needs besides the data; `step` counts optimiser steps since the run began."""
-    model: torch.nn.Module  # DDP-wrapped
+    model: torch.nn.Module  # what training runs: compiled and DDP-wrapped where there are several processes
     criterion: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -35,6 +38,7 @@ class TrainState:
     grad_accum_steps: int
     nonfinite: str = "stop"  # or "skip"
     checkpoint_every: int = 0  # optimiser steps between mid-epoch checkpoints; 0: only at epoch ends
+    check_every: int = 20  # optimiser steps between the host's reads of the ranks' agreement
     save: Callable[[int, EpochProgress], None] = lambda epoch, progress: None  # mid-epoch checkpoint
     stop_requested: Callable[[], int] = lambda: 0  # the signal asking to stop, or 0
     step: int = 0
@@ -44,12 +48,74 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+class DeviceTally:
+    """What the host learns only at check points, kept on the device meanwhile.
+
+    Per optimiser step: the loss sum and image count of the step's micro-batches, and whether any
+    rank's loss was non-finite (one 1-element all-reduce, so every rank skips the same steps on the
+    device). Per check point: one all-reduce of [non-finite steps, first such step, stop signal] and
+    one host read; per log point one more for the loss sums.
+    """
+
+    def __init__(self, device: torch.device, progress: EpochProgress):
+        f64 = dict(dtype=torch.float64, device=device)
+        self.group = torch.zeros(2, **f64)  # loss sum, images of the optimiser step being accumulated
+        self.pending = torch.zeros(2, **f64)  # the same for finite steps since the last log point, this rank
+        self.epoch = torch.tensor([progress.loss_sum, progress.images], **f64)  # all ranks, logged steps
+        self.flags = torch.tensor([0.0, math.inf], **f64)  # non-finite steps since the last check point, the first of them
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.group[0] += loss.detach().double() * images
+        self.group[1] += images
+
+    def end_step(self, global_step: int) -> torch.Tensor:
+        """Close the optimiser step; return its skip flag (float32 0/1, the same on every rank)."""
+        skip = all_reduce_max((~torch.isfinite(self.group[:1])).float())
+        self.pending += self.group.where(skip == 0, 0.0)
+        self.flags[0] += skip[0]
+        torch.minimum(self.flags[1:2], torch.full_like(self.flags[1:2], global_step).where(skip > 0, math.inf),
+                      out=self.flags[1:2])
+        self.group.zero_()
+        return skip
+
+    def agree(self, signal: int, out) -> tuple[int, int, int]:
+        """(non-finite steps, the first of them, stop signal) over all ranks since the last call: one read."""
+        bad, first, signum = agree(self.flags, signal, out)
+        self.flags[0].zero_()
+        self.flags[1].fill_(math.inf)
+        return int(bad), int(first) if bad else 0, int(signum)
+
+    def read_loss(self) -> tuple[float, float]:
+        """Mean loss and images over all ranks since the last call; adds them to the epoch's totals."""
+        all_reduce_sum(self.pending)
+        loss_sum, images = self.pending.tolist()
+        self.epoch += self.pending
+        self.pending.zero_()
+        return loss_sum / max(images, 1), images
+
+
+def agree(flags: torch.Tensor, signal: int, out) -> list[float]:
+    """flags (float64, on the device) with this rank's stop signal appended, max over all ranks, read once
+    on the host. Every rank stops here together if rank 0 could not write a checkpoint."""
+    both = torch.cat([flags, flags.new_zeros(2)])
+    both[-2].fill_(signal)
+    both[-1].fill_(float(bool(out.checkpoint_failed())))
+    *values, write_failed = all_reduce_max(both).tolist()
+    if write_failed:
+        out.wait_for_checkpoints()  # rank 0 raises its write's error
+        raise BsdistError("rank 0 could not write a checkpoint; its message says why")
+    return values
+
+
 def train_one_epoch(state: TrainState, data, env: DistEnv, out, epoch: int, epochs: int, log_interval: int,
                     progress: EpochProgress | None = None) -> float:
     """Train one epoch (from `progress` when resuming inside it); return the mean loss over all ranks' images.
 
-    After every optimiser step one all-reduce tells every rank whether any rank saw a non-finite loss
-    or was asked to stop, so all of them skip, stop or checkpoint at the same step.
+    The host never waits for the device inside a step. A step with a non-finite loss on any rank is
+    skipped on the device by every rank; the host learns of it, and of stop signals, at the next check
+    point (every `check_every` steps, every log point, every checkpoint, the epoch's end), where all
+    ranks stop, skip or checkpoint together. No checkpoint is written between a non-finite step and
+    that check point.
     """
     progress = progress or EpochProgress()
     model, loader, accum = state.model, data.train, state.grad_accum_steps
@@ -59,9 +125,7 @@ def train_one_epoch(state: TrainState, data, env: DistEnv, out, epoch: int, epoc
     num_micro = len(loader)
     steps_per_epoch = -(-num_micro // accum)
     loader.batch_sampler.start = progress.step * accum  # skip what the checkpoint already trained
-    pending = torch.zeros(2, dtype=torch.float64, device=env.device)  # loss sum, images: not yet all-reduced
-    group = torch.zeros(2, dtype=torch.float64, device=env.device)  # the same, for this optimiser step
-    epoch_totals = torch.tensor([progress.loss_sum, progress.images], dtype=torch.float64, device=env.device)
+    tally = DeviceTally(env.device, progress)
     tick = start = time.perf_counter()
     first_step = progress.step
     for i, (images, targets, indices) in enumerate(loader, start=progress.step * accum):
@@ -71,52 +135,54 @@ def train_one_epoch(state: TrainState, data, env: DistEnv, out, epoch: int, epoc
         images = images.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
         inputs = data.augment(images, indices)
-        with contextlib.nullcontext() if last_of_group else model.no_sync():
+        with no_sync(model, last_of_group):
             with autocast(env.device, state.amp_dtype):
                 logits = model(inputs)
             loss = state.criterion(logits, targets)
             state.scaler.scale(loss / group_size).backward()
-        group += torch.stack([loss.detach().double() * len(targets), group.new_tensor(len(targets))])
+        tally.add(loss, len(targets))
         if not last_of_group:
             continue
         step_in_epoch = i // accum + 1
-        flags = all_reduce_max(torch.tensor([float(not torch.isfinite(group[0])), float(state.stop_requested())],
-                                            device=env.device))
-        nonfinite, signum = (int(v) for v in flags.tolist())
         lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses, logged below
-        if nonfinite and state.nonfinite == "stop":
-            raise BsdistError(f"non-finite loss at epoch {epoch + 1} step {step_in_epoch} (lr {lr:.5g}); last.pt holds the last "
-                              "good checkpoint: lower OPTIMIZER.lr, try TRAIN.mixed_precision no, or set TRAIN.nonfinite skip")
-        if nonfinite:
-            out.info(f"epoch {epoch + 1} step {step_in_epoch}: non-finite loss on some rank, step skipped (TRAIN.nonfinite skip)")
-        else:
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
-            pending += group
-        group.zero_()
+        optimizer_step(state.optimizer, state.scaler, tally.end_step(state.step + 1))
         state.optimizer.zero_grad(set_to_none=True)
         state.scheduler.step()
         state.step += 1
-        checkpoint_due = step_in_epoch < steps_per_epoch and (
-            signum or (state.checkpoint_every and step_in_epoch % state.checkpoint_every == 0))
-        if step_in_epoch % log_interval == 0 or step_in_epoch == steps_per_epoch or checkpoint_due:
-            all_reduce_sum(pending)
+        mid_epoch = step_in_epoch < steps_per_epoch
+        checkpoint_due = mid_epoch and state.checkpoint_every and step_in_epoch % state.checkpoint_every == 0
+        log_due = step_in_epoch % log_interval == 0 or not mid_epoch
+        if not (log_due or checkpoint_due or step_in_epoch % state.check_every == 0):
+            continue
+        bad, first_bad, signum = tally.agree(state.stop_requested(), out)
+        if bad:
+            where = _describe_step(first_bad, steps_per_epoch)
+            if state.nonfinite == "stop":
+                raise BsdistError(f"non-finite loss at {where}; that step changed no weights and no checkpoint "
+                                  "was written after it: lower OPTIMIZER.lr, try TRAIN.mixed_precision no, or set "
+                                  "TRAIN.nonfinite skip")
+            out.info(f"{bad} step(s) with a non-finite loss on some rank skipped, the first at {where} (TRAIN.nonfinite skip)")
+        checkpoint_due = checkpoint_due or (signum and mid_epoch)
+        if log_due or checkpoint_due:
             now = time.perf_counter()
-            loss_mean, images_seen = (pending[0] / pending[1].clamp(min=1)).item(), pending[1].item()
+            loss_mean, images_seen = tally.read_loss()
             rate = images_seen / (now - tick)
             eta = (now - start) / (step_in_epoch - first_step) * ((epochs - epoch) * steps_per_epoch - step_in_epoch)
             out.info(f"epoch {epoch + 1}/{epochs} step {step_in_epoch}/{steps_per_epoch} loss {loss_mean:.4f} "
                      f"lr {lr:.5f} {rate:.0f} img/s eta {_duration(eta)}")
             out.scalars({"train/loss": loss_mean, "train/lr": lr, "train/img_per_s": rate}, state.step)
-            epoch_totals += pending
-            pending.zero_()
             tick = now
         if checkpoint_due:
-            state.save(epoch, EpochProgress(step_in_epoch, *epoch_totals.tolist()))
-        if signum and step_in_epoch < steps_per_epoch:
+            state.save(epoch, EpochProgress(step_in_epoch, *tally.epoch.tolist()))
+        if signum and mid_epoch:
             raise Stopped(f"stopped by signal {signum} at epoch {epoch + 1} step {step_in_epoch}; last.pt holds this point: "
                           "continue with TRAIN.resume auto", signum)
-    return (epoch_totals[0] / epoch_totals[1].clamp(min=1)).item()
+    return (tally.epoch[0] / tally.epoch[1].clamp(min=1)).item()
+
+
+def _describe_step(global_step: int, steps_per_epoch: int) -> str:
+    return (f"epoch {(global_step - 1) // steps_per_epoch + 1} step {(global_step - 1) % steps_per_epoch + 1} "
+            f"(global step {global_step})")
 
 
 @torch.no_grad()

@@ -41,9 +41,39 @@ class LRFactor:
 
 
 def build_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Fused SGD (one kernel for all parameters, CPU and CUDA), which can skip a step on the device.
+
+    Momentum buffers start as zeros, which is SGD's first step exactly (buffer = gradient): torch's
+    fused SGD otherwise allocates them uninitialised on the first step and, when that step is skipped
+    through `found_inf`, keeps the uninitialised memory as momentum.
+    """
     o = cfg["OPTIMIZER"]
-    return torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"],
-                           weight_decay=o["weight_decay"], nesterov=o["nesterov"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"],
+                                weight_decay=o["weight_decay"], nesterov=o["nesterov"], fused=True)
+    if o["momentum"]:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, skip: torch.Tensor) -> None:
+    """One optimiser step, decided on the device: nothing changes where `skip` (a float 0/1 tensor, the
+    same on every rank) is 1. The host never waits.
+
+    With fp16 the gradient scaler decides instead, from the gradients: it skips a step whose gradients
+    are not finite (and lowers its scale), and a non-finite fp16 loss (non-finite logits) always gives
+    such gradients, on every rank once DDP has all-reduced them.
+    """
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+        return
+    optimizer.found_inf = skip
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
 
 
 def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, steps_per_epoch: int):

@@ -33,6 +33,7 @@ class RunOutput:
         self.run_dir = run_dir
         self.writer = None
         self.log_file = None
+        self.checkpoints = checkpoint.CheckpointWriter()
 
     def path(self, name: str) -> str:
         return os.path.join(self.run_dir, name)
@@ -94,8 +95,16 @@ class RunOutput:
             writer.writerow(row)
         self.writer.flush()
 
-    def save_checkpoint(self, state: dict, name: str) -> None:
-        checkpoint.save_atomic(state, self.path(name))
+    def save_checkpoint(self, state: dict, names: list[str]) -> None:
+        """Write state to each named file in the run directory, in the background (checkpoint.CheckpointWriter)."""
+        self.checkpoints.save(state, [self.path(n) for n in names])
+
+    def checkpoint_failed(self) -> bool:
+        return self.checkpoints.error is not None
+
+    def wait_for_checkpoints(self, raise_error: bool = True) -> None:
+        """Until every checkpoint handed over is on disk; raises the first failed write."""
+        self.checkpoints.wait(raise_error)
 
     def results(self, results: dict) -> None:
         with open(self.path("results.json.tmp"), "w") as f:
@@ -103,6 +112,7 @@ class RunOutput:
         os.replace(self.path("results.json.tmp"), self.path("results.json"))
 
     def close(self) -> None:
+        self.checkpoints.wait(raise_error=False)  # a write under way finishes, even when the run failed
         if self.writer:
             self.writer.close()
         if self.log_file:

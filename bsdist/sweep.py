@@ -152,12 +152,18 @@ def visible_gpus() -> list[str]:
 
 
 class GpuSlots:
-    """The visible GPUs in groups of nproc_per_node, one group to each run that starts; with more runs
-    at once than groups, the least-loaded group is shared (several small runs fit on one GPU)."""
+    """The visible GPUs in groups of nproc_per_node, one group to each run that starts. With more runs
+    at once than groups, single-process runs share the least-loaded GPU (several small runs fit on one);
+    multi-process runs never share (NCCL cannot put two ranks on one GPU), so they wait for a free group."""
 
     def __init__(self, gpus: list[str], per_run: int):
         self.groups = [",".join(gpus[i:i + per_run]) for i in range(0, len(gpus) - per_run + 1, per_run)]
         self.load = [0] * len(self.groups)
+        self.per_run = per_run
+
+    def available(self) -> bool:
+        """Whether a run may start now."""
+        return self.per_run == 1 or not self.groups or 0 in self.load
 
     def take(self) -> str | None:
         """The least-loaded group, as CUDA_VISIBLE_DEVICES names it; None without GPUs."""
@@ -202,7 +208,7 @@ def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1) -> int:
                 failed.append(run)
                 print(f"[{i}/{total}] {run.label}: FAILED (exit {proc.returncode}) after {minutes:.1f} min: "
                       f"{_last_line(run.log_path)!r}; see {run.log_path}", flush=True)
-        while pending and len(running) < jobs:
+        while pending and len(running) < jobs and (slots.available() or not pending[0][1].uses_gpus):
             i, run = pending.pop(0)
             os.makedirs(os.path.dirname(run.log_path), exist_ok=True)
             log = open(run.log_path, "a")

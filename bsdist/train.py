@@ -16,9 +16,9 @@ import yaml
 
 from bsdist import checkpoint, config
 from bsdist.data import build_data
-from bsdist.distributed import (DistEnv, all_reduce_max, init_distributed, main_process_first, restarted_by_launcher,
-                                set_collective_timeout, shutdown, sync_buffers_from_main)
-from bsdist.engine import EpochProgress, TrainState, evaluate, train_one_epoch
+from bsdist.distributed import (DistEnv, all_gather_objects, init_distributed, main_process_first,
+                                restarted_by_launcher, set_collective_timeout, shutdown, sync_buffers_from_main)
+from bsdist.engine import EpochProgress, TrainState, agree, evaluate, train_one_epoch
 from bsdist.errors import BsdistError, PeerFailure, Stopped
 from bsdist.losses import broadcast_class_prior, build_loss
 from bsdist.metrics import describe_best
@@ -67,7 +67,7 @@ def main(cfg: dict) -> dict:
     """Train and evaluate as the validated cfg says; return the results written to results.json."""
     resume_from = resume_checkpoint(cfg)  # refuses a directory holding another run before anything happens
     device = config.check_device(cfg)  # on the machine that trains, SLURM nodes included
-    env = init_distributed(device, cfg["TRAIN"]["dist_startup_timeout_s"])
+    env = init_distributed(device, cfg["TRAIN"]["dist_startup_timeout_s"], cfg["TRAIN"]["dist_backend"])
     out = make_output(env, config.run_dir(cfg))
     orderly = False  # every rank is alive and at the same point: leave together
     try:
@@ -135,37 +135,42 @@ class StopSignals:
 def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSignals) -> dict:
     t, seed = cfg["TRAIN"], cfg["DEFAULT"]["seed"]
     torch.manual_seed(seed)  # the same initial weights on every rank and for every world size
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every training and evaluation batch has one fixed shape
     data = build_data(cfg, env)
     num_per_cls = broadcast_class_prior(data.num_per_cls, env)
     compile_model = t["compile"] is True or (t["compile"] == "auto" and env.device.type == "cuda")
-    model, ddp = build_model(cfg, data.num_classes, data.in_channels, env.device, compile_model)
+    sync_bn, sync_bn_reason = config.resolve_sync_bn(cfg, env.world_size)
+    model = build_model(cfg, data.num_classes, data.in_channels, env.device, compile_model, sync_bn)
     amp_dtype = AMP_DTYPES[config.resolve_precision(t["mixed_precision"], env.device.type)]
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model.module)
     steps_per_epoch = -(-len(data.train) // t["grad_accum_steps"])
-    state = TrainState(ddp, build_loss(cfg["LOSS"]["name"], num_per_cls).to(env.device), optimizer,
+    state = TrainState(model.train, build_loss(cfg["LOSS"]["name"], num_per_cls).to(env.device), optimizer,
                        build_scheduler(cfg, optimizer, steps_per_epoch),
                        torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16), amp_dtype,
-                       t["grad_accum_steps"], t["nonfinite"], t["ckpt_every_steps"], stop_requested=lambda: signals.received)
+                       t["grad_accum_steps"], t["nonfinite"], t["ckpt_every_steps"], t["check_every_steps"],
+                       stop_requested=lambda: signals.received)
     start_epoch, progress, best, last, seconds_before = 0, EpochProgress(), None, None, 0.0
     if resume_from:
         ckpt = checkpoint.load(resume_from)
         try:
-            model.load_state_dict(ckpt["model"])
+            model.module.load_state_dict(ckpt["model"])
         except RuntimeError as e:
             raise BsdistError(f"checkpoint {resume_from} does not fit this model ({str(e).splitlines()[1].strip()[:120]}): it comes from "
                               "another run; move it away to start afresh, or resume the run it belongs to") from None
         optimizer.load_state_dict(ckpt["optimizer"])
         state.scheduler.load_state_dict(ckpt["lr_scheduler"])
         state.scaler.load_state_dict(ckpt["scaler"])
-        checkpoint.set_rng_state(ckpt["rng"])
+        checkpoint.set_rng_state(ckpt["rng"], env.rank, env.device)
         start_epoch, state.step, seconds_before = ckpt["epoch"], ckpt["step"], ckpt["seconds"]
         progress, best, last = EpochProgress(**ckpt["progress"]), ckpt["best"], ckpt["last"]
-    checkpoint_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # model, momentum, slack
+    checkpoint_bytes = 3 * sum(p.numel() * p.element_size() for p in model.module.parameters())  # model, momentum, slack
     with main_process_first(env):  # rank 0 makes the run directory; if it cannot, every rank stops
         out.start(cfg, state.step if resume_from else None, start_epoch, checkpoint_bytes)
     select_on = "val" if "val" in data.eval else "test"
     out.info(f"{env.world_size} process(es) on {env.device.type}; {len(data.train.dataset)} training images "
              f"{list(num_per_cls)}; run directory {config.run_dir(cfg)}")
+    out.info(f"BatchNorm {'synchronised across processes' if sync_bn else 'per process'}: {sync_bn_reason}")
     if select_on == "test":
         out.info("model selection (best.pt) uses the test set, as the published recipes do; "
                  "set DATASET.val_per_cls > 0 to select on a held-out validation split")
@@ -174,22 +179,23 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSig
     started_at = time.perf_counter()
 
     def snapshot(epochs_done: int, at: EpochProgress) -> dict:
-        """Everything a resume needs to continue exactly from here."""
-        return {"model": checkpoint.clean_state_dict(model.state_dict()), "optimizer": optimizer.state_dict(),
+        """Everything a resume needs to continue exactly from here (every rank calls it: the RNG states are gathered)."""
+        return {"model": checkpoint.clean_state_dict(model.module.state_dict()), "optimizer": optimizer.state_dict(),
                 "lr_scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
                 "epoch": epochs_done, "progress": vars(at), "step": state.step, "best": best, "last": last,
-                "rng": checkpoint.rng_state(), "seconds": seconds_before + time.perf_counter() - started_at,
+                "rng": all_gather_objects(checkpoint.rng_state(env.device)),
+                "seconds": seconds_before + time.perf_counter() - started_at,
                 "config": cfg, "num_per_cls": num_per_cls, "world_size": env.world_size}
 
-    state.save = lambda epoch, at: out.save_checkpoint(snapshot(epoch, at), "last.pt")
+    state.save = lambda epoch, at: out.save_checkpoint(snapshot(epoch, at), ["last.pt"])
     higher_is_better = t["ckp_metric"] != "loss"
     for epoch in range(start_epoch, t["epochs"]):
         started = time.perf_counter()
         train_loss = train_one_epoch(state, data, env, out, epoch, t["epochs"], t["log_interval"], progress)
         progress = EpochProgress()
-        sync_buffers_from_main(model)  # ranks' BatchNorm statistics drift apart; evaluate and save rank 0's
-        evaluated = {split: evaluate(ddp.module, loader, data.augment.normalize, data.num_classes, num_per_cls, env, amp_dtype,
-                                     fixed_batch=loader.batch_sampler.batch_size if compile_model else None)
+        sync_buffers_from_main(model.module)  # ranks' BatchNorm statistics drift apart; evaluate and save rank 0's
+        evaluated = {split: evaluate(model.compiled, loader, data.augment.normalize, data.num_classes, num_per_cls, env,
+                                     amp_dtype, fixed_batch=loader.batch_sampler.batch_size if compile_model else None)
                      for split, loader in data.eval.items()}
         last = {"epoch": epoch + 1, "selected_on": select_on, **evaluated["test"]}
         score = evaluated[select_on][t["ckp_metric"]]
@@ -203,13 +209,12 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSig
                        **{f"{split}_{k}": m[k] for split, m in evaluated.items() for k in ("loss", "acc", "bcr", "many", "medium", "few")}})
         out.info(f"epoch {epoch + 1}: " + "  ".join(f"{split} acc {m['acc']:.4f} bcr {m['bcr']:.4f}" for split, m in evaluated.items())
                  + f"  best {select_on} {t['ckp_metric']} {best['score']:.4f} (epoch {best['epoch']})")
-        done = snapshot(epoch + 1, progress)
-        if improved:
-            out.save_checkpoint(done, "best.pt")
-        out.save_checkpoint(done, "last.pt")
+        out.save_checkpoint(snapshot(epoch + 1, progress), ["last.pt", "best.pt"] if improved else ["last.pt"])
         if epoch == start_epoch:
             set_collective_timeout(t["dist_timeout_s"])
-        signum = int(all_reduce_max(torch.tensor([float(signals.received)], device=env.device)).item())
+        if epoch + 1 == t["epochs"]:
+            out.wait_for_checkpoints(raise_error=False)  # results.json only once the last checkpoint is on disk
+        signum = int(agree(torch.zeros(0, dtype=torch.float64, device=env.device), signals.received, out)[-1])
         if signum and epoch + 1 < t["epochs"]:
             raise Stopped(f"stopped by signal {signum} after epoch {epoch + 1}; last.pt holds this point: "
                           "continue with TRAIN.resume auto", signum)

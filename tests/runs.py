@@ -19,9 +19,9 @@ def run_until(monkeypatch, cfg, stop_after):
     """Run main(cfg) and kill it (by an exception) right after saving the checkpoint `stop_after(name, state)` picks."""
     original = RunOutput.save_checkpoint
 
-    def save_then_maybe_die(self, state, name):
-        original(self, state, name)
-        if stop_after(name, state):
+    def save_then_maybe_die(self, state, names):
+        original(self, state, names)
+        if any(stop_after(name, state) for name in names):
             raise Interrupted
     monkeypatch.setattr(RunOutput, "save_checkpoint", save_then_maybe_die)
     try:

@@ -63,7 +63,7 @@ CASES = {
     "imbalance factor that empties a class": (None, ["DATASET.imbalance_factor", "500"], "leaves class 7 with no training image (img_max 120); use DATASET.imbalance_factor <= 120"),
     "validation split larger than a class": (None, ["DATASET.val_per_cls", "200"], "DATASET.val_per_cls 200 leaves no training image"),
     "batch larger than the training set": (None, ["DATASET.batch_size", "4096"], "fewer than one batch of 4096; lower DATASET.batch_size"),
-    "SyncBatchNorm on the CPU": (None, ["MODEL.sync_bn", "true"], "MODEL.sync_bn needs CUDA"),
+    "agreement never read": (None, ["TRAIN.check_every_steps", "0"], "TRAIN.check_every_steps must be >= 1, got 0"),
     "CUDA without a GPU": (None, ["TRAIN.device", "cuda"], "TRAIN.device cuda but no CUDA device is visible"),
     "experiment name with a slash": (None, ["DEFAULT.exp_name", "a/b"], "must be a plain directory name"),
     "missing data directory without download": (None, ["DATASET.name", "CIFAR10LT", "DATASET.datadir", "/nonexistent"], "CIFAR10LT data not found: /nonexistent/cifar-10-batches-py lacks"),

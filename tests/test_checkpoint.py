@@ -65,3 +65,67 @@ def test_a_damaged_checkpoint_is_one_clear_error(tmp_path):
 def test_prefixes_of_ddp_and_compile_are_stripped():
     state = {"module._orig_mod.fc.weight": 1, "_orig_mod.module.bn.bias": 2, "conv.weight": 3}
     assert checkpoint.clean_state_dict(state) == {"fc.weight": 1, "bn.bias": 2, "conv.weight": 3}
+
+
+class Payload:
+    """What a malicious checkpoint could carry: unpickling it would call os.system."""
+
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/bsdist-pwned",))
+
+
+def test_a_checkpoint_is_read_without_running_its_code(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"model": {}, "extra": Payload()}, path)
+    with pytest.raises(BsdistError, match="cannot be read"):
+        checkpoint.load(str(path))
+    assert not os.path.exists("/tmp/bsdist-pwned")
+
+
+def test_random_states_are_saved_per_rank_and_restored_on_another_world_size(tmp_path):
+    import random
+
+    import numpy as np
+    cpu = torch.device("cpu")
+    states = []
+    for rank in range(2):  # two ranks whose generators differ
+        random.seed(rank), np.random.seed(rank), torch.manual_seed(rank)
+        states.append(checkpoint.rng_state(cpu))
+    path = str(tmp_path / "last.pt")
+    checkpoint.save_atomic({"rng": states}, path)
+    loaded = checkpoint.load(path)["rng"]  # weights_only: tensors and plain values only
+    for rank, world in ((1, 2), (0, 1), (3, 4)):  # same world size, fewer ranks, more ranks
+        checkpoint.set_rng_state(loaded, rank, cpu)
+        expected = rank if rank < 2 else 0
+        random.seed(expected), np.random.seed(expected), torch.manual_seed(expected)
+        want = (random.random(), np.random.rand(), torch.rand(1).item())
+        checkpoint.set_rng_state(loaded, rank, cpu)
+        assert (random.random(), np.random.rand(), torch.rand(1).item()) == want, (rank, world)
+
+
+def test_a_failed_background_write_keeps_the_old_checkpoint_and_names_the_path_and_free_space(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    writer = checkpoint.CheckpointWriter()
+    writer.save({"step": torch.tensor(1)}, [path])
+    writer.wait()
+
+    def no_space(obj, f):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", no_space)
+    writer.save({"step": torch.tensor(2)}, [path])
+    writer.wait(raise_error=False)
+    assert writer.error is not None
+    with pytest.raises(BsdistError, match=r"checkpoint .*last.pt could not be written \(No space left on device; \d+ MiB free"):
+        writer.wait()
+    assert checkpoint.load(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_a_checkpoint_is_a_copy_taken_when_saved(tmp_path):
+    weights = torch.zeros(3)
+    writer = checkpoint.CheckpointWriter()
+    writer.save({"w": weights}, [str(tmp_path / "a.pt"), str(tmp_path / "b.pt")])
+    weights += 1  # training goes on while the file is written
+    writer.wait()
+    for name in ("a.pt", "b.pt"):
+        assert torch.equal(checkpoint.load(str(tmp_path / name))["w"], torch.zeros(3))

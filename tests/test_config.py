@@ -181,7 +181,9 @@ def test_odd_number_of_override_tokens():
     (["TRAIN.ddp_bucket_mb", "0.5"], r"TRAIN\.ddp_bucket_mb must be >= 1, got 0\.5"),
     (["DATASET.download", "auto"], r"DATASET\.download must be a bool"),
     (["TRAIN.device", "tpu"], r"TRAIN\.device"),
-    (["MODEL.sync_bn", "true", "TRAIN.device", "cpu"], r"MODEL\.sync_bn"),
+    (["MODEL.sync_bn", "maybe"], r"MODEL\.sync_bn must be true, false or auto"),
+    (["MODEL.sync_bn_batch", "0"], r"MODEL\.sync_bn_batch must be > 0"),
+    (["TRAIN.dist_backend", "mpi"], r"TRAIN\.dist_backend must be one of auto, gloo"),
     (["DEFAULT.exp_name", "a/b"], r"DEFAULT\.exp_name 'a/b'"),
     (["DEFAULT.exp_name", "'..'"], r"DEFAULT\.exp_name"),
     (["DEFAULT.exp_name", "''"], r"DEFAULT\.exp_name"),
@@ -301,3 +303,36 @@ def test_changed_keys_reports_a_key_missing_from_the_old_config():
     old = ok(["DEFAULT.exp_name", "run"])
     del old["SCHEDULER"]["params"]["warmup_epochs"]
     assert changed_keys(old, base) == ["SCHEDULER.params.warmup_epochs"]
+
+
+@pytest.mark.parametrize("overrides, world_size, expected, reason", [
+    ([], 1, False, "one process"),
+    (["DATASET.batch_size", "32"], 8, True, "4 images per process is below MODEL.sync_bn_batch 32"),
+    (["DATASET.batch_size", "512"], 8, False, "64 images per process"),
+    (["DATASET.batch_size", "512", "MODEL.sync_bn", "true"], 8, True, "MODEL.sync_bn true"),
+    (["DATASET.batch_size", "32", "MODEL.sync_bn", "false"], 8, False, "MODEL.sync_bn false"),
+])
+def test_batchnorm_synchronises_when_each_process_holds_a_small_batch(overrides, world_size, expected, reason):
+    cfg = config.validate(load(None, overrides), world_size)
+    synced, why = config.resolve_sync_bn(cfg, world_size)
+    assert synced is expected and reason in why
+
+
+def test_a_node_with_gpus_that_cuda_cannot_see_refuses_to_train_on_cpu(tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for var in ("SLURM_GPUS_ON_NODE", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "null").touch()
+    assert config.gpus_expected(str(tmp_path)) is None
+    (tmp_path / "nvidia0").touch()
+    (tmp_path / "nvidiactl").touch()
+    assert config.gpus_expected(str(tmp_path)) == str(tmp_path / "nvidia0")
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")  # --slurm --gpus-per-node 4
+    assert config.gpus_expected("/nonexistent") == "SLURM_GPUS_ON_NODE=4"
+    with pytest.raises(BsdistError, match="SLURM_GPUS_ON_NODE=4.*CUDA cannot use them.*TRAIN.device cpu"):
+        config.resolve_device("auto")
+    assert config.resolve_device("cpu") == "cpu"
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "0")
+    monkeypatch.setattr(config, "gpus_expected", lambda dev="/dev": None)
+    assert config.resolve_device("auto") == "cpu"

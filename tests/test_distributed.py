@@ -97,3 +97,27 @@ def initial_weights():
     import tiny_model
     torch.manual_seed(0)
     return tiny_model.wide(10, 3).state_dict()
+
+
+def test_two_processes_with_synchronised_batchnorm_end_with_the_weights_of_one(cifar10_root, tmp_path):
+    recipe = ["DATASET.batch_size", "32", "TRAIN.epochs", "2", "OPTIMIZER.momentum", "0.9", "MODEL.name", "tiny_bn",
+              "SCHEDULER.params.warmup_epochs", "0"]
+    runs = {"one": (1, []), "two synchronised": (2, ["MODEL.sync_bn", "auto", "MODEL.sync_bn_batch", "32"]),
+            "two per process": (2, ["MODEL.sync_bn", "false"])}
+    weights = {}
+    for name, (world_size, extra) in runs.items():
+        _, errors = run_ranks(_train_worker, world_size, make_cfg(cifar10_root, tmp_path / name, *recipe, *extra))
+        assert not errors, errors
+        weights[name] = final_weights(tmp_path / name)
+    for key, value in weights["one"].items():  # parameters and running statistics alike
+        torch.testing.assert_close(weights["two synchronised"][key].double(), value.double(), rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{key}: {m}")
+    assert not torch.allclose(weights["two per process"]["1.running_mean"], weights["one"]["1.running_mean"], atol=1e-5)
+
+
+def test_two_ranks_on_one_gpu_are_refused_before_nccl_sees_them():
+    from bsdist import BsdistError
+    from bsdist.distributed import check_distinct_gpus
+    check_distinct_gpus([("node1", "GPU-a"), ("node1", "GPU-b"), ("node2", "GPU-a")])  # another node's GPU-a is another GPU
+    with pytest.raises(BsdistError, match="ranks 0 and 2 share one GPU.*TRAIN.dist_backend gloo"):
+        check_distinct_gpus([("node1", "GPU-a"), ("node1", "GPU-b"), ("node1", "GPU-a")])

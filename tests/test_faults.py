@@ -175,7 +175,7 @@ def test_a_non_finite_loss_can_skip_the_step(tmp_path, monkeypatch):
     assert results["last"]["epoch"] == 3
     assert all(torch.isfinite(v).all() for v in weights(cfg).values())
     with open(os.path.join(config.run_dir(cfg), "log.txt")) as f:
-        assert "step 5: non-finite loss on some rank, step skipped" in f.read()
+        assert "1 step(s) with a non-finite loss on some rank skipped, the first at epoch 1 step 5 (global step 5)" in f.read()
 
 
 def test_an_unwritable_run_directory_is_refused_before_training(tmp_path):
@@ -227,3 +227,24 @@ def test_a_hanging_peer_stops_the_others_within_the_timeout(cifar10_root, tmp_pa
     assert rank0["error"] and rank0["error"].startswith("PeerFailure: rank 0: a collective failed"), rank0
     assert "TRAIN.resume auto" in rank0["error"]
     assert rank0["seconds"] < 20  # the tightened timeout, not the 120 s start-up one
+
+
+def test_a_full_disk_during_a_checkpoint_write_stops_the_run_keeping_the_previous_checkpoint(tmp_path, monkeypatch):
+    cfg = demo_cfg(tmp_path, "MODEL.name", "tiny")
+    real_save, saves = torch.save, []
+
+    def disk_fills_at_the_third_write(obj, f, *args, **kwargs):
+        if isinstance(f, str):  # a checkpoint file, not torch's own in-memory pickling
+            saves.append(f)
+            if len(saves) >= 3:
+                raise OSError(28, "No space left on device")
+        real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", disk_fills_at_the_third_write)
+    with pytest.raises(BsdistError, match=r"last.pt could not be written \(No space left on device; \d+ MiB free.*previous "
+                                          r"checkpoint is kept"):
+        main(cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    kept = checkpoint.load(os.path.join(config.run_dir(cfg), "last.pt"))
+    assert (kept["epoch"], kept["progress"]["step"]) == (0, 4)  # the second write (step 4 of epoch 1), whole
+    assert sorted(os.listdir(config.run_dir(cfg))) == sorted(
+        ["config.yaml", "last.pt", "log.txt", *[f for f in os.listdir(config.run_dir(cfg)) if "tfevents" in f]])

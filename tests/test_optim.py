@@ -67,3 +67,28 @@ def test_optimizer_follows_config():
     opt = build_optimizer(cfg, torch.nn.Linear(2, 2))
     g = opt.param_groups[0]
     assert (g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]) == (0.2, 0.9, 5e-4, True)
+
+
+def test_a_first_step_skipped_on_the_device_leaves_momentum_at_zero():
+    """torch's fused SGD allocates momentum uninitialised on its first step and keeps that memory when the
+    step is skipped through found_inf; bsdist starts momentum at zero, which is SGD's first step exactly."""
+    from bsdist.optim import optimizer_step
+    cfg = cfg_with(OPTIMIZER__momentum=0.9, OPTIMIZER__weight_decay=0.01)
+    torch.manual_seed(0)
+    model, reference = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    reference.load_state_dict(model.state_dict())
+    opt = build_optimizer(cfg, model)
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01, foreach=False)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    optimizer_step(opt, scaler, torch.ones(1))  # skipped
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in model.parameters())
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        for p, q, g in zip(model.parameters(), reference.parameters(), grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        optimizer_step(opt, scaler, torch.zeros(1))
+        plain.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -125,11 +125,15 @@ def test_a_failed_run_is_reported_with_its_error_and_the_rest_still_run(cifar10_
 
 
 def test_gpu_slots_give_each_run_its_own_gpus_then_share_the_least_loaded():
+    slots = GpuSlots(["0", "1", "2"], 1)
+    assert [slots.take(), slots.take(), slots.take(), slots.take()] == ["0", "1", "2", "0"]  # a fourth run shares a GPU
+    assert slots.available()
     slots = GpuSlots(["0", "1", "2", "3"], 2)
     assert slots.groups == ["0,1", "2,3"]
-    assert [slots.take(), slots.take(), slots.take()] == ["0,1", "2,3", "0,1"]  # a third run at once shares a group
+    assert [slots.take(), slots.take()] == ["0,1", "2,3"]
+    assert not slots.available()  # two-process runs never share GPUs: a third waits
     slots.give_back("2,3")
-    assert slots.take() == "2,3"
+    assert slots.available() and slots.take() == "2,3"
     assert GpuSlots(["0", "1", "2"], 2).groups == ["0,1"]  # a group is whole or not at all
     assert GpuSlots([], 1).take() is None  # no GPU: runs keep the environment they were given
 

@@ -190,3 +190,21 @@ def test_compiled_model_trains_without_recompiling_and_saves_plain_keys(tmp_path
     state = checkpoint.load(os.path.join(run_dir(cfg), "last.pt"))["model"]
     assert not any("_orig_mod" in k or k.startswith("module.") for k in state)
     resnet18(10, 1).load_state_dict(state)
+
+
+def test_a_resumed_compiled_run_compiles_what_a_fresh_run_compiles(tmp_path, monkeypatch):
+    """One graph set for training and one for evaluation, and nothing more after a mid-epoch resume."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    common = ["MODEL.name", "tiny", "TRAIN.compile", "true", "TRAIN.resume", "auto", "TRAIN.ckpt_every_steps", "3",
+              "DATASET.test_batch_size", "300"]
+    torch._dynamo.reset()
+    counters.clear()
+    main(demo_cfg(tmp_path / "fresh", *common))
+    fresh = counters["stats"]["unique_graphs"]
+    cfg = demo_cfg(tmp_path / "resumed", *common)
+    run_until(monkeypatch, cfg, lambda name, state: state["epoch"] == 0 and state["progress"]["step"] == 3)
+    torch._dynamo.reset()
+    counters.clear()
+    main(cfg)
+    assert 2 <= counters["stats"]["unique_graphs"] == fresh  # train and eval graphs, no recompile

@@ -1,7 +1,7 @@
 """A small BatchNorm-free model for tests that compare runs across world sizes.
 
-BatchNorm statistics are per process (SyncBatchNorm needs CUDA), so only a model without them can
-end a 2-process run with exactly the weights of a 1-process run.
+BatchNorm statistics are per process unless MODEL.sync_bn is on, so only a model without them (or
+with synchronised ones) ends a 2-process run with the weights of a 1-process run.
 """
 
 from torch import nn
@@ -23,3 +23,10 @@ def wide(num_classes: int, in_channels: int) -> nn.Module:
 def register() -> None:
     MODELS["tiny"] = tiny
     MODELS["wide"] = wide
+    MODELS["tiny_bn"] = tiny_bn
+
+
+def tiny_bn(num_classes: int, in_channels: int) -> nn.Module:
+    """tiny with BatchNorm: 2 processes end with the weights of 1 only when BatchNorm is synchronised."""
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes))

@@ -56,8 +56,16 @@ class DeviceLoader:
         return len(self.batch_sampler)
 
     def __iter__(self):
-        for batch in self.batch_sampler:
-            indices = torch.as_tensor(batch, dtype=torch.long).to(self.device, non_blocking=True)
+        """The epoch's indices reach the device in one copy; each batch is then a slice of them."""
+        batches = list(self.batch_sampler)
+        flat = torch.tensor([i for batch in batches for i in batch], dtype=torch.long)
+        if self.device.type == "cuda":
+            flat = flat.pin_memory()
+        flat = flat.to(self.device, non_blocking=True)
+        start = 0
+        for batch in batches:
+            indices = flat[start:start + len(batch)]
+            start += len(batch)
             yield self.images[indices], self.targets[indices], indices
 
 

@@ -27,6 +27,7 @@ class BatchAugment:
         self.mean = torch.tensor(mean, device=self.device).view(1, 1, 1, -1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, 1, 1, -1) * 255
         self.table = None
+        self._ranges_for, self._cached = None, None
 
     def set_epoch(self, epoch: int) -> None:
         g = epoch_generator(self.seed, epoch, stream=1)
@@ -48,8 +49,15 @@ class BatchAugment:
         p = self.padding
         dy, dx, flip = self.table[indices.to(self.device)].unbind(1)
         padded = F.pad(images, (0, 0, p, p, p, p))
-        rows = dy[:, None] + torch.arange(h, device=self.device)
-        cols = torch.arange(w, device=self.device).expand(n, w)
-        cols = dx[:, None] + torch.where(flip[:, None].bool(), w - 1 - cols, cols)
-        batch = torch.arange(n, device=self.device)[:, None, None]
+        rows_, cols_, batch = self._ranges(n, h, w)
+        rows = dy[:, None] + rows_
+        cols = dx[:, None] + torch.where(flip[:, None].bool(), w - 1 - cols_, cols_)
         return self.normalize(padded[batch, rows[:, :, None], cols[:, None, :]])
+
+    def _ranges(self, n: int, h: int, w: int):
+        """The index ranges of a batch shape, made once (every training batch has the same shape)."""
+        if self._ranges_for != (n, h, w):
+            self._ranges_for = (n, h, w)
+            self._cached = (torch.arange(h, device=self.device), torch.arange(w, device=self.device).expand(n, w),
+                            torch.arange(n, device=self.device)[:, None, None])
+        return self._cached

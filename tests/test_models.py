@@ -1,0 +1,64 @@
+"""Model pieces: the fp32 classifier, bsdist's SyncBatchNorm against BatchNorm, no DDP for one process."""
+
+import pytest
+import torch
+from torch import nn
+
+from bsdist import config
+from bsdist.distributed import init_distributed, shutdown
+from bsdist.models import _GlobalBatchStats, build_model, convert_sync_batchnorm, resnet18
+
+
+@pytest.fixture
+def env():
+    env = init_distributed("cpu", 60)
+    yield env
+    shutdown()
+
+
+def test_the_classifier_computes_in_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = resnet18(100, 3).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(2, 3, 32, 32))
+        features = torch.randn(2, 512).bfloat16()
+        bf16_logits = nn.functional.linear(features, model.fc.weight.bfloat16())
+    assert logits.dtype == torch.float32
+    assert len(set(bf16_logits[0].tolist())) < 100 <= len(set(model.fc(features)[0].tolist()))  # bf16 ties, fp32 does not
+    assert {"fc.weight", "fc.bias"} <= set(model.state_dict())  # nn.Linear's keys: checkpoints load into plain models
+
+
+def test_global_batch_statistics_equal_batchnorm_on_one_process(env):
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    bn = nn.BatchNorm2d(4).double()
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.5, 0.5)
+    ours = {k: v.clone() for k, v in bn.state_dict().items()}
+    weight, bias = ours["weight"].requires_grad_(), ours["bias"].requires_grad_()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    upstream = torch.randn_like(x)
+    (bn(x1) * upstream).sum().backward()
+    y = _GlobalBatchStats.apply(x2, weight, bias, ours["running_mean"], ours["running_var"], 0.1, 1e-5, 6 * 25)
+    (y * upstream).sum().backward()
+    torch.testing.assert_close(y.detach(), nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.1, 1e-5))
+    torch.testing.assert_close(x2.grad, x1.grad)
+    torch.testing.assert_close(weight.grad, bn.weight.grad)
+    torch.testing.assert_close(bias.grad, bn.bias.grad)
+    torch.testing.assert_close(ours["running_mean"], bn.running_mean)
+    torch.testing.assert_close(ours["running_var"], bn.running_var)
+
+
+def test_converting_to_sync_batchnorm_keeps_parameters_and_keys():
+    model = resnet18(10, 3)
+    state = model.state_dict()
+    synced = convert_sync_batchnorm(model)
+    assert sum(type(m).__name__ == "SyncBatchNorm" for m in synced.modules()) == 20
+    assert all(torch.equal(state[k], v) for k, v in synced.state_dict().items())
+
+
+def test_one_process_trains_without_ddp(env):
+    cfg = config.validate(config.load(None, ["TRAIN.device", "cpu"]))
+    built = build_model(cfg, 10, 3, env.device, compile_model=False)
+    assert built.train is built.module is built.compiled
+    assert not isinstance(built.train, nn.parallel.DistributedDataParallel)
