@@ -40,6 +40,25 @@ def save_atomic(obj, path: str) -> None:
             os.remove(tmp)
 
 
+def link_atomic(source: str, path: str) -> None:
+    """path becomes another name of source's file, atomically; replacing source later leaves path as it is."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_orphans(directory: str) -> list[str]:
+    """Remove the temporary files of writes cut short (a SIGKILL during a save); returns their names."""
+    orphans = [f for f in os.listdir(directory) if ".pt.tmp." in f]
+    for name in orphans:
+        os.remove(os.path.join(directory, name))
+    return orphans
+
+
 def to_host(obj):
     """A copy of obj whose tensors are in host memory and no longer shared with training (one device
     synchronisation for all of them on CUDA)."""
@@ -80,9 +99,11 @@ class CheckpointWriter:
             self.thread.start()
 
     def _write(self, state: dict, paths: list[str]) -> None:
+        path = paths[0]
         try:
-            for path in paths:
-                save_atomic(state, path)
+            save_atomic(state, path)
+            for path in paths[1:]:  # the same state: a second name for the same file (best.pt beside last.pt)
+                link_atomic(paths[0], path)
         except OSError as e:
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
             self.error = BsdistError(f"checkpoint {path} could not be written ({e.strerror or e}; {free / 2**20:.0f} MiB free "

@@ -101,7 +101,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "ckpt_every_steps": Field(0, "int", "also write last.pt every this many optimiser steps inside an epoch (0: at epoch ends only); a resume continues from that exact step", check=_non_negative),
         "check_every_steps": Field(20, "int", "optimiser steps between the host's reads of what the processes agree on (stop signals, non-finite losses), besides every log point and checkpoint; the step itself never waits for the device, so a signal or a non-finite loss is acted on up to this many steps later", check=_at_least_one),
         "nonfinite": Field("stop", "choice", "on a non-finite loss (seen by all ranks at the same step): stop, keeping the last good checkpoint, or skip the step", choices=("stop", "skip")),
-        "resume": Field(False, "auto_bool", "auto continues the run in the run directory from last.pt; false refuses a directory that holds a run"),
+        "resume": Field(False, "auto_bool", "auto continues the run in the run directory from last.pt, or starts it; true must continue one; false refuses a directory that holds a run (a checkpoint or results)"),
         "dist_timeout_s": Field(600, "int", "timeout of every collective after the first epoch, in seconds: a peer that dies or hangs stops the others within it", check=_positive),
         "dist_startup_timeout_s": Field(1800, "int", "the collectives' timeout from start-up through the first epoch (data download, compilation), in seconds", check=_positive),
     },
@@ -211,7 +211,7 @@ def _coerce(key: str, f: Field, v: Any) -> Any:
     if v is None:
         if f.nullable:
             return None
-        raise BsdistError(f"{key} may not be null; set it to a {f.kind} value, e.g. {key} {f.default}")
+        raise BsdistError(f"{key} may not be null; set it to {'an' if f.kind == 'int' else 'a'} {f.kind} value, e.g. {key} {f.default}")
     bad = BsdistError(f"{key} must be {_describe(f)}, got {v!r} ({type(v).__name__})")
     if f.kind == "bool":
         if not isinstance(v, bool):
@@ -254,7 +254,7 @@ def _coerce(key: str, f: Field, v: Any) -> Any:
 
 
 def _describe(f: Field) -> str:
-    kind = {"auto_bool": "true, false or auto", "choice": "one of " + ", ".join(f.choices or ())}.get(f.kind, f"a {f.kind}")
+    kind = {"auto_bool": "true, false or auto", "choice": "one of " + ", ".join(f.choices or ())}.get(f.kind, f"{'an' if f.kind == 'int' else 'a'} {f.kind}")
     return kind + (" or null" if f.nullable else "")
 
 

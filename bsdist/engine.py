@@ -41,6 +41,7 @@ class TrainState:
     check_every: int = 20  # optimiser steps between the host's reads of the ranks' agreement
     save: Callable[[int, EpochProgress], None] = lambda epoch, progress: None  # mid-epoch checkpoint
     stop_requested: Callable[[], int] = lambda: 0  # the signal asking to stop, or 0
+    last_checkpoint: str = ""  # where the last checkpoint written stands ("epoch 2 step 40"), for messages
     step: int = 0
 
 
@@ -158,9 +159,13 @@ def train_one_epoch(state: TrainState, data, env: DistEnv, out, epoch: int, epoc
         if bad:
             where = _describe_step(first_bad, steps_per_epoch)
             if state.nonfinite == "stop":
-                raise BsdistError(f"non-finite loss at {where}; that step changed no weights and no checkpoint "
-                                  "was written after it: lower OPTIMIZER.lr, try TRAIN.mixed_precision no, or set "
-                                  "TRAIN.nonfinite skip")
+                if state.last_checkpoint:
+                    kept = (f"last.pt ({state.last_checkpoint}) is the last good point: continue from it with TRAIN.nonfinite "
+                            "skip and TRAIN.resume auto, or")
+                else:
+                    kept = "no checkpoint was written, so the next attempt starts afresh:"
+                raise BsdistError(f"non-finite loss at {where}, a step that changed no weight; {kept} retry with a lower "
+                                  "OPTIMIZER.lr or TRAIN.mixed_precision no (under another DEFAULT.exp_name if last.pt exists)")
             out.info(f"{bad} step(s) with a non-finite loss on some rank skipped, the first at {where} (TRAIN.nonfinite skip)")
         checkpoint_due = checkpoint_due or (signum and mid_epoch)
         if log_due or checkpoint_due:

@@ -51,6 +51,9 @@ class RunOutput:
         except OSError as e:
             raise BsdistError(f"run directory {self.run_dir} cannot be written ({e.strerror}); "
                               "set DEFAULT.savedir to a writable directory") from None
+        orphans = checkpoint.remove_orphans(self.run_dir)
+        if orphans:
+            self.info(f"removed {', '.join(orphans)}: what remained of a checkpoint write cut short")
         free = shutil.disk_usage(self.run_dir).free
         if free < 2 * checkpoint_bytes:
             raise BsdistError(f"{self.run_dir} has {free / 2**20:.0f} MiB free, less than the {2 * checkpoint_bytes / 2**20:.0f} MiB "
@@ -59,8 +62,8 @@ class RunOutput:
             f.write(dump(cfg))
         os.replace(self.path("config.yaml.tmp"), self.path("config.yaml"))
         self._truncate_csv(resumed_epoch)
-        # purge_step drops events logged after the checkpoint by the interrupted run
-        self.writer = SummaryWriter(self.run_dir, purge_step=None if resumed_step is None else resumed_step + 1)
+        # purge_step hides events an earlier attempt logged after the checkpoint (all of them when starting afresh)
+        self.writer = SummaryWriter(self.run_dir, purge_step=0 if resumed_step is None else resumed_step + 1)
         if resumed_step is None:
             self._hparams(cfg)
 

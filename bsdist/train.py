@@ -27,19 +27,24 @@ from bsdist.optim import build_optimizer, build_scheduler
 from bsdist.output import make_output
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
-RUN_FILES = ("config.yaml", "last.pt", "results.json", "metrics.csv")
+RUN_FILES = ("last.pt", "results.json")  # what makes a run directory hold a run: trained weights, or a finished run
 
 
 def resume_checkpoint(cfg: dict) -> str | None:
     """The checkpoint to continue from, or None for a fresh run; refuses to overwrite another run.
 
-    Read-only, so every rank can call it before the process group exists.
+    A directory without last.pt or results.json holds no trained work (an attempt that stopped before
+    its first checkpoint, a non-finite loss say): a new attempt starts afresh there, whatever its
+    settings. Read-only, so every rank can call it before the process group exists.
     """
-    run_dir = config.run_dir(cfg)
+    run_dir, resume = config.run_dir(cfg), cfg["TRAIN"]["resume"]
     held = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
     if not held:
+        if resume is True:
+            raise BsdistError(f"TRAIN.resume true but {run_dir} holds no checkpoint to continue from; check DEFAULT.savedir "
+                              "and DEFAULT.exp_name, or use TRAIN.resume auto to start the run when there is none")
         return None
-    if cfg["TRAIN"]["resume"] != "auto" and not restarted_by_launcher():  # torchrun's restart continues the run
+    if resume is False and not restarted_by_launcher():  # torchrun's restart continues the run
         raise BsdistError(f"run directory {run_dir} already holds a run ({', '.join(held)}); continue it with "
                           "TRAIN.resume auto, or choose another DEFAULT.exp_name or DEFAULT.savedir")
     saved_path = os.path.join(run_dir, "config.yaml")
@@ -187,7 +192,13 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSig
                 "seconds": seconds_before + time.perf_counter() - started_at,
                 "config": cfg, "num_per_cls": num_per_cls, "world_size": env.world_size}
 
-    state.save = lambda epoch, at: out.save_checkpoint(snapshot(epoch, at), ["last.pt"])
+    def save(epochs_done: int, at: EpochProgress, names=("last.pt",)) -> None:
+        out.save_checkpoint(snapshot(epochs_done, at), list(names))
+        state.last_checkpoint = f"epoch {epochs_done + 1} step {at.step}" if at.step else f"the end of epoch {epochs_done}"
+
+    state.save = save
+    if resume_from:
+        state.last_checkpoint = f"epoch {start_epoch + 1} step {progress.step}" if progress.step else f"the end of epoch {start_epoch}"
     higher_is_better = t["ckp_metric"] != "loss"
     for epoch in range(start_epoch, t["epochs"]):
         started = time.perf_counter()
@@ -209,7 +220,7 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSig
                        **{f"{split}_{k}": m[k] for split, m in evaluated.items() for k in ("loss", "acc", "bcr", "many", "medium", "few")}})
         out.info(f"epoch {epoch + 1}: " + "  ".join(f"{split} acc {m['acc']:.4f} bcr {m['bcr']:.4f}" for split, m in evaluated.items())
                  + f"  best {select_on} {t['ckp_metric']} {best['score']:.4f} (epoch {best['epoch']})")
-        out.save_checkpoint(snapshot(epoch + 1, progress), ["last.pt", "best.pt"] if improved else ["last.pt"])
+        save(epoch + 1, progress, ["last.pt", "best.pt"] if improved else ["last.pt"])
         if epoch == start_epoch:
             set_collective_timeout(t["dist_timeout_s"])
         if epoch + 1 == t["epochs"]:

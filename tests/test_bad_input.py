@@ -45,7 +45,7 @@ def write(tmp_path, name, text):
 CASES = {
     "unknown key": (None, ["TRAIN.warmup", "5"], "unknown config key TRAIN.warmup"),
     "typo of a key": (None, ["OPTIMIZER.weight_decy", "0.1"], "did you mean OPTIMIZER.weight_decay?"),
-    "wrong type": (None, ["TRAIN.epochs", "ten"], "TRAIN.epochs must be a int, got 'ten'"),
+    "wrong type": (None, ["TRAIN.epochs", "ten"], "TRAIN.epochs must be an int, got 'ten'"),
     "negative learning rate": (None, ["OPTIMIZER.lr", "-0.1"], "OPTIMIZER.lr must be > 0"),
     "imbalance factor below 1": (None, ["DATASET.imbalance_factor", "0.5"], "DATASET.imbalance_factor must be >= 1"),
     "unknown dataset": (None, ["DATASET.name", "CIFAR10"], "DATASET.name must be one of CIFAR10LT, CIFAR100LT, DigitsLT, got 'CIFAR10'; did you mean CIFAR10LT?"),

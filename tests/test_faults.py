@@ -161,11 +161,26 @@ def poison_fifth_loss(monkeypatch):
 def test_a_non_finite_loss_stops_the_run_naming_epoch_and_step(tmp_path, monkeypatch):
     poison_fifth_loss(monkeypatch)
     cfg = demo_cfg(tmp_path, "MODEL.name", "tiny")
-    with pytest.raises(BsdistError, match=r"non-finite loss at epoch 1 step 5 .*TRAIN.nonfinite skip"):
+    with pytest.raises(BsdistError, match=r"non-finite loss at epoch 1 step 5 .*last.pt \(epoch 1 step 4\) is the last good "
+                                          r"point.*TRAIN.nonfinite skip"):
         main(cfg)
     kept = checkpoint.load(os.path.join(config.run_dir(cfg), "last.pt"))
     assert (kept["epoch"], kept["progress"]["step"]) == (0, 4)  # the last good checkpoint, loadable
     assert all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_a_non_finite_loss_before_any_checkpoint_leaves_the_run_name_free(tmp_path, monkeypatch):
+    poison_fifth_loss(monkeypatch)
+    cfg = demo_cfg(tmp_path, "MODEL.name", "tiny", "TRAIN.ckpt_every_steps", "0", "TRAIN.resume", "false")
+    with pytest.raises(BsdistError, match=r"non-finite loss at epoch 1 step 5 .*no checkpoint was written, so the next "
+                                          r"attempt starts afresh"):
+        main(cfg)
+    assert not os.path.exists(os.path.join(config.run_dir(cfg), "last.pt"))
+    monkeypatch.undo()
+    retry = demo_cfg(tmp_path, "MODEL.name", "tiny", "TRAIN.ckpt_every_steps", "0", "TRAIN.resume", "false",
+                     "OPTIMIZER.lr", "0.01")
+    assert main(retry)["last"]["epoch"] == 3  # same name, another lr: nothing to resume, nothing refused
+    assert config.load(os.path.join(config.run_dir(retry), "config.yaml")) == retry
 
 
 def test_a_non_finite_loss_can_skip_the_step(tmp_path, monkeypatch):

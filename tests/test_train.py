@@ -67,6 +67,8 @@ def test_a_run_writes_checkpoints_metrics_results_and_tensorboard(tmp_path):
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert float(rows[-1]["test_acc"]) == pytest.approx(saved["last"]["acc"])
 
+    # best.pt is a second name of last.pt's file when the last epoch was the best
+    assert os.path.samefile(os.path.join(d, "best.pt"), os.path.join(d, "last.pt")) == (saved["best"]["epoch"] == 2)
     ckpt = checkpoint.load(os.path.join(d, "last.pt"))
     assert {"model", "optimizer", "lr_scheduler", "scaler", "epoch", "rng", "best"} <= set(ckpt)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
@@ -120,6 +122,13 @@ def test_an_existing_run_is_never_overwritten(tmp_path):
     with pytest.raises(BsdistError, match="already holds a run.*TRAIN.resume auto"):
         main(cfg)
     assert snapshot(run_dir(cfg)) == before
+
+
+def test_resume_true_insists_on_a_checkpoint(tmp_path):
+    cfg = demo_cfg(tmp_path, "TRAIN.epochs", "1", "TRAIN.resume", "true")
+    with pytest.raises(BsdistError, match="TRAIN.resume true but .* holds no checkpoint.*TRAIN.resume auto"):
+        main(cfg)
+    assert not os.path.exists(run_dir(cfg))
 
 
 def test_resuming_a_finished_run_returns_its_results_without_training(tmp_path):
@@ -208,3 +217,13 @@ def test_a_resumed_compiled_run_compiles_what_a_fresh_run_compiles(tmp_path, mon
     counters.clear()
     main(cfg)
     assert 2 <= counters["stats"]["unique_graphs"] == fresh  # train and eval graphs, no recompile
+
+
+def test_what_a_checkpoint_write_cut_short_left_is_removed_when_the_run_starts(tmp_path):
+    cfg = demo_cfg(tmp_path, "TRAIN.epochs", "1", "MODEL.name", "tiny")
+    os.makedirs(run_dir(cfg))
+    orphan = os.path.join(run_dir(cfg), "last.pt.tmp.4242")
+    open(orphan, "wb").write(b"half a checkpoint")
+    main(cfg)
+    assert not os.path.exists(orphan)
+    assert "removed last.pt.tmp.4242" in open(os.path.join(run_dir(cfg), "log.txt")).read()
