@@ -22,8 +22,9 @@ class BalancedSoftmax(nn.Module):
             raise BsdistError(f"BalancedSoftmax needs a positive count for every class, got {counts.tolist()}")
         self.register_buffer("log_prior", counts.log().float())
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float() + self.log_prior, target)
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """reduction "mean", "sum" or "none" (per image), as the official implementation takes it."""
+        return F.cross_entropy(logits.float() + self.log_prior, target, reduction=reduction)
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):

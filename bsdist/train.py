@@ -235,3 +235,8 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSig
     out.info(f"done: {describe_best(best)}; "
              f"last test acc {last['acc']:.4f} bcr {last['bcr']:.4f}; results in {config.run_dir(cfg)}/results.json")
     return results
+
+
+if __name__ == "__main__":  # `python -m bsdist.train CONFIG ...` is launch.py
+    from bsdist.cli import run
+    sys.exit(run())

@@ -11,7 +11,7 @@
 #
 # STATE_DIR defaults to $BSDIST_SLURM_DIR, else /tmp/bsdist-slurm.  Every client command (sbatch, srun,
 # squeue, sacct, scancel, scontrol, sinfo, sacctmgr) needs SLURM_CONF=STATE_DIR/etc/slurm.conf.
-# The cluster: one node (`hostname -s`, CPUs=nproc, RealMemory a bit below the machine's), partitions
+# The cluster: one node (`hostname -s`, CPUs = the machine's, whatever OMP_NUM_THREADS says, RealMemory a bit below the machine's), partitions
 # `gpu` (default; just a name, no GRES: --gpus fails) and `debug`, accounting on (slurmdbd + MariaDB, so
 # sacct sees every job end), requeue allowed and quick (seconds).  The daemons listen on loopback only:
 # on the address the hostname resolves to (127.0.0.1; 127.0.1.1 on a stock Debian laptop), slurmctld
@@ -19,13 +19,15 @@
 # Needs root (Slurm and the jobs run as root).  Written against Debian 12 (Slurm 22.05, MariaDB 10.11).
 #
 # Environment: BSDIST_SLURM_DIR (state dir), BSDIST_SLURM_PORT (base port), BSDIST_SLURM_CPUS (CPUs the
-# node offers, default nproc; more than nproc oversubscribes the cores), BSDIST_SLURM_CRED_EXPIRE
+# node offers, default the machine's; more oversubscribes the cores), BSDIST_SLURM_CRED_EXPIRE
 # (seconds a requeued job waits before it runs again, default 5, at least 5), BSDIST_SLURM_CACHE
 # (where a pristine MariaDB data directory is kept, default /var/cache/bsdist-slurm; empty: none).
 set -euo pipefail
 
 die() { echo "dev-cluster: error: $*" >&2; exit 1; }
 say() { echo "dev-cluster: $*"; }
+# the CPUs this machine gives us: nproc alone honours OMP_NUM_THREADS (with 1, a 2-task job pended forever)
+real_cpus() { OMP_NUM_THREADS='' OMP_THREAD_LIMIT='' nproc; }
 
 usage() {
     sed -n '2,/^set -euo/p' "$0" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//'
@@ -206,7 +208,7 @@ write_configs() {
         addr=127.0.0.1 comm=
     fi
     ADDR=$addr
-    cpus=${BSDIST_SLURM_CPUS:-$(nproc)}
+    cpus=${BSDIST_SLURM_CPUS:-$(real_cpus)}
     [[ $cpus =~ ^[1-9][0-9]*$ ]] || die "BSDIST_SLURM_CPUS must be a positive number"
     mem_kib=$(awk '/^MemTotal:/ { print $2 }' /proc/meminfo)
     mem_mib=$((mem_kib / 1024))
@@ -262,7 +264,7 @@ AccountingStorageHost=$addr
 AccountingStoragePort=$((PORT + 2))
 AccountingStoragePass=$MUNGE_SOCK
 JobCompType=jobcomp/none
-$( ((cpus > $(nproc))) && echo "SlurmdParameters=config_overrides   # more CPUs than the machine has (BSDIST_SLURM_CPUS)")
+$( ((cpus > $(real_cpus))) && echo "SlurmdParameters=config_overrides   # more CPUs than the machine has (BSDIST_SLURM_CPUS)")
 NodeName=$host NodeAddr=$addr CPUs=$cpus RealMemory=$real_mib State=UNKNOWN
 PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP
 PartitionName=debug Nodes=$host Default=NO MaxTime=INFINITE State=UP

@@ -69,3 +69,9 @@ def test_under_torchrun_an_error_is_printed_once(tmp_path):
 def test_an_unknown_option_is_named(tmp_path):
     proc = launch(["configs/demo.yaml", "--epochs", "3"], timeout=60)
     assert proc.returncode == 2 and "unknown option --epochs" in proc.stderr
+
+
+def test_python_m_bsdist_train_is_launch_py():
+    proc = subprocess.run([sys.executable, "-m", "bsdist.train", "configs/demo.yaml", "TRAIN.epoch", "1"], cwd=ROOT,
+                          env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: unknown config key TRAIN.epoch; did you mean TRAIN.epochs?"

@@ -69,3 +69,17 @@ def test_every_rank_stops_when_a_rank_built_another_training_set():
     results, errors = run_ranks(_prior_worker, 2, [{0: 50, 1: 20}, {0: 50, 1: 21}], timeout=120)
     assert sorted(errors) == [0, 1]  # both ranks raise, neither hangs
     assert all("BsdistError" in e and "class counts differ" in e for e in errors.values())
+
+
+def test_balanced_softmax_reduces_as_the_official_implementation_allows():
+    counts, logits, target = [50, 5, 1], torch.randn(6, 3), torch.randint(0, 3, (6,))
+    loss = BalancedSoftmax(counts)
+    per_image = loss(logits, target, reduction="none")
+    assert per_image.shape == (6,)
+    assert torch.allclose(loss(logits, target, reduction="sum"), per_image.sum())
+    assert torch.allclose(loss(logits, target), per_image.mean())
+
+
+def test_the_reference_dataset_import_works():
+    from bsdist.data import CIFAR10LT, CIFAR100LT, DigitsLT  # the reference's `from datasets import CIFAR10LT`
+    assert (CIFAR10LT.num_classes, CIFAR100LT.num_classes, DigitsLT.num_classes) == (10, 100, 10)

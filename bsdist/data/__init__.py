@@ -10,11 +10,11 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 
 from bsdist.data.augment import BatchAugment
-from bsdist.data.datasets import DATASETS, LongTailDataset, collate_batch
+from bsdist.data.datasets import CIFAR10LT, CIFAR100LT, DATASETS, DigitsLT, LongTailDataset, collate_batch
 from bsdist.distributed import DistEnv, main_process_first
 from bsdist.errors import BsdistError
 
-__all__ = ["DATASETS", "Data", "DeviceLoader", "ResumableBatchSampler", "ShardSampler", "build_data", "check_available"]
+__all__ = ["CIFAR10LT", "CIFAR100LT", "DATASETS", "Data", "DigitsLT", "DeviceLoader", "ResumableBatchSampler", "ShardSampler", "build_data", "check_available"]
 
 
 class ShardSampler(Sampler):
