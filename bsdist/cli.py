@@ -78,8 +78,20 @@ def run(argv=None) -> int:
             if args.debug:
                 traceback.print_exc()
             print(f"error: {e}", file=sys.stderr, flush=True)
+            tell_launcher(f"error: {e}")
         return e.exit_code
     return 0
+
+
+def tell_launcher(message: str) -> None:
+    """Under torchrun, put the message where its failure summary (the last lines a user sees) shows it."""
+    import json
+    import os
+    import time
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
 
 
 def submit_to_slurm(args) -> int:
