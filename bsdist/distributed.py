@@ -72,15 +72,12 @@ def init_distributed(device_type: str, timeout_s: float, backend: str = "auto") 
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         if "MASTER_ADDR" in os.environ:
-            try:
-                dist.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo", rank=rank, world_size=world_size,
-                                        timeout=timeout)
-            except RuntimeError as e:
-                if not restarted_by_launcher():
-                    raise
-                # torchrun's shared rendezvous store can hand a restarted group the old peers (pytorch#135712)
-                raise BsdistError(f"the process group could not form again after torchrun restarted it ({str(e).splitlines()[0][:120]}); "
-                                  "start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment") from None
+            # torchrun keeps one rendezvous store for every restart of the worker group, so a restarted group
+            # could read the keys of the one before (pytorch#135712): each attempt gets keys of its own.
+            store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo", rank=rank, world_size=world_size,
+                                    timeout=timeout, store=dist.PrefixStore(f"bsdist/attempt-{attempt}", store))
         else:
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     if nccl:

@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import time
 
@@ -60,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> list[str]:
 def tasks_per_node(args, cfg: dict) -> int:
     gpus = _gpus_per_node(args, cfg)
     if gpus and args.ntasks_per_node not in (None, gpus):
+        if args.gpus_per_node is None:  # the default: one GPU, as TRAIN.device is not cpu
+            raise BsdistError(f"--ntasks-per-node {args.ntasks_per_node} asks for CPU tasks, but TRAIN.device "
+                              f"{cfg['TRAIN']['device']} gives each task a GPU (one by default): set TRAIN.device cpu (or "
+                              f"--gpus-per-node 0) for CPU tasks, or --gpus-per-node {args.ntasks_per_node} for GPU tasks")
         raise BsdistError(f"--ntasks-per-node {args.ntasks_per_node} disagrees with --gpus-per-node {gpus}: bsdist runs one task "
                           "per GPU; drop --ntasks-per-node")
     return gpus or args.ntasks_per_node or 1
@@ -198,18 +203,44 @@ def submit(args, cfg: dict) -> int:
     if not args.wait:
         print(f"follow it with: squeue -j {job.job_id}; tensorboard --logdir {run_dir}", flush=True)
         return 0
-    results = wait_for(job)
+    results = wait_for(job, run_dir)
     print(f"job {job.job_id} done: {describe_best(results['best'])}; results in {run_dir}/results.json", flush=True)
     return 0
 
 
-def wait_for(job) -> dict:
-    """Rank 0's results once every task ended; a failed, cancelled or timed-out job is one clear error."""
+# Pending reasons SLURM keeps for ever: the request exceeds what the partition, its nodes or the account allow.
+HOPELESS = {"PartitionConfig": "the request exceeds what the partition's nodes offer (CPUs, memory, GPUs per node)",
+            "PartitionNodeLimit": "more nodes than the partition allows", "PartitionTimeLimit": "a longer time than the "
+            "partition allows", "BadConstraints": "constraints no node satisfies", "InvalidAccount": "an unknown account",
+            "InvalidQOS": "an unknown QOS"}
+
+
+def pending_reason(job_id: str) -> str | None:
+    """Why SLURM holds the job pending (squeue's reason), or None when it is not pending or squeue cannot say."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-t", "PENDING", "-o", "%r"], capture_output=True,
+                             text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out[0] if out else None
+
+
+def wait_for(job, run_dir: str | None = None) -> dict:
+    """Rank 0's results once every task ended; a failed, cancelled or timed-out job, or one SLURM can never
+    start, is one clear error."""
     from submitit.core.utils import FailedJobError, UncompletedJobError
     started = time.monotonic()
     # ask sacct at least every 10 s: submitit's own polling backs off to 10 minutes, so a job cancelled
     # late in a long run would be noticed that much later
     while not all(job.task(i).done(force_check=True) for i in range(job.num_tasks)):
+        reason = pending_reason(job.job_id)
+        if reason in HOPELESS:
+            subprocess.run(["scancel", str(job.job_id)], capture_output=True, timeout=30)
+            kept = run_dir and os.path.exists(os.path.join(run_dir, "last.pt"))
+            raise BsdistError(f"job {job.job_id} can never start: SLURM holds it pending ({reason}: {HOPELESS[reason]}), "
+                              "so it was cancelled; ask for less (--nodes, --gpus-per-node, --ntasks-per-node, --cpus-per-task, "
+                              "--mem-gb, --timeout-min) or another --partition"
+                              + (", with TRAIN.resume auto to continue from last.pt" if kept else ""))
         time.sleep(min(10.0, 1.0 + (time.monotonic() - started) / 10))
     try:
         return job.results()[0]
@@ -244,7 +275,7 @@ def submit_sweep(args, runs: list) -> int:
     failed = []
     for (i, run), job in zip(pending, jobs):
         try:
-            print(f"[{i}/{len(runs)}] {run.label}: done, {describe_best(wait_for(job)['best'])}", flush=True)
+            print(f"[{i}/{len(runs)}] {run.label}: done, {describe_best(wait_for(job, run.run_dir)['best'])}", flush=True)
         except BsdistError as e:
             failed.append(run.label)
             print(f"[{i}/{len(runs)}] {run.label}: FAILED: {e}", flush=True)

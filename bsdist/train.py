@@ -112,7 +112,7 @@ def _release_frames(failure: BaseException | None) -> None:
 
 
 class StopSignals:
-    """SIGTERM / SIGINT / SIGUSR2 ask training to stop at the next optimiser step with a checkpoint (a
+    """SIGTERM / SIGINT / SIGUSR2 ask training to stop at the next check point with a checkpoint (a
     second SIGINT interrupts at once). The previous handlers come back afterwards: under SLURM that is
     submitit's USR2 handler, which then requeues the job (bsdist.slurm)."""
 

@@ -133,7 +133,7 @@ def test_a_worker_killed_under_torchrun_restarts_and_ends_like_an_uninterrupted_
     reference = launch(args(tmp_path / "straight"), prefix=torchrun)
     out, err = reference.communicate(timeout=400)
     assert reference.returncode == 0, err[-3000:]
-    proc = launch(args(tmp_path / "killed"), prefix=torchrun, extra_env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    proc = launch(args(tmp_path / "killed"), prefix=torchrun)  # torchrun's shared store, as it comes (pytorch#135712)
     run = str(tmp_path / "killed" / "DigitsLT" / "resnet18" / "BalancedSoftmax-exp-IF_10")
     wait_for(os.path.join(run, "last.pt"), proc)
     workers = children(proc.pid)
@@ -263,3 +263,36 @@ def test_a_full_disk_during_a_checkpoint_write_stops_the_run_keeping_the_previou
     assert (kept["epoch"], kept["progress"]["step"]) == (0, 4)  # the second write (step 4 of epoch 1), whole
     assert sorted(os.listdir(config.run_dir(cfg))) == sorted(
         ["config.yaml", "last.pt", "log.txt", *[f for f in os.listdir(config.run_dir(cfg)) if "tfevents" in f]])
+
+
+@pytest.mark.slow
+def test_ten_worker_kills_in_a_row_under_plain_torchrun_each_resume(tmp_path):
+    """Restarts need no TORCH_DISABLE_SHARE_RDZV_TCP_STORE: every attempt's group has keys of its own."""
+    kills = 10
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "--max-restarts", str(kills))
+    proc = launch([*run_args(tmp_path), "DATASET.batch_size", "64", "TRAIN.epochs", "12", "TRAIN.ckpt_every_steps", "1"],
+                  prefix=torchrun)
+    run = str(tmp_path / "DigitsLT" / "resnet18" / "BalancedSoftmax-exp-IF_10")
+    log, last = os.path.join(run, "log.txt"), os.path.join(run, "last.pt")
+    try:
+        for kill in range(kills):
+            deadline = time.time() + 240
+            # the group of this attempt has resumed (after the first kill) and written a checkpoint of its own
+            while not (os.path.exists(log) and open(log).read().count("resumed from") == kill and os.path.exists(last)
+                       and (kill == 0 or os.path.getmtime(last) > resumed_at)):
+                assert proc.poll() is None, proc.communicate()[1][-3000:]
+                assert time.time() < deadline, f"attempt {kill} never resumed and saved"
+                time.sleep(0.05)
+            workers = children(proc.pid)
+            assert len(workers) == 2, workers
+            os.kill(workers[kill % 2], signal.SIGKILL)
+            resumed_at = time.time()
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert open(log).read().count("resumed from") == kills
+    with open(os.path.join(run, "results.json")) as f:
+        assert json.load(f)["last"]["epoch"] == 12

@@ -35,6 +35,10 @@ def test_one_task_per_gpu_by_default_and_tasks_per_node_on_cpu():
 def test_flags_that_contradict_or_are_out_of_range_are_refused():
     with pytest.raises(BsdistError, match="one task per GPU"):
         slurm.tasks_per_node(parse("--gpus-per-node", "4", "--ntasks-per-node", "2"), demo())
+    # CPU tasks asked for while TRAIN.device auto means a GPU per task: the hint is the device, not the flag
+    with pytest.raises(BsdistError, match="asks for CPU tasks.*set TRAIN.device cpu \\(or --gpus-per-node 0\\)"):
+        slurm.tasks_per_node(parse("--ntasks-per-node", "2"), demo())
+    assert slurm.tasks_per_node(parse("--ntasks-per-node", "2", "--gpus-per-node", "0"), demo()) == 2
     for argv, message in ((["--nodes", "0"], "--nodes must be at least 1"),
                           (["--gpus-per-node", "-1"], "--gpus-per-node must be 0 or more"),
                           (["--slurm-extra", "reservation"], "must be KEY=VALUE"),
@@ -90,3 +94,32 @@ def test_the_task_pickles_and_its_checkpoint_is_a_fresh_task_for_the_same_run():
 def test_every_submission_gets_a_new_folder_inside_the_run_directory(tmp_path):
     first, second = slurm.submission_folder(str(tmp_path)), slurm.submission_folder(str(tmp_path))
     assert first != second and os.path.dirname(first) == str(tmp_path / "slurm")
+
+
+def test_waiting_on_a_job_slurm_can_never_start_cancels_it_with_the_reason(tmp_path, monkeypatch):
+    """squeue and scancel stand in for a cluster whose node offers fewer CPUs than the job asks."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho PartitionConfig\n")
+    (bin_dir / "scancel").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/cancelled\n")
+    for tool in ("squeue", "scancel"):
+        os.chmod(bin_dir / tool, 0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    class PendingForever:
+        job_id, num_tasks = "4242", 2
+
+        def task(self, i):
+            return self
+
+        def done(self, force_check=False):
+            return False
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.raises(BsdistError, match=r"job 4242 can never start: SLURM holds it pending \(PartitionConfig: .*cancelled"
+                                          r".*--cpus-per-task.*--partition$"):
+        slurm.wait_for(PendingForever(), str(run_dir))
+    assert (tmp_path / "cancelled").read_text().strip() == "4242"
+    (run_dir / "last.pt").touch()
+    with pytest.raises(BsdistError, match="TRAIN.resume auto to continue from last.pt"):
+        slurm.wait_for(PendingForever(), str(run_dir))
