@@ -11,12 +11,12 @@ import os
 import shutil
 import time
 
-import numpy as np
-
 from bsdist import checkpoint
 from bsdist.config import dump
 from bsdist.distributed import DistEnv
 from bsdist.errors import BsdistError
+from bsdist.figures import MAX_HEATMAP_CLASSES, class_figure
+from bsdist.metrics import FEW_SHOT, MANY_SHOT, shot_groups
 
 SCALARS = ("acc", "bcr", "loss", "many", "medium", "few")
 
@@ -81,12 +81,28 @@ class RunOutput:
             if value is not None:
                 self.writer.add_scalar(tag, value, step)
 
+    def classes(self, num_per_cls: list[int], class_names: list[str] | None, step: int) -> None:
+        """What the pictures and per-class curves name; a text summary of the training counts per class."""
+        self.num_per_cls = num_per_cls
+        self.class_names = class_names or [str(c) for c in range(len(num_per_cls))]
+        groups = shot_groups(num_per_cls)
+        rows = ["| class | training images | shot |", "| --- | ---: | --- |"]
+        shot = {c: g for g, members in groups.items() for c in members}
+        rows += [f"| {c} {name} | {n} | {shot[c]} |" for c, (name, n) in enumerate(zip(self.class_names, num_per_cls))]
+        self.writer.add_text("classes", f"{len(num_per_cls)} classes, {sum(num_per_cls)} training images; many-shot: more "
+                             f"than {MANY_SHOT} ({len(groups['many'])} classes), medium: {FEW_SHOT} to {MANY_SHOT} "
+                             f"({len(groups['medium'])}), few: fewer than {FEW_SHOT} ({len(groups['few'])})\n\n"
+                             + "\n".join(rows), step)
+
     def eval_metrics(self, split: str, metrics: dict, step: int) -> None:
         self.scalars({f"{split}/{k}": metrics[k] for k in SCALARS}, step)
         for c, recall in enumerate(metrics["per_class_recall"]):
             if recall is not None:
-                self.writer.add_scalar(f"{split}_recall/class_{c:03d}", recall, step)
-        self.writer.add_image(f"{split}/confusion", confusion_image(metrics["confusion"]), step, dataformats="HWC")
+                self.writer.add_scalar(f"{split}_recall/{c:03d} {self.class_names[c]}", recall, step)
+        figure = class_figure(metrics["confusion"], self.num_per_cls, self.class_names,
+                              f"{split} {'confusion' if len(self.num_per_cls) <= MAX_HEATMAP_CLASSES else 'recall by class'}, step {step}")
+        self.writer.add_image(f"{split}/{'confusion' if len(self.num_per_cls) <= MAX_HEATMAP_CLASSES else 'recall_by_class'}", figure, step,
+                              dataformats="HWC")
 
     def epoch_row(self, row: dict) -> None:
         path = self.path("metrics.csv")
@@ -150,16 +166,6 @@ class RunOutput:
         for summary in hparams(flat, metrics):
             self.writer.file_writer.add_summary(summary)
         self.writer.add_text("config", "```\n" + dump(cfg) + "```", 0)
-
-
-def confusion_image(confusion: list[list[int]], size: int = 400) -> np.ndarray:
-    """Row-normalised confusion matrix as an RGB heat map (white 0 -> dark blue 1), cells enlarged."""
-    m = np.asarray(confusion, dtype=np.float64)
-    m = m / np.maximum(m.sum(1, keepdims=True), 1)
-    cell = max(1, size // len(m))
-    low, high = np.array([1.0, 1.0, 1.0]), np.array([0.03, 0.19, 0.42])
-    rgb = low + m[..., None] * (high - low)
-    return np.kron(rgb, np.ones((cell, cell, 1))).astype(np.float32)
 
 
 def make_output(env: DistEnv, run_dir: str):

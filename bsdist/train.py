@@ -172,6 +172,7 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSig
     checkpoint_bytes = 3 * sum(p.numel() * p.element_size() for p in model.module.parameters())  # model, momentum, slack
     with main_process_first(env):  # rank 0 makes the run directory; if it cannot, every rank stops
         out.start(cfg, state.step if resume_from else None, start_epoch, checkpoint_bytes)
+    out.classes(num_per_cls, data.class_names, state.step)
     select_on = "val" if "val" in data.eval else "test"
     out.info(f"{env.world_size} process(es) on {env.device.type}; {len(data.train.dataset)} training images "
              f"{list(num_per_cls)}; run directory {config.run_dir(cfg)}")

@@ -86,6 +86,7 @@ class Data:
     num_per_cls: dict
     num_classes: int
     in_channels: int
+    class_names: list[str] | None = None  # None: the class indices
 
 
 def check_available(cfg: dict) -> None:
@@ -119,4 +120,5 @@ def build_data(cfg: dict, env: DistEnv) -> Data:
     train_loader = loader(train, sampler, local_batch, True, d["num_workers"])
     eval_loaders = {name: loader(ds, eval_samplers[name], d["test_batch_size"], False, 0) for name, ds in splits.items()}
     augment = BatchAugment(len(train), cls.mean, cls.std, d["aug_info"], d["crop_padding"], seed, env.device)
-    return Data(train_loader, sampler, eval_loaders, augment, train.num_per_cls, cls.num_classes, train.data.shape[-1])
+    return Data(train_loader, sampler, eval_loaders, augment, train.num_per_cls, cls.num_classes, train.data.shape[-1],
+                train.class_names)

@@ -65,6 +65,10 @@ class LongTailDataset(ImageArrays):
             data, targets = data[keep], targets[keep]
         super().__init__(data, targets)
         self.num_per_cls = {c: int(n) for c, n in enumerate(np.bincount(self.targets, minlength=self.num_classes))}
+        self.class_names = self._class_names()
+
+    def _class_names(self) -> list[str]:
+        return [str(c) for c in range(self.num_classes)]
 
     @classmethod
     def check_available(cls, root: str, download: bool) -> None:
@@ -83,6 +87,7 @@ class _CIFAR(LongTailDataset):
     train_files: tuple
     test_files: tuple
     meta_file: str
+    names_key: str
     label_key: str
 
     @classmethod
@@ -110,6 +115,15 @@ class _CIFAR(LongTailDataset):
         except Exception as e:  # network errors come in many types; all mean the same to the user
             raise BsdistError(f"could not download {tv.url} into {self.root} ({type(e).__name__}: {e}); "
                               f"place the extracted {self.folder}/ there by hand and set DATASET.download false") from None
+
+    def _class_names(self) -> list[str]:
+        """The names in the meta file (label_names, fine_label_names), or the class indices if it has none."""
+        try:
+            with open(os.path.join(self.root, self.folder, self.meta_file), "rb") as f:
+                names = pickle.load(f, encoding="latin1")[self.names_key]
+        except (OSError, KeyError, pickle.UnpicklingError, EOFError):
+            names = None
+        return [str(n) for n in names] if names is not None and len(names) == self.num_classes else super()._class_names()
 
     def _read(self, train: bool):
         base = os.path.join(self.root, self.folder)
@@ -141,6 +155,7 @@ class CIFAR10LT(_CIFAR):
     train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
     test_files = ("test_batch",)
     meta_file = "batches.meta"
+    names_key = "label_names"
     label_key = "labels"
 
 
@@ -153,6 +168,7 @@ class CIFAR100LT(_CIFAR):
     train_files = ("train",)
     test_files = ("test",)
     meta_file = "meta"
+    names_key = "fine_label_names"
     label_key = "fine_labels"
 
 
