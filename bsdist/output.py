@@ -88,17 +88,22 @@ class RunOutput:
         groups = shot_groups(num_per_cls)
         rows = ["| class | training images | shot |", "| --- | ---: | --- |"]
         shot = {c: g for g, members in groups.items() for c in members}
-        rows += [f"| {c} {name} | {n} | {shot[c]} |" for c, (name, n) in enumerate(zip(self.class_names, num_per_cls))]
-        self.writer.add_text("classes", f"{len(num_per_cls)} classes, {sum(num_per_cls)} training images; many-shot: more "
-                             f"than {MANY_SHOT} ({len(groups['many'])} classes), medium: {FEW_SHOT} to {MANY_SHOT} "
-                             f"({len(groups['medium'])}), few: fewer than {FEW_SHOT} ({len(groups['few'])})\n\n"
+        rows += [f"| {self._label(c)} | {n} | {shot[c]} |" for c, n in enumerate(num_per_cls)]
+        self.writer.add_text("classes", f"{len(num_per_cls)} classes, {sum(num_per_cls)} training images. Classes by training "
+                             f"images: many-shot (more than {MANY_SHOT}) {len(groups['many'])}, medium ({FEW_SHOT} to "
+                             f"{MANY_SHOT}) {len(groups['medium'])}, few (fewer than {FEW_SHOT}) {len(groups['few'])}.\n\n"
                              + "\n".join(rows), step)
+
+    def _label(self, c: int) -> str:
+        """`003 cat` where the class has a name, `003` where its name is its index (zero-padded, so tags sort)."""
+        name = self.class_names[c]
+        return f"{c:03d} {name}" if name != str(c) else f"{c:03d}"
 
     def eval_metrics(self, split: str, metrics: dict, step: int) -> None:
         self.scalars({f"{split}/{k}": metrics[k] for k in SCALARS}, step)
         for c, recall in enumerate(metrics["per_class_recall"]):
             if recall is not None:
-                self.writer.add_scalar(f"{split}_recall/{c:03d} {self.class_names[c]}", recall, step)
+                self.writer.add_scalar(f"{split}_recall/{self._label(c)}", recall, step)
         figure = class_figure(metrics["confusion"], self.num_per_cls, self.class_names,
                               f"{split} {'confusion' if len(self.num_per_cls) <= MAX_HEATMAP_CLASSES else 'recall by class'}, step {step}")
         self.writer.add_image(f"{split}/{'confusion' if len(self.num_per_cls) <= MAX_HEATMAP_CLASSES else 'recall_by_class'}", figure, step,
