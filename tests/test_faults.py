@@ -290,7 +290,9 @@ def test_ten_worker_kills_in_a_row_under_plain_torchrun_each_resume(tmp_path):
             resumed_at = time.time()
         out, err = proc.communicate(timeout=600)
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # a failed test leaves no worker behind
+            for worker in children(proc.pid):
+                os.kill(worker, signal.SIGKILL)
             proc.kill()
     assert proc.returncode == 0, err[-3000:]
     assert open(log).read().count("resumed from") == kills
