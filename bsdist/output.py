@@ -12,6 +12,7 @@ import shutil
 import time
 
 from bsdist import checkpoint
+from bsdist import config
 from bsdist.config import dump
 from bsdist.distributed import DistEnv
 from bsdist.errors import BsdistError
@@ -19,6 +20,11 @@ from bsdist.figures import MAX_HEATMAP_CLASSES, class_figure
 from bsdist.metrics import FEW_SHOT, MANY_SHOT, shot_groups
 
 SCALARS = ("acc", "bcr", "loss", "many", "medium", "few")
+BEST = ("bcr", "acc", "many", "medium", "few", "epoch")  # of the selected model (best.pt), in TensorBoard's best/*
+# The settings in TensorBoard's hparams table. It sorts them by name and shows the first five unless asked
+# for more, so the five that tell runs apart are the five that sort first; the rest are a click away.
+HPARAMS = ("DATASET.imbalance_factor", "DATASET.name", "DEFAULT.seed", "LOSS.name", "OPTIMIZER.lr",
+           "OPTIMIZER.weight_decay", "SCHEDULER.sched_name", "TRAIN.epochs", "TRAIN.mixed_precision")
 
 
 class NullOutput:
@@ -158,17 +164,22 @@ class RunOutput:
         os.replace(path + ".tmp", path)
 
     def _hparams(self, cfg: dict) -> None:
+        """The settings that tell runs apart (HPARAMS) with their domains, and the metrics of the selected
+        model (best/*) and of the last epoch's splits."""
         from torch.utils.tensorboard.summary import hparams
-        flat = {}
-        for section, values in cfg.items():
-            for key, value in values.items():
-                if isinstance(value, dict):
-                    flat.update({f"{section}.{key}.{k}": v for k, v in value.items()})
-                else:
-                    flat[f"{section}.{key}"] = value
-        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
-        metrics = {f"{split}/{m}": 0.0 for split in ("test", "val") for m in ("acc", "bcr")}
-        for summary in hparams(flat, metrics):
+        values, domains = {}, {}
+        for key in HPARAMS:
+            value, f = config.get(cfg, key), config.FIELDS[key]
+            if f.kind in ("bool", "auto_bool") or value is None:
+                value = str(value).lower()  # true / false / auto / none, not 1 / 0
+                domains[key] = ["false", "true"] + (["auto"] if f.kind == "auto_bool" else [])
+            elif f.kind == "choice":
+                domains[key] = [str(c) for c in f.choices] + (["none"] if f.nullable else [])
+            values[key] = value if isinstance(value, (int, float, str)) else str(value)
+        splits = ["val", "test"] if cfg["DATASET"]["val_per_cls"] else ["test"]
+        metrics = {f"best/{m}": 0.0 for m in BEST}
+        metrics.update({f"{split}/{m}": 0.0 for split in splits for m in ("acc", "bcr")})
+        for summary in hparams(values, metrics, hparam_domain_discrete=domains):
             self.writer.file_writer.add_summary(summary)
         self.writer.add_text("config", "```\n" + dump(cfg) + "```", 0)
 

@@ -24,7 +24,7 @@ from bsdist.losses import broadcast_class_prior, build_loss
 from bsdist.metrics import describe_best
 from bsdist.models import build_model
 from bsdist.optim import build_optimizer, build_scheduler
-from bsdist.output import make_output
+from bsdist.output import BEST, make_output
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
 RUN_FILES = ("last.pt", "results.json")  # what makes a run directory hold a run: trained weights, or a finished run
@@ -216,6 +216,7 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSig
             best = {"score": score, **last}
         for split, metrics in evaluated.items():
             out.eval_metrics(split, metrics, state.step)
+        out.scalars({f"best/{k}": best[k] for k in BEST}, state.step)
         out.epoch_row({"epoch": epoch + 1, "step": state.step, "train_loss": train_loss,
                        "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 3),
                        **{f"{split}_{k}": m[k] for split, m in evaluated.items() for k in ("loss", "acc", "bcr", "many", "medium", "few")}})

@@ -80,7 +80,28 @@ def test_a_run_writes_checkpoints_metrics_results_and_tensorboard(tmp_path):
             "test/few", "test_recall/000", "test_recall/009"} <= scalars
     assert "test/confusion" in acc.Tags()["images"]
     assert [e.value for e in acc.Scalars("test/acc")][-1] == pytest.approx(saved["last"]["acc"])
-    assert any("hparams" in tag for tag in acc.summary_metadata) or acc.Tags()["tensors"]  # hparams + config text
+    assert_hparams(acc, saved)
+
+
+def assert_hparams(acc, results):
+    """The hparams table: the telling settings first, with their domains; the selected model's metrics."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from bsdist.output import HPARAMS
+    data = lambda tag: plugin_data_pb2.HParamsPluginData.FromString(acc.SummaryMetadata(tag).plugin_data.content)  # noqa: E731
+    experiment = data("_hparams_/experiment").experiment
+    names = [h.name for h in experiment.hparam_infos]
+    assert names == list(HPARAMS)
+    # TensorBoard shows the five that sort first: they must be the ones that tell runs apart
+    assert sorted(names)[:5] == ["DATASET.imbalance_factor", "DATASET.name", "DEFAULT.seed", "LOSS.name", "OPTIMIZER.lr"]
+    domains = {h.name: [v.string_value for v in h.domain_discrete.values] for h in experiment.hparam_infos}
+    assert domains["LOSS.name"] == ["CrossEntropyLoss", "BalancedSoftmax"] and domains["TRAIN.mixed_precision"][0] == "auto"
+    metrics = [m.name.tag for m in experiment.metric_infos]
+    assert metrics[:6] == ["best/bcr", "best/acc", "best/many", "best/medium", "best/few", "best/epoch"]
+    assert not any(m.startswith("val/") for m in metrics)  # no validation split: no empty val columns
+    session = data("_hparams_/session_start_info").session_start_info.hparams
+    assert session["LOSS.name"].string_value == "BalancedSoftmax" and session["TRAIN.mixed_precision"].string_value == "no"
+    assert acc.Scalars("best/bcr")[-1].value == pytest.approx(results["best"]["bcr"])
+    assert acc.Scalars("best/epoch")[-1].value == results["best"]["epoch"]
 
 
 def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
