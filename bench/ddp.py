@@ -14,13 +14,14 @@ per second over all processes and as a ratio to DDP's defaults:
   the first call, inside DDP's forward, and then splits the graph at the buckets (DDPOptimizer) so
   that all-reduces can overlap the backward; the number of graphs compiled is printed. Wrapping
   first keeps DDP's graph dynamic (DDPOptimizer with a static graph: pytorch#109261).
-Images are scikit-learn's real digits scaled to CIFAR's shape, so the benchmark runs offline.
+BatchNorm is per process in every variant (MODEL.sync_bn false), so that only the DDP options differ;
+the cost of SyncBatchNorm is measured by bench/gpu_check.py. Images are scikit-learn's real digits
+scaled to CIFAR's shape, so the benchmark runs offline.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import statistics
@@ -28,7 +29,7 @@ import time
 
 import torch
 
-from throughput import bsdist_data, cifar_shaped_digits, images_per_second, sync, train_state
+from throughput import bench_config, bsdist_data, cifar_shaped_digits, images_per_second, sync, train_state
 from bsdist import config
 from bsdist.distributed import init_distributed, shutdown, world_size_from_env
 from bsdist.engine import train_one_epoch
@@ -58,29 +59,15 @@ def variants(compile_model: bool, bucket_mb: float) -> dict[str, dict]:
     }
 
 
-class Undistributed(torch.nn.Module):
-    """The bare model with the two DDP members train_one_epoch and evaluate use."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x):
-        return self.module(x)
-
-    def no_sync(self):
-        return contextlib.nullcontext()
-
-
 def build(cfg, spec, env):
+    """(plain module, what training runs) for one variant."""
     if spec.get("bsdist"):  # exactly what a run builds
-        return build_model(cfg, 10, 3, env.device, compile_model=spec.get("compile") == "before")
-    model = create(cfg, 10, 3, env.device)
+        built = build_model(cfg, 10, 3, env.device, compile_model=spec.get("compile") == "before")
+        return built.module, built.train
+    model = create(cfg, 10, 3, env.device, sync_bn=False)
     runnable = torch.compile(model) if spec.get("compile") == "before" else model
     if spec["ddp"] is not None:
         runnable = distribute(runnable, env.device, **spec["ddp"])
-    else:
-        runnable = Undistributed(runnable)
     if spec.get("compile") == "after":
         runnable = torch.compile(runnable)
     return model, runnable
@@ -100,8 +87,8 @@ def main():
     env = init_distributed(config.resolve_device(args.device), 1800)
     rank0 = env.rank == 0
     try:
-        cfg = config.validate(config.defaults(), env.world_size)
         bs, steps = args.batch_size, args.steps
+        cfg = bench_config(bs, config.defaults()["TRAIN"]["mixed_precision"], env, sync_bn=False)
         data, targets = cifar_shaped_digits(bs * steps * env.world_size)
         shard = bsdist_data(data, targets, bs, env.device, world_size=env.world_size, rank=env.rank)
         runs = {}
@@ -126,9 +113,11 @@ def main():
             sync(env.device)
             torch.distributed.barrier()
             t0 = time.perf_counter()
+            before = run["state"].step
             train_one_epoch(run["state"], shard, env, NullOutput(), turn + 1, args.repeats + 1, 10**9)
             sync(env.device)
             run["rates"].append(images_per_second(steps * bs * env.world_size, time.perf_counter() - t0))
+            assert run["state"].step - before == steps, f"timed {run['state'].step - before} steps, asked for {steps}"
 
         if args.compile:  # each compiled variant is timed right after it was compiled, before the next reset
             for name, spec in variants(True, cfg["TRAIN"]["ddp_bucket_mb"]).items():

@@ -1,4 +1,5 @@
-"""Checkpoints: written to a temporary file and renamed into place, so a reader never sees half of one."""
+"""Checkpoints: written to a temporary file and renamed into place, so a reader never sees half of one;
+written on a background thread from a host copy; read without unpickling code."""
 
 from __future__ import annotations
 
@@ -11,21 +12,6 @@ import numpy as np
 import torch
 
 from bsdist.errors import BsdistError
-
-PREFIXES = ("module.", "_orig_mod.")
-
-
-def clean_state_dict(state: dict) -> dict:
-    """Drop DDP / torch.compile prefixes so a checkpoint loads into a plain model."""
-    def strip(key: str) -> str:
-        changed = True
-        while changed:
-            changed = False
-            for p in PREFIXES:
-                if key.startswith(p):
-                    key, changed = key[len(p):], True
-        return key
-    return {strip(k): v for k, v in state.items()}
 
 
 def save_atomic(obj, path: str) -> None:

@@ -78,7 +78,7 @@ def run(argv=None) -> int:
             if args.debug:
                 traceback.print_exc()
             print(f"error: {e}", file=sys.stderr, flush=True)
-            tell_launcher(f"error: {e}")
+        tell_launcher(f"error: {e}")  # every rank: torchrun names whichever failed first
         return e.exit_code
     return 0
 

@@ -116,7 +116,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
 RESUMABLE_CHANGES = {"TRAIN.resume", "TRAIN.log_interval", "TRAIN.compile", "DATASET.num_workers", "TRAIN.ckpt_every_steps",
                      "TRAIN.nonfinite", "DATASET.loader", "TRAIN.check_every_steps", "TRAIN.dist_backend", "TRAIN.ddp_bucket_mb",
                      "DATASET.test_batch_size", "DATASET.download", "DATASET.datadir", "TRAIN.dist_timeout_s",
-                     "TRAIN.dist_startup_timeout_s"}
+                     "TRAIN.dist_startup_timeout_s", "TRAIN.device"}  # TRAIN.device: a GPU run may continue on CPU, and back
 
 
 def _fields(schema=SCHEMA, prefix=""):

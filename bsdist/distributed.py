@@ -79,7 +79,9 @@ def init_distributed(device_type: str, timeout_s: float, backend: str = "auto") 
             dist.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo", rank=rank, world_size=world_size,
                                     timeout=timeout, store=dist.PrefixStore(f"bsdist/attempt-{attempt}", store))
         else:
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            # the same backends as several processes: a CUDA tensor through gloo is copied to the host (a sync)
+            dist.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
     if nccl:
         check_distinct_gpus(all_gather_objects((socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid))))
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)

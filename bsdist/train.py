@@ -186,7 +186,8 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSig
 
     def snapshot(epochs_done: int, at: EpochProgress) -> dict:
         """Everything a resume needs to continue exactly from here (every rank calls it: the RNG states are gathered)."""
-        return {"model": checkpoint.clean_state_dict(model.module.state_dict()), "optimizer": optimizer.state_dict(),
+        return {"model": model.module.state_dict(),  # the plain module: no DDP or compile prefixes
+                "optimizer": optimizer.state_dict(),
                 "lr_scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
                 "epoch": epochs_done, "progress": vars(at), "step": state.step, "best": best, "last": last,
                 "rng": all_gather_objects(checkpoint.rng_state(env.device)),

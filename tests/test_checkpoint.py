@@ -62,11 +62,6 @@ def test_a_damaged_checkpoint_is_one_clear_error(tmp_path):
         checkpoint.load(str(path))
 
 
-def test_prefixes_of_ddp_and_compile_are_stripped():
-    state = {"module._orig_mod.fc.weight": 1, "_orig_mod.module.bn.bias": 2, "conv.weight": 3}
-    assert checkpoint.clean_state_dict(state) == {"fc.weight": 1, "bn.bias": 2, "conv.weight": 3}
-
-
 class Payload:
     """What a malicious checkpoint could carry: unpickling it would call os.system."""
 

@@ -275,19 +275,20 @@ def test_ten_worker_kills_in_a_row_under_plain_torchrun_each_resume(tmp_path):
                   prefix=torchrun)
     run = str(tmp_path / "DigitsLT" / "resnet18" / "BalancedSoftmax-exp-IF_10")
     log, last = os.path.join(run, "log.txt"), os.path.join(run, "last.pt")
+    killed_at = 0.0
     try:
         for kill in range(kills):
             deadline = time.time() + 240
             # the group of this attempt has resumed (after the first kill) and written a checkpoint of its own
             while not (os.path.exists(log) and open(log).read().count("resumed from") == kill and os.path.exists(last)
-                       and (kill == 0 or os.path.getmtime(last) > resumed_at)):
+                       and os.path.getmtime(last) > killed_at):
                 assert proc.poll() is None, proc.communicate()[1][-3000:]
                 assert time.time() < deadline, f"attempt {kill} never resumed and saved"
                 time.sleep(0.05)
             workers = children(proc.pid)
             assert len(workers) == 2, workers
             os.kill(workers[kill % 2], signal.SIGKILL)
-            resumed_at = time.time()
+            killed_at = time.time()
         out, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:  # a failed test leaves no worker behind
