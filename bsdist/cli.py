@@ -2,7 +2,7 @@
 
     launch.py CONFIG [KEY.SUB value ...]            one run (plain python or under torchrun)
     launch.py CONFIG --slurm --partition gpu [...]  the same run submitted to SLURM (bsdist.slurm)
-    launch.py --sweep SWEEP.yaml [--jobs N] [--nproc-per-node K] [--slurm ...]
+    launch.py --sweep SWEEP.yaml [--jobs N] [--nproc-per-node K] [--slurm ...] [KEY.SUB value ...]
     launch.py --report RUNS_DIR
 
 It parses, validates before any process group or directory exists, and hands over; errors are one
@@ -38,9 +38,8 @@ def parse_args(argv):
     modes = [m for m in (args.config, args.sweep, args.report) if m is not None]
     if len(modes) != 1:
         parser.error("give exactly one of CONFIG, --sweep SWEEP.yaml or --report RUNS_DIR")
-    if overrides and args.config is None:
-        parser.error(f"extra arguments ({overrides[0]} ...) go only with a CONFIG: a sweep file sets its own under "
-                     "`overrides:`, and --report takes just RUNS_DIR")
+    if overrides and args.report:
+        parser.error(f"extra arguments ({overrides[0]} ...) do not go with --report, which takes just RUNS_DIR")
     if (args.jobs is not None and args.jobs < 1) or args.nproc_per_node < 1:
         parser.error("--jobs and --nproc-per-node must be at least 1")
     slurm_given = [f"--{k.replace('_', '-')}" for k in slurm_flags if getattr(args, k) != parser.get_default(k)]
@@ -64,7 +63,7 @@ def run(argv=None) -> int:
             return submit_to_slurm(args)
         if args.sweep:
             from bsdist.sweep import run_sweep
-            return run_sweep(args.sweep, jobs=args.jobs or 1, nproc_per_node=args.nproc_per_node)
+            return run_sweep(args.sweep, jobs=args.jobs or 1, nproc_per_node=args.nproc_per_node, overrides=args.overrides)
         if args.report:
             from bsdist.report import write_report
             write_report(args.report)
@@ -100,8 +99,8 @@ def submit_to_slurm(args) -> int:
     slurm.check_arguments(args)
     if args.sweep:
         from bsdist.sweep import check_runs, load_sweep
-        _, runs = load_sweep(args.sweep, 1, device_here=False)  # the task count depends on TRAIN.device
-        _, runs = load_sweep(args.sweep, slurm.world_size(args, runs[0].cfg), device_here=False)
+        _, runs = load_sweep(args.sweep, 1, device_here=False, overrides=args.overrides)  # tasks depend on TRAIN.device
+        _, runs = load_sweep(args.sweep, slurm.world_size(args, runs[0].cfg), device_here=False, overrides=args.overrides)
         check_runs(runs)
         return slurm.submit_sweep(args, runs)
     from bsdist.data import check_available

@@ -21,13 +21,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
 from bsdist import config
-from bsdist.data import check_available
+from bsdist.data import prepare
 from bsdist.errors import BsdistError
 from bsdist.metrics import describe_best
 from bsdist.distributed import LAUNCH_VARIABLES
@@ -63,14 +64,15 @@ def _mapping(value, what: str, path: str) -> dict:
     return value
 
 
-def load_sweep(path: str, world_size: int = 1, device_here: bool = True) -> tuple[str, list[Run]]:
-    """(base config path, validated runs in grid order). Raises BsdistError on any bad run."""
+def load_sweep(path: str, world_size: int = 1, device_here: bool = True, overrides: list[str] = ()) -> tuple[str, list[Run]]:
+    """(base config path, validated runs in grid order). `overrides` (KEY.SUB value pairs from the command
+    line) apply to every run, after the sweep file's. Raises BsdistError on any bad run."""
     spec = config.read_yaml(path, "sweep file", "configs/sweeps/demo.yaml")
     if not isinstance(spec, dict) or set(spec) - SWEEP_KEYS or "base" not in spec:
         raise BsdistError(f"sweep file {path} must be a mapping with base (and optional overrides, axes, exclude); "
                           f"found {sorted(spec) if isinstance(spec, dict) else type(spec).__name__}")
     base = os.path.normpath(os.path.join(os.path.dirname(path), spec["base"]))
-    overrides = _mapping(spec.get("overrides"), "overrides", path)
+    file_overrides = _mapping(spec.get("overrides"), "overrides", path)
     axes = _mapping(spec.get("axes"), "axes", path)
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
@@ -88,8 +90,8 @@ def load_sweep(path: str, world_size: int = 1, device_here: bool = True) -> tupl
         point = dict(zip(axes, combo))
         if any(all(point[k] == v for k, v in entry.items()) for entry in excludes):
             continue
-        values = {**overrides, **point, "TRAIN.resume": "auto"}
-        tokens = [t for k, v in values.items() for t in (k, json.dumps(v))]  # JSON is YAML: values survive as typed
+        values = {**file_overrides, **point, "TRAIN.resume": "auto"}
+        tokens = [t for k, v in values.items() for t in (k, json.dumps(v))] + list(overrides)  # JSON is YAML: typed
         label = "/".join(str(v) for v in point.values()) or "base"
         try:
             cfg = config.validate(config.load(base, tokens), world_size, device_here)
@@ -114,9 +116,10 @@ def command(base: str, run: Run, nproc_per_node: int) -> list[str]:
 
 
 def check_runs(runs: list[Run]) -> None:
-    """Stop the sweep before anything starts: data missing, or a run directory that holds another run."""
-    for cfg in {r.cfg["DATASET"]["name"]: r.cfg for r in runs}.values():
-        check_available(cfg)
+    """Stop the sweep before anything starts: data missing (downloaded here, once, where the config allows
+    it), or a run directory that holds another run."""
+    for cfg in {(r.cfg["DATASET"]["name"], r.cfg["DATASET"]["datadir"]): r.cfg for r in runs}.values():
+        prepare(cfg)
     for run in runs:
         resume_checkpoint(run.cfg)
 
@@ -138,9 +141,12 @@ def savedir(runs: list[Run]) -> str:
 
 
 def _last_line(path: str) -> str:
+    """The run's own error where its log has one (also inside torchrun's failure summary), else its last line."""
     with open(path, errors="replace") as f:
         lines = [line.strip() for line in f if line.strip()]
-    return lines[-1][:300] if lines else "(the log is empty)"
+    errors = [line.split("traceback : ", 1)[-1] for line in lines if line.startswith(("error: ", "traceback : error: "))]
+    plain = [line for line in lines if line.strip("=*-")]  # not one of torchrun's banners
+    return (errors or plain or ["(the log is empty)"])[-1][:300]
 
 
 def visible_gpus() -> list[str]:
@@ -178,9 +184,10 @@ class GpuSlots:
             self.load[self.groups.index(group)] -= 1
 
 
-def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1) -> int:
-    """Run every unfinished run here; 0 when all have finished, 1 when any failed (the others still run)."""
-    base, runs = load_sweep(path, nproc_per_node)
+def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1, overrides: list[str] = ()) -> int:
+    """Run every unfinished run here; 0 when all have finished, 1 when any failed (the others still run),
+    130 when interrupted (Ctrl-C or SIGINT: every running run stops with a checkpoint)."""
+    base, runs = load_sweep(path, nproc_per_node, overrides=overrides)
     check_runs(runs)
     env = dict(os.environ)
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,6 +201,42 @@ def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1) -> int:
                           f"use --nproc-per-node {len(gpus)} or fewer")
     slots = GpuSlots(gpus, nproc_per_node)
     total, failed, running, pending = len(runs), [], [], unfinished(runs)
+    try:
+        _run_all(base, runs, pending, running, failed, jobs, nproc_per_node, slots, env)
+    except KeyboardInterrupt:
+        return _interrupt(running)
+    if failed:
+        print(f"{len(failed)} of {total} runs failed: {', '.join(r.label for r in failed)}; "
+              "run the same command again to resume them", file=sys.stderr, flush=True)
+        return 1
+    print(f"all {total} runs finished; tabulate them with: python launch.py --report {savedir(runs)}", flush=True)
+    return 0
+
+
+def _interrupt(running: list) -> int:
+    """Ctrl-C: every running run stops at its next check point with a checkpoint (SIGTERM); a second
+    Ctrl-C stops them at once (SIGINT), their last checkpoint kept. One line, no traceback."""
+    print(f"sweep interrupted: stopping {len(running)} run(s) at their next checkpoint (Ctrl-C again: at once)",
+          file=sys.stderr, flush=True)
+    signum = signal.SIGTERM
+    while True:
+        for entry in running:
+            if entry[2].poll() is None:
+                entry[2].send_signal(signum)
+        try:
+            for entry in running:
+                entry[2].wait()
+                entry[3].close()
+            break
+        except KeyboardInterrupt:
+            signum = signal.SIGINT
+    print(f"sweep stopped; {', '.join(e[1].label for e in running) or 'no run was running'} kept their last checkpoint: "
+          "run the same command again to resume", file=sys.stderr, flush=True)
+    return 130
+
+
+def _run_all(base, runs, pending, running, failed, jobs, nproc_per_node, slots, env) -> None:
+    total = len(runs)
     while pending or running:
         for entry in [e for e in running if e[2].poll() is not None]:
             running.remove(entry)
@@ -219,9 +262,3 @@ def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1) -> int:
             proc = subprocess.Popen(command(base, run, nproc_per_node), stdout=log, stderr=subprocess.STDOUT, env=run_env)
             running.append((i, run, proc, log, time.perf_counter(), gpus_of_run))
         time.sleep(0.2)
-    if failed:
-        print(f"{len(failed)} of {total} runs failed: {', '.join(r.label for r in failed)}; "
-              "run the same command again to resume them", file=sys.stderr, flush=True)
-        return 1
-    print(f"all {total} runs finished; tabulate them with: python launch.py --report {savedir(runs)}", flush=True)
-    return 0

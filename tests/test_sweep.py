@@ -106,11 +106,63 @@ def test_sweep_mistakes_are_named_before_any_run_starts(cifar10_root, tmp_path, 
     assert not (tmp_path / "runs").exists()
 
 
-def test_sweep_refuses_overrides_on_the_command_line(tmp_path):
-    proc = launch("--sweep", "configs/sweeps/demo.yaml", "TRAIN.epochs", "3", timeout=60)
-    assert proc.returncode == 2 and "a sweep file sets its own" in proc.stderr
+def test_command_line_overrides_apply_to_every_run_of_a_sweep(cifar10_root, tmp_path):
+    _, runs = load_sweep(write_sweep(tmp_path, cifar10_root), overrides=["TRAIN.epochs", "3", "OPTIMIZER.lr", "0.02"])
+    assert len(runs) == 4 and all(r.cfg["TRAIN"]["epochs"] == 3 and r.cfg["OPTIMIZER"]["lr"] == 0.02 for r in runs)
+    with pytest.raises(BsdistError, match="unknown config key TRAIN.epoch; did you mean TRAIN.epochs"):
+        load_sweep(write_sweep(tmp_path, cifar10_root), overrides=["TRAIN.epoch", "3"])
     proc = launch("--report", "results", "extra", timeout=60)
-    assert proc.returncode == 2 and "--report takes just RUNS_DIR" in proc.stderr
+    assert proc.returncode == 2 and "--report, which takes just RUNS_DIR" in proc.stderr
+
+
+def test_a_sweep_downloads_missing_data_once_before_any_run_and_stops_in_one_line_when_it_cannot(tmp_path, monkeypatch):
+    import torchvision.datasets.utils
+    from bsdist.sweep import run_sweep
+    attempts = []
+
+    def offline(url, root, **kwargs):
+        attempts.append(url)
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", offline)
+    sweep = write_sweep(tmp_path, str(tmp_path / "nodata"))
+    spec = yaml.safe_load(open(sweep))
+    spec["overrides"]["DATASET.download"] = True
+    open(sweep, "w").write(yaml.safe_dump(spec))
+    with pytest.raises(BsdistError, match=r"could not download https://\S+cifar-10-python.tar.gz into .*nodata .*by hand"):
+        run_sweep(sweep)
+    assert len(attempts) == 1  # once for the 4 runs, not once per run
+    assert not (tmp_path / "runs").exists()  # no run started
+
+
+def test_the_reason_a_run_failed_is_its_error_even_inside_torchrun_s_summary(tmp_path):
+    from bsdist.sweep import _last_line
+    log = tmp_path / "run.log"
+    log.write_text("[10:00:00] epoch 1/3 step 2/7\nerror: imbalance factor 100 leaves class 6 with no training image\n"
+                   "Root Cause (first observed failure):\n  traceback : error: imbalance factor 100 leaves class 6 with no "
+                   "training image\n============================================================\n")
+    assert _last_line(str(log)) == "error: imbalance factor 100 leaves class 6 with no training image"
+    log.write_text("[10:00:00] epoch 1/3 step 2/7\nKilled\n====================\n")
+    assert _last_line(str(log)) == "Killed"
+
+
+def test_ctrl_c_stops_a_sweep_s_runs_at_a_checkpoint_in_one_line(cifar10_root, tmp_path):
+    import signal
+    import time
+    sweep = write_sweep(tmp_path, cifar10_root, axes={"DATASET.imbalance_factor": [2]})
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), "--sweep", sweep, "TRAIN.epochs", "30",
+                             "TRAIN.ckpt_every_steps", "1"], cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "runs" / "CIFAR10LT" / "resnet18" / "CrossEntropyLoss-exp-IF_2"
+    deadline = time.time() + 240
+    while not (run / "last.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "sweep stopped; 2 kept their last checkpoint" in err
+    assert (run / "last.pt").exists() and not (run / "results.json").exists()
+    assert "stopped by signal 15" in (tmp_path / "runs" / "CIFAR10LT" / "resnet18" / "CrossEntropyLoss-exp-IF_2.log").read_text()
 
 
 def test_a_failed_run_is_reported_with_its_error_and_the_rest_still_run(cifar10_root, tmp_path):

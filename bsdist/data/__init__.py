@@ -14,7 +14,7 @@ from bsdist.data.datasets import CIFAR10LT, CIFAR100LT, DATASETS, DigitsLT, Long
 from bsdist.distributed import DistEnv, main_process_first
 from bsdist.errors import BsdistError
 
-__all__ = ["CIFAR10LT", "CIFAR100LT", "DATASETS", "Data", "DigitsLT", "DeviceLoader", "ResumableBatchSampler", "ShardSampler", "build_data", "check_available"]
+__all__ = ["CIFAR10LT", "CIFAR100LT", "DATASETS", "Data", "DigitsLT", "DeviceLoader", "ResumableBatchSampler", "ShardSampler", "build_data", "check_available", "prepare"]
 
 
 class ShardSampler(Sampler):
@@ -92,6 +92,15 @@ class Data:
 def check_available(cfg: dict) -> None:
     d = cfg["DATASET"]
     DATASETS[d["name"]].check_available(d["datadir"], d["download"])
+
+
+def prepare(cfg: dict) -> None:
+    """The data on disk now: downloaded once if missing and allowed, else one clear error (for a sweep,
+    before its first run, rather than every run failing on its own)."""
+    d = cfg["DATASET"]
+    if d["download"]:
+        DATASETS[d["name"]].download(d["datadir"])
+    DATASETS[d["name"]].check_available(d["datadir"], download=False)
 
 
 def build_data(cfg: dict, env: DistEnv) -> Data:

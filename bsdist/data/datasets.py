@@ -54,7 +54,7 @@ class LongTailDataset(ImageArrays):
                  imbalance_factor: float = 200, seed: int = 0, val_per_cls: int = 0):
         self.root = os.path.expanduser(root)
         if download:
-            self.download()
+            self.download(self.root)
         self.check_available(self.root, download=False)
         data, targets = self._read(train)
         self.val = None
@@ -74,7 +74,8 @@ class LongTailDataset(ImageArrays):
     def check_available(cls, root: str, download: bool) -> None:
         """Raise one clear error when the files are missing and will not be downloaded."""
 
-    def download(self) -> None:
+    @classmethod
+    def download(cls, root: str) -> None:
         """Fetch the data into root when it is missing (datasets that ship with a package need nothing)."""
 
     def _read(self, train: bool):
@@ -103,18 +104,20 @@ class _CIFAR(LongTailDataset):
                               f"layout {cls.folder}/{{{','.join(cls._expected())}}}); set DATASET.datadir to the directory "
                               f"that holds {cls.folder}/ or DATASET.download true")
 
-    def download(self) -> None:
-        base = os.path.join(self.root, self.folder)
-        if all(os.path.isfile(os.path.join(base, f)) for f in self._expected()):
+    @classmethod
+    def download(cls, root: str) -> None:
+        root = os.path.expanduser(root)
+        base = os.path.join(root, cls.folder)
+        if all(os.path.isfile(os.path.join(base, f)) for f in cls._expected()):
             return
         import torchvision
         from torchvision.datasets.utils import download_and_extract_archive
-        tv = getattr(torchvision.datasets, self.torchvision_class)
+        tv = getattr(torchvision.datasets, cls.torchvision_class)
         try:
-            download_and_extract_archive(tv.url, self.root, filename=tv.filename, md5=tv.tgz_md5)
+            download_and_extract_archive(tv.url, root, filename=tv.filename, md5=tv.tgz_md5)
         except Exception as e:  # network errors come in many types; all mean the same to the user
-            raise BsdistError(f"could not download {tv.url} into {self.root} ({type(e).__name__}: {e}); "
-                              f"place the extracted {self.folder}/ there by hand and set DATASET.download false") from None
+            raise BsdistError(f"could not download {tv.url} into {root} ({type(e).__name__}: {str(e)[:120]}); "
+                              f"place the extracted {cls.folder}/ there by hand and set DATASET.download false") from None
 
     def _class_names(self) -> list[str]:
         """The names in the meta file (label_names, fine_label_names), or the class indices if it has none."""
