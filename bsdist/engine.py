@@ -20,10 +20,12 @@ from bsdist.optim import optimizer_step
 
 @dataclass
 class EpochProgress:
-    """Where a checkpoint taken inside an epoch stands: optimiser steps done and the loss so far."""
+    """Where a checkpoint taken inside an epoch stands: optimiser steps done, the loss and the correct
+    predictions so far."""
     step: int = 0
     loss_sum: float = 0.0
     images: float = 0.0
+    correct: float = 0.0
 
 
 @dataclass
@@ -52,7 +54,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 class DeviceTally:
     """What the host learns only at check points, kept on the device meanwhile.
 
-    Per optimiser step: the loss sum and image count of the step's micro-batches, and whether any
+    Per optimiser step: the loss sum, image count and correct predictions (argmax of the logits, the
+    ones used for prediction) of the step's micro-batches, and whether any
     rank's loss was non-finite (one 1-element all-reduce, so every rank skips the same steps on the
     device). Per check point: one all-reduce of [non-finite steps, first such step, stop signal] and
     one host read; per log point one more for the loss sums.
@@ -60,14 +63,15 @@ class DeviceTally:
 
     def __init__(self, device: torch.device, progress: EpochProgress):
         f64 = dict(dtype=torch.float64, device=device)
-        self.group = torch.zeros(2, **f64)  # loss sum, images of the optimiser step being accumulated
-        self.pending = torch.zeros(2, **f64)  # the same for finite steps since the last log point, this rank
-        self.epoch = torch.tensor([progress.loss_sum, progress.images], **f64)  # all ranks, logged steps
+        self.group = torch.zeros(3, **f64)  # loss sum, images, correct of the optimiser step being accumulated
+        self.pending = torch.zeros(3, **f64)  # the same for finite steps since the last log point, this rank
+        self.epoch = torch.tensor([progress.loss_sum, progress.images, progress.correct], **f64)  # all ranks, logged
         self.flags = torch.tensor([0.0, math.inf], **f64)  # non-finite steps since the last check point, the first of them
 
-    def add(self, loss: torch.Tensor, images: int) -> None:
-        self.group[0] += loss.detach().double() * images
-        self.group[1] += images
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.group[0] += loss.detach().double() * len(targets)
+        self.group[1] += len(targets)
+        self.group[2] += (logits.detach().argmax(1) == targets).sum()
 
     def end_step(self, global_step: int) -> torch.Tensor:
         """Close the optimiser step; return its skip flag (float32 0/1, the same on every rank)."""
@@ -86,13 +90,18 @@ class DeviceTally:
         self.flags[1].fill_(math.inf)
         return int(bad), int(first) if bad else 0, int(signum)
 
-    def read_loss(self) -> tuple[float, float]:
-        """Mean loss and images over all ranks since the last call; adds them to the epoch's totals."""
+    def read_loss(self) -> tuple[float, float, float]:
+        """Mean loss, accuracy and images over all ranks since the last call; adds them to the epoch's totals."""
         all_reduce_sum(self.pending)
-        loss_sum, images = self.pending.tolist()
+        loss_sum, images, correct = self.pending.tolist()
         self.epoch += self.pending
         self.pending.zero_()
-        return loss_sum / max(images, 1), images
+        return loss_sum / max(images, 1), correct / max(images, 1), images
+
+    def epoch_means(self) -> tuple[float, float]:
+        """The epoch's mean loss and accuracy over all ranks' images."""
+        loss_sum, images, correct = self.epoch.tolist()
+        return loss_sum / max(images, 1), correct / max(images, 1)
 
 
 def agree(flags: torch.Tensor, signal: int, out) -> list[float]:
@@ -109,8 +118,9 @@ def agree(flags: torch.Tensor, signal: int, out) -> list[float]:
 
 
 def train_one_epoch(state: TrainState, data, env: DistEnv, out, epoch: int, epochs: int, log_interval: int,
-                    progress: EpochProgress | None = None) -> float:
-    """Train one epoch (from `progress` when resuming inside it); return the mean loss over all ranks' images.
+                    progress: EpochProgress | None = None) -> tuple[float, float]:
+    """Train one epoch (from `progress` when resuming inside it); return the mean loss and accuracy over
+    all ranks' images.
 
     The host never waits for the device inside a step. A step with a non-finite loss on any rank is
     skipped on the device by every rank; the host learns of it, and of stop signals, at the next check
@@ -141,7 +151,7 @@ def train_one_epoch(state: TrainState, data, env: DistEnv, out, epoch: int, epoc
                 logits = model(inputs)
             loss = state.criterion(logits, targets)
             state.scaler.scale(loss / group_size).backward()
-        tally.add(loss, len(targets))
+        tally.add(loss, logits, targets)
         if not last_of_group:
             continue
         step_in_epoch = i // accum + 1
@@ -170,19 +180,19 @@ def train_one_epoch(state: TrainState, data, env: DistEnv, out, epoch: int, epoc
         checkpoint_due = checkpoint_due or (signum and mid_epoch)
         if log_due or checkpoint_due:
             now = time.perf_counter()
-            loss_mean, images_seen = tally.read_loss()
+            loss_mean, accuracy, images_seen = tally.read_loss()
             rate = images_seen / (now - tick)
             eta = (now - start) / (step_in_epoch - first_step) * ((epochs - epoch) * steps_per_epoch - step_in_epoch)
             out.info(f"epoch {epoch + 1}/{epochs} step {step_in_epoch}/{steps_per_epoch} loss {loss_mean:.4f} "
                      f"lr {lr:.5f} {rate:.0f} img/s eta {_duration(eta)}")
-            out.scalars({"train/loss": loss_mean, "train/lr": lr, "train/img_per_s": rate}, state.step)
+            out.scalars({"train/loss": loss_mean, "train/acc": accuracy, "train/lr": lr, "train/img_per_s": rate}, state.step)
             tick = now
         if checkpoint_due:
             state.save(epoch, EpochProgress(step_in_epoch, *tally.epoch.tolist()))
         if signum and mid_epoch:
             raise Stopped(f"stopped by signal {signum} at epoch {epoch + 1} step {step_in_epoch}; last.pt holds this point: "
                           "continue with TRAIN.resume auto", signum)
-    return (tally.epoch[0] / tally.epoch[1].clamp(min=1)).item()
+    return tally.epoch_means()
 
 
 def _describe_step(global_step: int, steps_per_epoch: int) -> str:

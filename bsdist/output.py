@@ -72,6 +72,7 @@ class RunOutput:
         self.writer = SummaryWriter(self.run_dir, purge_step=0 if resumed_step is None else resumed_step + 1)
         if resumed_step is None:
             self._hparams(cfg)
+            self._layout(["val", "test"] if cfg["DATASET"]["val_per_cls"] else ["test"])
 
     def info(self, message: str, console: bool = True) -> None:
         """A line for the console and the run's log.txt (console=False: the launcher prints it itself)."""
@@ -162,6 +163,14 @@ class RunOutput:
             writer.writeheader()
             writer.writerows(kept)
         os.replace(path + ".tmp", path)
+
+    def _layout(self, splits: list[str]) -> None:
+        """TensorBoard's CUSTOM SCALARS page: the curves read together on one chart each."""
+        charts = {"loss": ["Multiline", ["train/loss", *[f"{s}/loss" for s in splits]]],
+                  "accuracy and bcr": ["Multiline", ["train/acc", *[f"{s}/{m}" for s in splits for m in ("acc", "bcr")]]]}
+        charts.update({f"{s}: many / medium / few-shot recall": ["Multiline", [f"{s}/many", f"{s}/medium", f"{s}/few"]]
+                       for s in splits})
+        self.writer.add_custom_scalars({"bsdist": charts})
 
     def _hparams(self, cfg: dict) -> None:
         """The settings that tell runs apart (HPARAMS) with their domains, and the metrics of the selected

@@ -204,7 +204,7 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSig
     higher_is_better = t["ckp_metric"] != "loss"
     for epoch in range(start_epoch, t["epochs"]):
         started = time.perf_counter()
-        train_loss = train_one_epoch(state, data, env, out, epoch, t["epochs"], t["log_interval"], progress)
+        train_loss, train_acc = train_one_epoch(state, data, env, out, epoch, t["epochs"], t["log_interval"], progress)
         progress = EpochProgress()
         sync_buffers_from_main(model.module)  # ranks' BatchNorm statistics drift apart; evaluate and save rank 0's
         evaluated = {split: evaluate(model.compiled, loader, data.augment.normalize, data.num_classes, num_per_cls, env,
@@ -218,8 +218,10 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSig
         for split, metrics in evaluated.items():
             out.eval_metrics(split, metrics, state.step)
         out.scalars({f"best/{k}": best[k] for k in BEST}, state.step)
-        out.epoch_row({"epoch": epoch + 1, "step": state.step, "train_loss": train_loss,
-                       "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 3),
+        seconds = time.perf_counter() - started
+        out.scalars({"train/epoch_acc": train_acc, "train/epoch_seconds": seconds}, state.step)
+        out.epoch_row({"epoch": epoch + 1, "step": state.step, "train_loss": train_loss, "train_acc": train_acc,
+                       "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
                        **{f"{split}_{k}": m[k] for split, m in evaluated.items() for k in ("loss", "acc", "bcr", "many", "medium", "few")}})
         out.info(f"epoch {epoch + 1}: " + "  ".join(f"{split} acc {m['acc']:.4f} bcr {m['bcr']:.4f}" for split, m in evaluated.items())
                  + f"  best {select_on} {t['ckp_metric']} {best['score']:.4f} (epoch {best['epoch']})")

@@ -49,9 +49,10 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch):
     with open(os.path.join(config.run_dir(cfg), "metrics.csv")) as f:
         rows = f.read().splitlines()
     straight_rows = open(os.path.join(config.run_dir(demo_cfg(tmp_path / "straight", "MODEL.name", "tiny")), "metrics.csv")).read().splitlines()
-    # the epoch's training loss counts every image once, across the interruption
-    train_loss = [r.split(",")[2] for r in rows[1:]]
-    assert [float(x) for x in train_loss] == pytest.approx([float(r.split(",")[2]) for r in straight_rows[1:]], rel=1e-9)
+    # the epoch's training loss and accuracy count every image once, across the interruption
+    for column in (2, 3):  # train_loss, train_acc
+        values = [float(r.split(",")[column]) for r in rows[1:]]
+        assert values == pytest.approx([float(r.split(",")[column]) for r in straight_rows[1:]], rel=1e-9)
 
 
 def launch(args, prefix=(sys.executable,), extra_env=None, **kwargs):

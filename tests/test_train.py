@@ -77,7 +77,13 @@ def test_a_run_writes_checkpoints_metrics_results_and_tensorboard(tmp_path):
     acc = events(cfg)
     scalars = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/img_per_s", "test/acc", "test/bcr", "test/many", "test/medium",
-            "test/few", "test_recall/000", "test_recall/009"} <= scalars
+            "test/few", "test_recall/000", "test_recall/009", "train/acc", "train/epoch_acc",
+            "train/epoch_seconds"} <= scalars
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for c in layout.category[0].chart}
+    assert charts["test: many / medium / few-shot recall"] == ["test/many", "test/medium", "test/few"]
+    assert float(rows[-1]["train_acc"]) == pytest.approx(acc.Scalars("train/epoch_acc")[-1].value)
     assert "test/confusion" in acc.Tags()["images"]
     assert [e.value for e in acc.Scalars("test/acc")][-1] == pytest.approx(saved["last"]["acc"])
     assert_hparams(acc, saved)
