@@ -28,10 +28,11 @@ HPARAMS = ("DATASET.imbalance_factor", "DATASET.name", "DEFAULT.seed", "LOSS.nam
 
 
 class NullOutput:
-    """What every rank but 0 writes: nothing."""
+    """What every rank but 0 writes: nothing. It has exactly RunOutput's public methods (filled in below
+    RunOutput), so a misspelt call fails on every rank, not only on rank 0."""
 
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+    def checkpoint_failed(self) -> bool:
+        return False
 
 
 class RunOutput:
@@ -191,6 +192,15 @@ class RunOutput:
         for summary in hparams(values, metrics, hparam_domain_discrete=domains):
             self.writer.file_writer.add_summary(summary)
         self.writer.add_text("config", "```\n" + dump(cfg) + "```", 0)
+
+
+def _nothing(*args, **kwargs) -> None:
+    return None
+
+
+for _name, _member in vars(RunOutput).items():
+    if callable(_member) and not _name.startswith("_") and _name not in vars(NullOutput):
+        setattr(NullOutput, _name, _nothing)
 
 
 def make_output(env: DistEnv, run_dir: str):

@@ -112,3 +112,12 @@ def test_a_step_with_a_non_finite_loss_changes_no_weight_and_later_steps_train(e
     _, state, model = epoch_of_training(env, 64, "TRAIN.nonfinite", "skip", "TRAIN.mixed_precision", "no", poisoned_call=3)
     assert steps == [False, False, True] + [False] * (state.step - 3)  # only the poisoned third step left everything as it was
     assert all(torch.isfinite(p).all() for p in model.module.parameters())
+
+
+def test_the_other_ranks_output_has_exactly_rank_0_s_methods():
+    from bsdist.output import RunOutput
+    public = lambda cls: {n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n))}  # noqa: E731
+    assert public(NullOutput) == public(RunOutput)
+    assert NullOutput().checkpoint_failed() is False and NullOutput().info("a line") is None
+    with pytest.raises(AttributeError):
+        NullOutput().infoo("a misspelt call fails on every rank")
