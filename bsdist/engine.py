@@ -179,8 +179,8 @@ def train_one_epoch(state: TrainState, data, env: DistEnv, out, epoch: int, epoc
             out.info(f"{bad} step(s) with a non-finite loss on some rank skipped, the first at {where} (TRAIN.nonfinite skip)")
         checkpoint_due = checkpoint_due or (signum and mid_epoch)
         if log_due or checkpoint_due:
+            loss_mean, accuracy, images_seen = tally.read_loss()  # waits for the device: the clock reads after it
             now = time.perf_counter()
-            loss_mean, accuracy, images_seen = tally.read_loss()
             rate = images_seen / (now - tick)
             eta = (now - start) / (step_in_epoch - first_step) * ((epochs - epoch) * steps_per_epoch - step_in_epoch)
             out.info(f"epoch {epoch + 1}/{epochs} step {step_in_epoch}/{steps_per_epoch} loss {loss_mean:.4f} "
