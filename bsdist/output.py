@@ -93,6 +93,8 @@ class RunOutput:
         """What the pictures and per-class curves name; a text summary of the training counts per class."""
         self.num_per_cls = num_per_cls
         self.class_names = class_names or [str(c) for c in range(len(num_per_cls))]
+        if step > 0:
+            return  # a resumed run: the summary was written when it started
         groups = shot_groups(num_per_cls)
         rows = ["| class | training images | shot |", "| --- | ---: | --- |"]
         shot = {c: g for g, members in groups.items() for c in members}

@@ -111,6 +111,11 @@ def _release_frames(failure: BaseException | None) -> None:
         failure = failure.__context__
 
 
+def _position(epochs_done: int, step_in_epoch: int) -> str:
+    """Where a checkpoint stands, in words."""
+    return f"epoch {epochs_done + 1} step {step_in_epoch}" if step_in_epoch else f"the end of epoch {epochs_done}"
+
+
 class StopSignals:
     """SIGTERM / SIGINT / SIGUSR2 ask training to stop at the next check point with a checkpoint (a
     second SIGINT interrupts at once). The previous handlers come back afterwards: under SLURM that is
@@ -196,11 +201,11 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSig
 
     def save(epochs_done: int, at: EpochProgress, names=("last.pt",)) -> None:
         out.save_checkpoint(snapshot(epochs_done, at), list(names))
-        state.last_checkpoint = f"epoch {epochs_done + 1} step {at.step}" if at.step else f"the end of epoch {epochs_done}"
+        state.last_checkpoint = _position(epochs_done, at.step)
 
     state.save = save
     if resume_from:
-        state.last_checkpoint = f"epoch {start_epoch + 1} step {progress.step}" if progress.step else f"the end of epoch {start_epoch}"
+        state.last_checkpoint = _position(start_epoch, progress.step)
     higher_is_better = t["ckp_metric"] != "loss"
     for epoch in range(start_epoch, t["epochs"]):
         started = time.perf_counter()
