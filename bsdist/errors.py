@@ -7,6 +7,10 @@ class BsdistError(Exception):
     exit_code = 2
     every_rank_reports = False  # True where rank 0 itself may be the process that failed
 
+    def __init__(self, message: str, *args):
+        # one line, whatever a quoted exception brought along (a corrupt file's bytes can hold newlines)
+        super().__init__(" ".join(str(message).splitlines()), *args)
+
 
 class PeerFailure(BsdistError):
     """A collective failed or timed out: another process died or stopped answering."""

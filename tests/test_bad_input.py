@@ -158,3 +158,10 @@ def test_debug_prints_the_traceback(tmp_path, capsys):
 
 def test_the_catalogue_is_large(request):
     assert len(CASES) + 8 >= 30  # parametrised cases plus the eight tests beside them
+
+
+def test_an_error_quoting_a_multi_line_exception_is_still_one_line():
+    from bsdist.errors import BsdistError, Stopped
+    assert str(BsdistError("file x is not readable (UnpicklingError: bad\nbytes\r\nhere); delete it")) == \
+        "file x is not readable (UnpicklingError: bad bytes here); delete it"
+    assert str(Stopped("stopped\nby signal 15", 15)) == "stopped by signal 15" and Stopped("s", 15).exit_code == 143
