@@ -211,7 +211,7 @@ def _coerce(key: str, f: Field, v: Any) -> Any:
     if v is None:
         if f.nullable:
             return None
-        raise BsdistError(f"{key} may not be null; set it to {'an' if f.kind == 'int' else 'a'} {f.kind} value, e.g. {key} {f.default}")
+        raise BsdistError(f"{key} may not be null; set it to {_article(f.kind)} {f.kind} value, e.g. {key} {f.default}")
     bad = BsdistError(f"{key} must be {_describe(f)}, got {v!r} ({type(v).__name__})")
     if f.kind == "bool":
         if not isinstance(v, bool):
@@ -253,8 +253,12 @@ def _coerce(key: str, f: Field, v: Any) -> Any:
     return v
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _describe(f: Field) -> str:
-    kind = {"auto_bool": "true, false or auto", "choice": "one of " + ", ".join(f.choices or ())}.get(f.kind, f"{'an' if f.kind == 'int' else 'a'} {f.kind}")
+    kind = {"auto_bool": "true, false or auto", "choice": "one of " + ", ".join(f.choices or ())}.get(f.kind, f"{_article(f.kind)} {f.kind}")
     return kind + (" or null" if f.nullable else "")
 
 
@@ -335,7 +339,7 @@ def gpus_expected(dev: str = "/dev") -> str | None:
         devices = sorted(f for f in os.listdir(dev) if f.startswith("nvidia") and f[6:].isdigit())
     except OSError:
         return None
-    return f"{os.path.join(dev, devices[0])}" if devices else None
+    return os.path.join(dev, devices[0]) if devices else None
 
 
 def resolve_precision(name: str, device: str) -> str:
