@@ -3,7 +3,9 @@
     launch.py CONFIG [KEY.SUB value ...]            one run (plain python or under torchrun)
     launch.py CONFIG --slurm --partition gpu [...]  the same run submitted to SLURM (bsdist.slurm)
     launch.py --sweep SWEEP.yaml [--jobs N] [--nproc-per-node K] [--slurm ...] [KEY.SUB value ...]
+    launch.py CONFIG --seeds 0 1 2 [...]            the run once per seed, as a sweep (also with --sweep)
     launch.py --report RUNS_DIR
+    launch.py --evaluate RUN_DIR [--posthoc logit-adjust|tau-norm|all] [KEY.SUB value ...]   (also under torchrun)
 
 It parses, validates before any process group or directory exists, and hands over; errors are one
 line on stderr (a traceback with --debug), printed by rank 0 alone.
@@ -18,14 +20,20 @@ import traceback
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        prog="launch.py", usage="launch.py CONFIG [KEY.SUB value ...] | --sweep SWEEP.yaml | --report RUNS_DIR  [--slurm ...] [--debug]",
+        prog="launch.py", usage="launch.py CONFIG [KEY.SUB value ...] | --sweep SWEEP.yaml | --report RUNS_DIR | --evaluate RUN_DIR "
+              "[--posthoc METHOD]  [--seeds S ...] [--slurm ...] [--debug]",
         description="Long-tailed image classification with Balanced Softmax on raw torch.distributed.",
         epilog="Example: torchrun --nproc_per_node 8 launch.py configs/cifar100lt_bs.yaml TRAIN.epochs 200")
     parser.add_argument("config", nargs="?", help="YAML config file (see configs/)")
     parser.add_argument("--sweep", metavar="SWEEP.yaml", help="run every configuration of a sweep file (see configs/sweeps/)")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                        help="train each run with each of these DEFAULT.seed values (a sweep axis); the report gives mean ± std")
     parser.add_argument("--jobs", type=int, help="sweep runs at once, spread over the visible GPUs (default 1 here; with --slurm, all)")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per sweep run, started with torchrun")
     parser.add_argument("--report", metavar="RUNS_DIR", help="tabulate and plot every finished run under RUNS_DIR")
+    parser.add_argument("--evaluate", metavar="RUN_DIR", help="evaluate a finished run's selected model (best.pt) again")
+    parser.add_argument("--posthoc", choices=("logit-adjust", "tau-norm", "all"),
+                        help="with --evaluate: post-hoc adjustment(s), tau tuned on the validation split")
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     from bsdist import slurm
     slurm_flags = slurm.add_arguments(parser)
@@ -33,13 +41,19 @@ def parse_args(argv):
     unknown = [a for a in overrides if a.startswith("--")]
     if unknown:
         parser.error(f"unknown option {unknown[0]}; overrides are written KEY.SUB value, without dashes")
-    if (args.sweep or args.report) and args.config is not None:
-        overrides, args.config = [args.config, *overrides], None  # with --sweep/--report a positional is an override
-    modes = [m for m in (args.config, args.sweep, args.report) if m is not None]
+    if (args.sweep or args.report or args.evaluate) and args.config is not None:
+        overrides, args.config = [args.config, *overrides], None  # with --sweep/--report/--evaluate a positional is an override
+    modes = [m for m in (args.config, args.sweep, args.report, args.evaluate) if m is not None]
     if len(modes) != 1:
-        parser.error("give exactly one of CONFIG, --sweep SWEEP.yaml or --report RUNS_DIR")
+        parser.error("give exactly one of CONFIG, --sweep SWEEP.yaml, --report RUNS_DIR or --evaluate RUN_DIR")
+    if args.posthoc and not args.evaluate:
+        parser.error("--posthoc goes with --evaluate RUN_DIR")
+    if args.evaluate and (args.slurm or args.seeds):
+        parser.error("--evaluate runs here (under torchrun for several GPUs); drop --slurm and --seeds")
     if overrides and args.report:
         parser.error(f"extra arguments ({overrides[0]} ...) do not go with --report, which takes just RUNS_DIR")
+    if args.seeds is not None and (args.report or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0):
+        parser.error("--seeds takes distinct seeds >= 0 (e.g. --seeds 0 1 2) for a CONFIG or a --sweep")
     if (args.jobs is not None and args.jobs < 1) or args.nproc_per_node < 1:
         parser.error("--jobs and --nproc-per-node must be at least 1")
     slurm_given = [f"--{k.replace('_', '-')}" for k in slurm_flags if getattr(args, k) != parser.get_default(k)]
@@ -58,18 +72,26 @@ def run(argv=None) -> int:
     from bsdist import BsdistError, config
     from bsdist.data import check_available
     from bsdist.distributed import launched_as_main, world_size_from_env
+    from bsdist.rundir import stage1_checkpoint
     try:
         if args.slurm:
             return submit_to_slurm(args)
-        if args.sweep:
+        if args.sweep or args.seeds:
             from bsdist.sweep import run_sweep
-            return run_sweep(args.sweep, jobs=args.jobs or 1, nproc_per_node=args.nproc_per_node, overrides=args.overrides)
+            return run_sweep(args.sweep, jobs=args.jobs or 1, nproc_per_node=args.nproc_per_node, overrides=args.overrides,
+                             seeds=args.seeds, config_path=args.config)
         if args.report:
             from bsdist.report import write_report
             write_report(args.report)
             return 0
+        if args.evaluate:
+            from bsdist.posthoc import METHODS, evaluate_run
+            methods = list(METHODS) if args.posthoc == "all" else [args.posthoc] if args.posthoc else []
+            evaluate_run(args.evaluate, methods, args.overrides)
+            return 0
         cfg = config.validate(config.load(args.config, args.overrides), world_size_from_env())
         check_available(cfg)
+        stage1_checkpoint(cfg)
         from bsdist.train import main
         main(cfg)
     except BsdistError as e:
@@ -97,16 +119,19 @@ def submit_to_slurm(args) -> int:
     """Validate here (all but the device, which is the nodes' business) and submit."""
     from bsdist import config, slurm
     slurm.check_arguments(args)
-    if args.sweep:
-        from bsdist.sweep import check_runs, load_sweep
-        _, runs = load_sweep(args.sweep, 1, device_here=False, overrides=args.overrides)  # tasks depend on TRAIN.device
-        _, runs = load_sweep(args.sweep, slurm.world_size(args, runs[0].cfg), device_here=False, overrides=args.overrides)
+    if args.sweep or args.seeds:
+        from bsdist.sweep import check_runs, load_runs
+        source = (args.sweep, args.config, args.seeds)
+        _, runs = load_runs(*source, 1, device_here=False, overrides=args.overrides)  # tasks depend on TRAIN.device
+        _, runs = load_runs(*source, slurm.world_size(args, runs[0].cfg), device_here=False, overrides=args.overrides)
         check_runs(runs)
         return slurm.submit_sweep(args, runs)
     from bsdist.data import check_available
     cfg = config.validate(config.load(args.config, args.overrides), 1, device_here=False)
     cfg = config.validate(cfg, slurm.world_size(args, cfg), device_here=False)
     check_available(cfg)
+    from bsdist.rundir import stage1_checkpoint
+    stage1_checkpoint(cfg)
     return slurm.submit(args, cfg)
 
 

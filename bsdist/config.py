@@ -49,9 +49,9 @@ def _at_least_one(v):
 
 SCHEMA: dict[str, dict[str, Any]] = {
     "DEFAULT": {
-        "seed": Field(0, "int", "seed of the long-tailed split, model init, shuffling and augmentation", check=_non_negative),
+        "seed": Field(0, "int", "seed of model initialisation, shuffling and augmentation; runs with several seeds share one long-tailed subset (DATASET.split_seed)", check=_non_negative),
         "savedir": Field("./results", "str", "root of run directories: <savedir>/<dataset>/<model>/<exp_name>"),
-        "exp_name": Field(None, "str", "run name; null derives <loss>-<imbalance_type>-IF_<factor>", nullable=True),
+        "exp_name": Field(None, "str", "run name; null derives <loss>-<imbalance_type>-IF_<factor> (a stage 2: <stage-1 run>-cRT-<loss>)", nullable=True),
     },
     "DATASET": {
         "name": Field("CIFAR10LT", "choice", "dataset", choices=DATASETS),
@@ -60,8 +60,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "batch_size": Field(32, "int", "global images per step, split evenly across processes", check=_positive),
         "test_batch_size": Field(1024, "int", "images per evaluation batch on each process", check=_positive),
         "loader": Field("auto", "choice", "device: the uint8 dataset lives on the training device and batches are gathered there; dataloader: DataLoader workers feed batches from host memory; auto: device when the data fits", choices=("auto", "device", "dataloader")),
+        "sampler": Field("instance", "choice", "training order: instance draws every image once per epoch (DistributedSampler); class_balanced draws classes equally often (each image of a class equally likely), the epoch keeping its number of images: cRT's sampler", choices=("instance", "class_balanced")),
         "num_workers": Field(2, "int", "DataLoader worker processes per training process (loader dataloader)", check=_non_negative),
         "imbalance_type": Field("exp", "choice", "long-tail profile; null means balanced", choices=("exp", "step"), nullable=True),
+        "split_seed": Field(0, "int", "seed of the long-tailed subset and the validation hold-out; 0 is the standard subset of LDAM-DRW and the reference trainer", check=_non_negative),
         "imbalance_factor": Field(100.0, "float", "largest / smallest class count (1 = balanced)", check=_at_least_one),
         "val_per_cls": Field(0, "int", "balanced validation images per class, taken from training images the long-tailed subset left unused; 0 selects the best model on the test set", check=_non_negative),
         "aug_info": Field(["RandomCrop", "RandomHorizontalFlip"], "list", "training augmentations, applied per batch on the device", choices=AUGMENTATIONS),
@@ -104,6 +106,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "resume": Field(False, "auto_bool", "auto continues the run in the run directory from last.pt, or starts it; true must continue one; false refuses a directory that holds a run (a checkpoint or results)"),
         "dist_timeout_s": Field(600, "int", "timeout of every collective after the first epoch, in seconds: a peer that dies or hangs stops the others within it", check=_positive),
         "dist_startup_timeout_s": Field(1800, "int", "the collectives' timeout from start-up through the first epoch (data download, compilation), in seconds", check=_positive),
+    },
+    "CRT": {
+        "stage1": Field(None, "str", "decoupled stage 2 (classifier re-training, cRT): the run directory of a finished stage-1 run whose selected model (best.pt) this run loads and freezes (BatchNorm included), training only a re-initialised classifier; null: a run of its own", nullable=True),
     },
     "MODEL": {
         "name": Field("resnet18", "str", "model (see bsdist.models.MODELS)"),
@@ -365,13 +370,31 @@ def resolve_sync_bn(cfg: dict, world_size: int) -> tuple[bool, str]:
 
 
 def default_exp_name(cfg: dict) -> str:
-    d = cfg["DATASET"]
+    """<loss>-<imbalance_type>-IF_<factor>; for a stage 2, <stage-1 run's name>-cRT-<loss>."""
+    d, stage1 = cfg["DATASET"], cfg["CRT"]["stage1"]
+    if stage1:
+        return f"{os.path.basename(os.path.normpath(stage1))}-cRT-{cfg['LOSS']['name']}"
     factor = f"{d['imbalance_factor']:g}"
     return f"{cfg['LOSS']['name']}-{d['imbalance_type'] or 'balanced'}-IF_{factor}"
 
 
 def run_dir(cfg: dict) -> str:
     return os.path.join(cfg["DEFAULT"]["savedir"], cfg["DATASET"]["name"], cfg["MODEL"]["name"], cfg["DEFAULT"]["exp_name"])
+
+
+# Keys added since the first release, with the value that reproduces what a config saved before them did.
+ADDED_KEYS = {"DATASET.split_seed": lambda saved: saved.get("DEFAULT", {}).get("seed", 0),  # one seed drew the subset too
+              "DATASET.sampler": lambda saved: "instance", "CRT.stage1": lambda saved: None}
+
+
+def upgrade(saved: dict) -> dict:
+    """A config.yaml written by an earlier bsdist, with the keys added since set to what that version did."""
+    saved = copy.deepcopy(saved)
+    for key, value in ADDED_KEYS.items():
+        section, leaf = key.split(".")
+        if isinstance(saved, dict) and leaf not in saved.setdefault(section, {}):
+            saved[section][leaf] = value(saved)
+    return saved
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:

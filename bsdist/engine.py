@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from bsdist.distributed import DistEnv, all_reduce_max, all_reduce_sum
 from bsdist.errors import BsdistError, Stopped
-from bsdist.metrics import confusion_matrix, summarize
+from bsdist.metrics import CALIBRATION_BINS, calibration_bins, confusion_matrix, summarize
 from bsdist.models import no_sync
 from bsdist.optim import optimizer_step
 
@@ -203,15 +203,16 @@ def _describe_step(global_step: int, steps_per_epoch: int) -> str:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, normalize, num_classes: int, num_per_cls: list[int], env: DistEnv,
              amp_dtype: torch.dtype | None, fixed_batch: int | None = None) -> dict:
-    """Metrics over every image of the split exactly once: this rank's shard, then one all-reduce.
+    """Metrics over every image of the split exactly once: this rank's shard, then all-reduced sums.
 
-    The loss is cross-entropy on the raw logits, the ones used for prediction. With `fixed_batch` a
-    short last batch is zero-padded to that size and the padding dropped from the logits, so a
-    compiled model sees one shape and never recompiles.
+    The loss is cross-entropy on the raw logits, the ones used for prediction (the NLL); calibration
+    bins give the ECE. With `fixed_batch` a short last batch is zero-padded to that size and the
+    padding dropped from the logits, so a compiled model sees one shape and never recompiles.
     """
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=env.device)
     loss_sum = torch.zeros(1, dtype=torch.float64, device=env.device)
+    calibration = torch.zeros(CALIBRATION_BINS, 3, dtype=torch.float64, device=env.device)
     for images, targets, _ in loader:
         images = images.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
@@ -222,9 +223,10 @@ def evaluate(model: torch.nn.Module, loader, normalize, num_classes: int, num_pe
             logits = model(normalize(images))[:n].float()
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
         confusion += confusion_matrix(logits.argmax(1), targets, num_classes)
-    all_reduce_sum(confusion)
-    all_reduce_sum(loss_sum)
-    return summarize(confusion, num_per_cls, loss_sum.item())
+        calibration += calibration_bins(logits, targets)
+    for total in (confusion, loss_sum, calibration):
+        all_reduce_sum(total)
+    return summarize(confusion, num_per_cls, loss_sum.item(), calibration)
 
 
 def _duration(seconds: float) -> str:

@@ -1,6 +1,7 @@
 """Pictures for TensorBoard, drawn with Pillow (a torchvision dependency): the confusion matrix with its
 axes, class names, colour bar and values up to 20 classes; beyond that, per-class recall against the
-classes' training counts, since a heat map of hundreds of classes shows nothing.
+classes' training counts, since a heat map of hundreds of classes shows nothing; and the reliability
+diagram of a split's confidences.
 
 The colour scale is logarithmic from 0.1% to 100% of a row, so the 1-2% confusions that tell the tail
 classes apart are visible; an empty cell stays white.
@@ -130,4 +131,48 @@ def recall_by_count_figure(confusion: list[list[int]], num_per_cls: list[int], t
             draw.line([x, top, x, top + plot_h], fill=(200, 40, 40), width=1)
             _text(draw, (x, top + plot_h + 6), name, 11, (200, 40, 40), "ma")
     _text(draw, (left + plot_w / 2, top + plot_h + 40), "classes, most training images first", 12, anchor="mm")
+    return np.asarray(image)
+
+
+def reliability_figure(bins: list[list[float]], title: str) -> np.ndarray:
+    """Accuracy against confidence per equal-width bin (metrics.calibration_bins), with the diagonal of
+    perfect calibration, each bin's gap to it shaded, and its share of the images drawn below."""
+    from bsdist.metrics import expected_calibration_error
+    table = np.asarray(bins, dtype=np.float64)
+    count, confidence, correct = table[:, 0], table[:, 1], table[:, 2]
+    k, total = len(table), max(count.sum(), 1.0)
+    left, top, size, strip = 64, 60, 360, 60
+    image = Image.new("RGB", (left + size + 150, top + size + strip + 60), "white")
+    draw = ImageDraw.Draw(image)
+    _text(draw, (10, 8), title, 15)
+    _text(draw, (10, 30), f"ECE {expected_calibration_error(table):.4f} over {int(total)} images; blue: accuracy of a bin, "
+          "red: its gap to the bin's mean confidence", 11, (80, 80, 80))
+    gaps = Image.new("RGBA", image.size, (255, 255, 255, 0))
+    gap_draw = ImageDraw.Draw(gaps)
+    width = size / k
+    for b in range(k):
+        if not count[b]:
+            continue
+        x0, x1 = left + b * width, left + (b + 1) * width - 1
+        accuracy, mean_confidence = correct[b] / count[b], confidence[b] / count[b]
+        draw.rectangle([x0, top + size * (1 - accuracy), x1, top + size], fill=(59, 82, 139))
+        low, high = sorted((accuracy, mean_confidence))
+        gap_draw.rectangle([x0, top + size * (1 - high), x1, top + size * (1 - low)], fill=(220, 60, 60, 150))
+        share = count[b] / total
+        draw.rectangle([x0, top + size + strip * (1 - share) + 10, x1, top + size + strip + 10], fill=(150, 150, 150))
+    image = Image.alpha_composite(image.convert("RGBA"), gaps).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([left, top, left + size, top + size], outline=(120, 120, 120))
+    draw.line([left, top + size, left + size, top], fill=(0, 0, 0), width=1)
+    for value in (0, 0.25, 0.5, 0.75, 1):
+        y, x = top + size * (1 - value), left + size * value
+        draw.line([left - 4, y, left, y], fill=(0, 0, 0))
+        _text(draw, (left - 6, y), f"{value:.2f}", 11, anchor="rm")
+        _text(draw, (x, top + size + strip + 16), f"{value:.2f}", 11, anchor="ma")
+    _text(draw, (left + size / 2, top + size + strip + 36), "confidence (top softmax probability)", 12, anchor="mm")
+    _text(draw, (left - 6, top + size + strip / 2 + 10), "images", 11, (90, 90, 90), "rm")
+    label = Image.new("RGBA", (120, 16), (255, 255, 255, 0))
+    _text(ImageDraw.Draw(label), (60, 8), "accuracy", 12, anchor="mm")
+    rotated = label.rotate(90, expand=True)
+    image.paste(rotated, (4, top + size // 2 - 60), rotated)
     return np.asarray(image)

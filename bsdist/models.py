@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bsdist.errors import BsdistError
+
 
 class Float32Linear(nn.Linear):
     """nn.Linear that runs in fp32 whatever the autocast dtype around it (same parameters and keys)."""
@@ -33,8 +35,52 @@ def resnet18(num_classes: int, in_channels: int) -> nn.Module:
     return model
 
 
-# name -> builder(num_classes, in_channels); MODEL.name is validated against these keys
+# name -> builder(num_classes, in_channels); MODEL.name is validated against these keys. Every model's
+# classifier is its `fc` (Float32Linear), what decoupled training re-trains and post-hoc methods adjust.
 MODELS: dict[str, Callable[[int, int], nn.Module]] = {"resnet18": resnet18}
+CLASSIFIER = "fc"
+
+
+def classifier(model: nn.Module) -> nn.Linear:
+    """The model's classifier (its `fc`), or one error for a model without one."""
+    head = getattr(model, CLASSIFIER, None)
+    if not isinstance(head, nn.Linear):
+        raise BsdistError(f"{type(model).__name__} has no linear classifier named {CLASSIFIER}, which decoupled training "
+                          "and post-hoc methods adjust; use a model of bsdist.models.MODELS such as resnet18")
+    return head
+
+
+def freeze_backbone(model: nn.Module, backbone: dict | None) -> nn.Module:
+    """Stage 2 of decoupled training: everything but the classifier frozen, BatchNorm included.
+
+    `backbone` (stage 1's state dict) is loaded into all but the classifier, which keeps its fresh
+    initialisation; None builds the frozen structure for a checkpoint of the stage-2 run itself.
+    Every BatchNorm becomes torchvision's FrozenBatchNorm2d, a fixed affine map from its running
+    statistics whether or not the model is in training mode, and no backbone parameter takes gradients.
+    """
+    from torchvision.ops import FrozenBatchNorm2d
+    classifier(model)
+    if backbone is not None:
+        missing, unexpected = model.load_state_dict({k: v for k, v in backbone.items()
+                                                     if not k.startswith(CLASSIFIER + ".")}, strict=False)
+        wrong = [k for k in missing if not k.startswith(CLASSIFIER + ".")] + list(unexpected)
+        if wrong:
+            raise BsdistError(f"the stage-1 checkpoint does not fit this model ({len(wrong)} keys such as {wrong[0]}); "
+                              "CRT.stage1 must name a run of the same MODEL.name")
+
+    def frozen(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                fixed = FrozenBatchNorm2d(child.num_features, child.eps).to(child.weight.device)
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(fixed, key).copy_(getattr(child, key).detach())
+                setattr(module, name, fixed)
+            else:
+                frozen(child)
+    frozen(model)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith(CLASSIFIER + "."))
+    return model
 
 
 class _GlobalBatchStats(torch.autograd.Function):
@@ -105,9 +151,13 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def create(cfg: dict, num_classes: int, in_channels: int, device: torch.device, sync_bn: bool) -> nn.Module:
-    """The plain model on the device, channels_last, with SyncBatchNorm if asked for."""
+def create(cfg: dict, num_classes: int, in_channels: int, device: torch.device, sync_bn: bool,
+           backbone: dict | None = None) -> nn.Module:
+    """The plain model on the device, channels_last, with SyncBatchNorm if asked for; for a stage 2
+    (CRT.stage1) with its backbone frozen, loaded from `backbone` where given."""
     model = MODELS[cfg["MODEL"]["name"]](num_classes, in_channels)
+    if cfg["CRT"]["stage1"]:
+        model = freeze_backbone(model, backbone)
     if sync_bn:
         model = convert_sync_batchnorm(model)
     return model.to(device, memory_format=torch.channels_last)
@@ -139,14 +189,14 @@ class Built:
 
 
 def build_model(cfg: dict, num_classes: int, in_channels: int, device: torch.device, compile_model: bool,
-                sync_bn: bool = False) -> Built:
+                sync_bn: bool = False, backbone: dict | None = None) -> Built:
     """The model as a run uses it.
 
     Either order of compile and DDP compiles on the first call, inside DDP's forward, where dynamo
     splits the graph at the buckets so all-reduces overlap the backward (measured in BENCHMARKS.md);
     compiling first keeps the plain module reachable without unwrapping a compiled DDP.
     """
-    model = create(cfg, num_classes, in_channels, device, sync_bn)
+    model = create(cfg, num_classes, in_channels, device, sync_bn, backbone)
     compiled = torch.compile(model) if compile_model else model
     t = cfg["TRAIN"]
     return Built(model, compiled, distribute(compiled, device, t["ddp_bucket_mb"], static_graph=t["grad_accum_steps"] == 1))

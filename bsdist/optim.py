@@ -48,7 +48,8 @@ def build_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
     through `found_inf`, keeps the uninitialised memory as momentum.
     """
     o = cfg["OPTIMIZER"]
-    optimizer = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"],
+    trained = [p for p in model.parameters() if p.requires_grad]  # a frozen backbone (CRT.stage1) is left out
+    optimizer = torch.optim.SGD(trained, lr=o["lr"], momentum=o["momentum"],
                                 weight_decay=o["weight_decay"], nesterov=o["nesterov"], fused=True)
     if o["momentum"]:
         for group in optimizer.param_groups:

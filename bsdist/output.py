@@ -16,10 +16,10 @@ from bsdist import config
 from bsdist.config import dump
 from bsdist.distributed import DistEnv
 from bsdist.errors import BsdistError
-from bsdist.figures import MAX_HEATMAP_CLASSES, class_figure
+from bsdist.figures import MAX_HEATMAP_CLASSES, class_figure, reliability_figure
 from bsdist.metrics import FEW_SHOT, MANY_SHOT, shot_groups
 
-SCALARS = ("acc", "bcr", "loss", "many", "medium", "few")
+SCALARS = ("acc", "bcr", "loss", "many", "medium", "few", "ece")  # an evaluation's loss is its NLL
 BEST = ("bcr", "acc", "many", "medium", "few", "epoch")  # of the selected model (best.pt), in TensorBoard's best/*
 # The settings in TensorBoard's hparams table. It sorts them by name and shows the first five unless asked
 # for more, so the five that tell runs apart are the five that sort first; the rest are a click away.
@@ -118,9 +118,17 @@ class RunOutput:
                               f"{split} {'confusion' if len(self.num_per_cls) <= MAX_HEATMAP_CLASSES else 'recall by class'}, step {step}")
         self.writer.add_image(f"{split}/{'confusion' if len(self.num_per_cls) <= MAX_HEATMAP_CLASSES else 'recall_by_class'}", figure, step,
                               dataformats="HWC")
+        self.writer.add_image(f"{split}/reliability", reliability_figure(metrics["calibration"], f"{split} reliability, step {step}"),
+                              step, dataformats="HWC")
+
 
     def epoch_row(self, row: dict) -> None:
         path = self.path("metrics.csv")
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), [])
+            if header != list(row):  # written by a bsdist with other columns: rewrite it with these, keeping its rows
+                self._rewrite_csv(list(row), keep_epochs=None)
         new = not os.path.exists(path)
         with open(path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))
@@ -141,9 +149,20 @@ class RunOutput:
         self.checkpoints.wait(raise_error)
 
     def results(self, results: dict) -> None:
-        with open(self.path("results.json.tmp"), "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(self.path("results.json.tmp"), self.path("results.json"))
+        """results.json, and reliability.png: the test calibration of the selected model."""
+        from PIL import Image
+        best = results["best"]
+        if "calibration" in best:  # a run begun before bsdist measured calibration has none
+            figure = reliability_figure(best["calibration"], f"test reliability of the selected model (epoch {best['epoch']})")
+            Image.fromarray(figure).save(self.path("reliability.png.tmp"), format="PNG")
+            os.replace(self.path("reliability.png.tmp"), self.path("reliability.png"))
+        self.write_json("results.json", results)
+
+    def write_json(self, name: str, content: dict) -> None:
+        """A JSON file in the run directory, written atomically."""
+        with open(self.path(name + ".tmp"), "w") as f:
+            json.dump(content, f, indent=2)
+        os.replace(self.path(name + ".tmp"), self.path(name))
 
     def close(self) -> None:
         self.checkpoints.wait(raise_error=False)  # a write under way finishes, even when the run failed
@@ -153,16 +172,20 @@ class RunOutput:
             self.log_file.close()
 
     def _truncate_csv(self, keep_epochs: int) -> None:
+        if os.path.exists(self.path("metrics.csv")):
+            self._rewrite_csv(None, keep_epochs)
+
+    def _rewrite_csv(self, fieldnames: list[str] | None, keep_epochs: int | None) -> None:
+        """metrics.csv with only the epochs up to keep_epochs (None: all), under fieldnames (None: its own)."""
         path = self.path("metrics.csv")
-        if not os.path.exists(path):
-            return
         with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        kept = [r for r in rows if int(r["epoch"]) <= keep_epochs]
-        if len(kept) == len(rows):
+            reader = csv.DictReader(f)
+            rows, fieldnames = list(reader), fieldnames or reader.fieldnames
+        kept = [r for r in rows if keep_epochs is None or int(r["epoch"]) <= keep_epochs]
+        if len(kept) == len(rows) and fieldnames == reader.fieldnames:
             return
         with open(path + ".tmp", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(f, fieldnames=fieldnames, restval="", extrasaction="ignore")
             writer.writeheader()
             writer.writerows(kept)
         os.replace(path + ".tmp", path)
@@ -173,6 +196,7 @@ class RunOutput:
                   "accuracy and bcr": ["Multiline", ["train/acc", *[f"{s}/{m}" for s in splits for m in ("acc", "bcr")]]]}
         charts.update({f"{s}: many / medium / few-shot recall": ["Multiline", [f"{s}/many", f"{s}/medium", f"{s}/few"]]
                        for s in splits})
+        charts["expected calibration error"] = ["Multiline", [f"{s}/ece" for s in splits]]
         self.writer.add_custom_scalars({"bsdist": charts})
 
     def _hparams(self, cfg: dict) -> None:

@@ -1,143 +1,305 @@
-"""One table (Markdown and CSV) and one plot from every finished run under a directory.
+"""One table (Markdown and CSV) and two plots from every finished run under a directory.
 
     python -m bsdist.report RUNS_DIR        (or: python launch.py --report RUNS_DIR)
 
-Rows are dataset x imbalance factor x loss with the best model's acc, bcr and many / medium / few
-accuracy, its epoch and the split it was selected on, the last model's acc, and the run time; the
-reference trainer's published accuracies stand beside ours where they exist. The plot draws acc
-and bcr against the imbalance factor, cross-entropy and Balanced Softmax, one panel per dataset.
-Writes report.md, report.csv and report.png into RUNS_DIR.
+A row is a cell: dataset x imbalance x method (CE, BS, and where they were made CE + logit adjustment,
+BS + tau-norm, BS + cRT, ...) x any other setting that differs between runs, over every seed run for
+it, as mean ± std and n. Numbers are those of the selected model (best.pt) on the test split, and the
+split it was selected on is part of the cell: each selection has a table of its own, so no column
+mixes them. The reference trainer's published accuracies stand beside ours only where the run used
+its recipe. report.png draws acc and bcr against the imbalance factor with the seeds' std as error
+bars; report_classes.png per-class test recall against training images, one line per method.
+Writes report.md, report.csv, report.png and report_classes.png into RUNS_DIR.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import sys
 
 import yaml
 
+from bsdist import config
 from bsdist.errors import BsdistError
 
 # The reference trainer's published test accuracies (exp imbalance; 50 epochs, batch 32, SGD lr 0.1,
 # cosine, ResNet-18 with the CIFAR stem). Balanced Softmax was not run at factor 1.
 REFERENCE_ACC = {
-    ("CIFAR10LT", "CrossEntropyLoss"): {1: .9283, 10: .8717, 50: .7779, 100: .7065, 200: .6426},
-    ("CIFAR10LT", "BalancedSoftmax"): {10: .8694, 50: .7992, 100: .7601, 200: .7034},
-    ("CIFAR100LT", "CrossEntropyLoss"): {1: .7313, 10: .5865, 50: .4544, 100: .4060, 200: .3492},
-    ("CIFAR100LT", "BalancedSoftmax"): {10: .5999, 50: .4845, 100: .4447, 200: .3823},
+    ("CIFAR10LT", "CE"): {1: .9283, 10: .8717, 50: .7779, 100: .7065, 200: .6426},
+    ("CIFAR10LT", "BS"): {10: .8694, 50: .7992, 100: .7601, 200: .7034},
+    ("CIFAR100LT", "CE"): {1: .7313, 10: .5865, 50: .4544, 100: .4060, 200: .3492},
+    ("CIFAR100LT", "BS"): {10: .5999, 50: .4845, 100: .4447, 200: .3823},
 }
-LOSS_ORDER = {"CrossEntropyLoss": 0, "BalancedSoftmax": 1}
-COLUMNS = ("dataset", "imbalance_type", "imbalance_factor", "loss", "acc", "bcr", "many", "medium", "few", "best_epoch",
-           "epochs", "selected_on", "last_acc", "reference_acc", "minutes", "run_dir")
+REFERENCE_RECIPE = {"TRAIN.epochs": 50, "DATASET.batch_size": 32, "OPTIMIZER.lr": 0.1, "OPTIMIZER.momentum": 0.0,
+                    "OPTIMIZER.weight_decay": 0.0, "SCHEDULER.sched_name": "cosine_annealing", "MODEL.name": "resnet18",
+                    "DATASET.split_seed": 0, "DATASET.val_per_cls": 0}
+SHORT = {"CrossEntropyLoss": "CE", "BalancedSoftmax": "BS"}
+METRICS = ("acc", "bcr", "many", "medium", "few", "ece", "nll", "best_epoch", "last_acc", "minutes", "tau")
+# Keys that tell cells apart in their own columns, or that never change a result (seed: the spread a cell averages).
+NOT_SETTINGS = {"DEFAULT.seed", "DEFAULT.exp_name", "DEFAULT.savedir", "DATASET.name", "DATASET.imbalance_type",
+                "DATASET.imbalance_factor", "LOSS.name", "CRT.stage1", *config.RESUMABLE_CHANGES}
+
+
+def short(loss: str) -> str:
+    return SHORT.get(loss, loss)
+
+
+def _read(directory: str, name: str):
+    with open(os.path.join(directory, name)) as f:
+        return yaml.safe_load(f) if name.endswith(".yaml") else json.load(f)
+
+
+# evaluate.json's variants (bsdist.posthoc) as the report names them
+POSTHOC = {"logit-adjust": "LA", "logit-adjust-tau1": "LA (tau 1)", "tau-norm": "tau-norm"}
+
+
+def method_of(cfg: dict, results: dict) -> str:
+    """CE, BS; a stage 2 (cRT) adds to its stage-1 run's method: BS + cRT (with CE, as cRT has it), BS + cRT (BS)."""
+    name = short(cfg["LOSS"]["name"])
+    stage1 = results.get("stage1") or cfg["CRT"]["stage1"]
+    if not stage1:
+        return name
+    try:
+        first = short(config.upgrade(_read(stage1, "config.yaml"))["LOSS"]["name"])
+    except OSError:
+        first = "?"  # the stage-1 run has moved
+    return f"{first} + cRT" + ("" if name == "CE" else f" ({name})")
+
+
+def run_entries(directory: str, runs_dir: str) -> list[dict]:
+    """One entry per method a finished run directory holds: the run's selected model, and each post-hoc
+    variant of it that `--evaluate --posthoc` wrote (with the tau it tuned on the validation split)."""
+    cfg, results = config.upgrade(_read(directory, "config.yaml")), _read(directory, "results.json")
+    d, best = cfg["DATASET"], results["best"]
+    factor = d["imbalance_factor"] if d["imbalance_type"] else 1.0
+    method = method_of(cfg, results)
+    reference = None
+    if d["imbalance_type"] in ("exp", None) and all(_value(cfg, k) == v for k, v in REFERENCE_RECIPE.items()):
+        reference = REFERENCE_ACC.get((d["name"], method), {}).get(factor)
+    entry = {
+        "dataset": d["name"], "imbalance_type": d["imbalance_type"] or "balanced",
+        "imbalance_factor": int(factor) if float(factor).is_integer() else factor, "method": method,
+        "seed": cfg["DEFAULT"]["seed"], "selected_on": best["selected_on"], "cfg": cfg, "reference_acc": reference,
+        "num_per_cls": results["num_per_cls"], "per_class_recall": best["per_class_recall"],
+        "run_dir": os.path.relpath(directory, runs_dir),
+        **{m: best.get(m) for m in ("acc", "bcr", "many", "medium", "few", "ece", "nll")},
+        "best_epoch": best["epoch"], "last_acc": results["last"]["acc"], "minutes": results["seconds"] / 60, "tau": None,
+    }
+    entries = [entry]
+    if os.path.exists(os.path.join(directory, "evaluate.json")):
+        for name, variant in _read(directory, "evaluate.json")["variants"].items():
+            if name in POSTHOC:
+                test = variant["test"]
+                entries.append({**entry, "method": f"{method} + {POSTHOC[name]}", "reference_acc": None,
+                                "per_class_recall": test["per_class_recall"], "last_acc": None, "tau": variant["tau"],
+                                **{m: test.get(m) for m in ("acc", "bcr", "many", "medium", "few", "ece", "nll")}})
+    return entries
+
+
+def _value(cfg: dict, key: str):
+    try:
+        return config.get(cfg, key)
+    except (KeyError, TypeError):
+        return None
 
 
 def collect(runs_dir: str) -> tuple[list[dict], list[str]]:
-    """(one row per finished run, sorted; run directories without results, i.e. unfinished)."""
-    rows, unfinished = [], []
+    """(one entry per finished run and method, unfinished run directories)."""
+    entries, unfinished = [], []
     for directory, _, files in sorted(os.walk(runs_dir)):
         if "config.yaml" not in files:
             continue
         if "results.json" not in files:
             unfinished.append(directory)
             continue
-        with open(os.path.join(directory, "config.yaml")) as f:
-            cfg = yaml.safe_load(f)
-        with open(os.path.join(directory, "results.json")) as f:
-            results = json.load(f)
-        d, best = cfg["DATASET"], results["best"]
-        factor = d["imbalance_factor"] if d["imbalance_type"] else 1.0
-        factor = int(factor) if float(factor).is_integer() else factor
-        reference = REFERENCE_ACC.get((d["name"], cfg["LOSS"]["name"]), {}) if d["imbalance_type"] in ("exp", None) else {}
-        rows.append({
-            "dataset": d["name"], "imbalance_type": d["imbalance_type"] or "balanced", "imbalance_factor": factor,
-            "loss": cfg["LOSS"]["name"], "acc": best["acc"], "bcr": best["bcr"], "many": best["many"],
-            "medium": best["medium"], "few": best["few"], "best_epoch": best["epoch"], "epochs": cfg["TRAIN"]["epochs"],
-            "selected_on": best["selected_on"], "last_acc": results["last"]["acc"], "reference_acc": reference.get(factor),
-            "minutes": results["seconds"] / 60, "run_dir": os.path.relpath(directory, runs_dir),
-        })
-    rows.sort(key=lambda r: (r["dataset"], r["imbalance_type"], r["imbalance_factor"], LOSS_ORDER.get(r["loss"], 9), r["loss"]))
-    keys = [(r["dataset"], r["imbalance_type"], r["imbalance_factor"], r["loss"]) for r in rows]
-    for key in keys:
-        if keys.count(key) > 1:
-            clash = [r["run_dir"] for r in rows if (r["dataset"], r["imbalance_type"], r["imbalance_factor"], r["loss"]) == key]
-            raise BsdistError(f"runs {', '.join(clash)} under {runs_dir} share dataset, imbalance and loss; "
-                              "report each sweep's directory on its own")
-    return rows, unfinished
+        entries += run_entries(directory, runs_dir)
+    return entries, unfinished
 
 
-def _cell(value, digits=4) -> str:
-    if value is None:
+def aggregate(entries: list[dict]) -> list[dict]:
+    """One row per cell: every metric's mean, std (over seeds; None for a single run) and n.
+
+    A cell is dataset x imbalance x method x selection split x the settings that differ between runs
+    of that method there (a learning-rate sweep, say); the seed, and the stage-1 run a stage 2 names,
+    are what a cell averages over."""
+    groups: dict[tuple, list[dict]] = {}
+    for e in entries:
+        groups.setdefault((e["dataset"], e["imbalance_type"], e["imbalance_factor"], e["method"], e["selected_on"]), []).append(e)
+    cells: dict[tuple, tuple[list[str], list[dict]]] = {}
+    for key, members in groups.items():
+        settings = [k for k in config.FIELDS if k not in NOT_SETTINGS
+                    and len({repr(_value(e["cfg"], k)) for e in members}) > 1]
+        for e in members:
+            cell = cells.setdefault((*key, tuple(repr(_value(e["cfg"], k)) for k in settings)), (settings, []))
+            cell[1].append(e)
+    rows = []
+    for settings, members in cells.values():
+        seeds = [e["seed"] for e in members]
+        twice = sorted({s for s in seeds if seeds.count(s) > 1})
+        if twice:
+            clash = [e["run_dir"] for e in members if e["seed"] == twice[0]]
+            raise BsdistError(f"{' and '.join(clash)} are the same configuration with the same DEFAULT.seed {twice[0]}; "
+                              "report each copy's directory on its own, or give one another seed")
+        first = members[0]
+        row = {k: first[k] for k in ("dataset", "imbalance_type", "imbalance_factor", "method", "selected_on", "reference_acc")}
+        row["setting"] = ", ".join(f"{k} {_value(first['cfg'], k)}" for k in settings)
+        row.update(n=len(members), seeds=" ".join(str(s) for s in sorted(seeds)), epochs=first["cfg"]["TRAIN"]["epochs"],
+                   run_dirs=" ".join(e["run_dir"] for e in members), num_per_cls=first["num_per_cls"])
+        for m in METRICS:
+            row[f"{m}_mean"], row[f"{m}_std"] = mean_std([e[m] for e in members])
+        row["per_class_recall"] = [mean_std([e["per_class_recall"][c] for e in members])[0]
+                                   for c in range(len(first["per_class_recall"]))]
+        rows.append(row)
+    order = {"CE": 0, "BS": 1}
+    rows.sort(key=lambda r: (r["selected_on"] != "val", r["dataset"], r["imbalance_type"], r["imbalance_factor"],
+                             order.get(r["method"].split(" ")[0], 9), len(r["method"]), r["method"], r["setting"]))
+    return rows
+
+
+def mean_std(values: list) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of the values given (None entries left out; std None below 2)."""
+    present = [float(v) for v in values if v is not None]
+    if not present:
+        return None, None
+    mean = sum(present) / len(present)
+    if len(present) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in present) / (len(present) - 1))
+
+
+def _cell(mean, std=None, digits=4) -> str:
+    if mean is None:
         return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+SELECTION = {"val": "Selected on the validation split", "test": "Selected on the test split (as the published recipes do)"}
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("dataset", "imbalance", "loss", "acc", "bcr", "many", "medium", "few", "best epoch", "selected on",
-            "last acc", "reference acc", "minutes")
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for r in rows:
-        cells = (r["dataset"], f"{r['imbalance_type']} {r['imbalance_factor']}", r["loss"], _cell(r["acc"]), _cell(r["bcr"]),
-                 _cell(r["many"]), _cell(r["medium"]), _cell(r["few"]), f"{r['best_epoch']}/{r['epochs']}", r["selected_on"],
-                 _cell(r["last_acc"]), _cell(r["reference_acc"]), _cell(r["minutes"], 1))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    with_setting = any(r["setting"] for r in rows)
+    head = ["dataset", "imbalance", "method", *(["setting"] if with_setting else []), "n", "acc", "bcr", "many", "medium",
+            "few", "ECE", "best epoch", "last acc", "reference acc", "minutes"]
+    parts = []
+    for selection in ("val", "test"):
+        chosen = [r for r in rows if r["selected_on"] == selection]
+        if not chosen:
+            continue
+        lines = [f"### {SELECTION[selection]}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for r in chosen:
+            cells = [r["dataset"], f"{r['imbalance_type']} {r['imbalance_factor']}", r["method"],
+                     *([r["setting"] or "-"] if with_setting else []), str(r["n"]),
+                     *[_cell(r[f"{m}_mean"], r[f"{m}_std"]) for m in ("acc", "bcr", "many", "medium", "few", "ece")],
+                     f"{round(r['best_epoch_mean'], 1):g}/{r['epochs']}", _cell(r["last_acc_mean"], r["last_acc_std"]),
+                     _cell(r["reference_acc"]), _cell(r["minutes_mean"], digits=1)]
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
 
 
-def plot(rows: list[dict], path: str) -> None:
+CSV_COLUMNS = ("dataset", "imbalance_type", "imbalance_factor", "method", "setting", "selected_on", "n", "seeds",
+               *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")], "reference_acc", "epochs", "run_dirs")
+
+
+def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise BsdistError("the plot needs matplotlib; install it with pip install 'bsdist[report]' "
+        raise BsdistError("the plots need matplotlib; install it with pip install 'bsdist[report]' "
                           "(report.md and report.csv were written)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _label(r: dict, rows: list[dict]) -> str:
+    label = r["method"] + (f" ({r['setting']})" if r["setting"] else "")
+    return label + (f", selected on {r['selected_on']}" if len({x["selected_on"] for x in rows}) > 1 else "")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    plt = _pyplot()
     datasets = sorted({r["dataset"] for r in rows})
-    fig, axes = plt.subplots(2, len(datasets), figsize=(5 * len(datasets), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(datasets), figsize=(5.5 * len(datasets), 7.5), squeeze=False)
     for col, dataset in enumerate(datasets):
+        mine = [r for r in rows if r["dataset"] == dataset]
         for row, metric in enumerate(("acc", "bcr")):
             ax = axes[row][col]
-            for loss in sorted({r["loss"] for r in rows if r["dataset"] == dataset}, key=lambda x: LOSS_ORDER.get(x, 9)):
-                series = [r for r in rows if r["dataset"] == dataset and r["loss"] == loss]
-                line, = ax.plot([r["imbalance_factor"] for r in series], [r[metric] for r in series], "o-", label=loss)
+            for label in dict.fromkeys(_label(r, rows) for r in mine):
+                series = sorted((r for r in mine if _label(r, rows) == label), key=lambda r: r["imbalance_factor"])
+                line = ax.errorbar([r["imbalance_factor"] for r in series], [r[f"{metric}_mean"] for r in series],
+                                   yerr=[r[f"{metric}_std"] or 0.0 for r in series], fmt="o-", capsize=3, label=label)
                 reference = [(r["imbalance_factor"], r["reference_acc"]) for r in series if r["reference_acc"] is not None]
                 if metric == "acc" and reference:
-                    ax.plot(*zip(*reference), "x--", color=line.get_color(), alpha=0.6, label=f"{loss} (reference)")
+                    ax.plot(*zip(*reference), "x--", color=line[0].get_color(), alpha=0.6, label=f"{label} (reference)")
             ax.set_xscale("log")
-            factors = sorted({r["imbalance_factor"] for r in rows if r["dataset"] == dataset})
+            factors = sorted({r["imbalance_factor"] for r in mine})
             ax.set_xticks(factors, [str(f) for f in factors])
             ax.minorticks_off()
             ax.set_xlabel("imbalance factor")
-            ax.set_ylabel(f"test {metric}")
+            ax.set_ylabel(f"test {metric} (mean ± std over seeds)")
             ax.set_title(f"{dataset}: {metric}")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_classes(rows: list[dict], path: str) -> None:
+    """Per-class test recall (mean over seeds) against the class's training images, log x, one line per method."""
+    plt = _pyplot()
+    from matplotlib import ticker
+    panels = list(dict.fromkeys((r["dataset"], r["imbalance_type"], r["imbalance_factor"]) for r in rows))
+    cols = min(len(panels), 4)
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(5 * cols, 4 * -(-len(panels) // cols)), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes.flat, panels):
+        for r in (r for r in rows if (r["dataset"], r["imbalance_type"], r["imbalance_factor"]) == panel):
+            counts = r["num_per_cls"]
+            order = sorted(range(len(counts)), key=lambda c: (counts[c], c))
+            points = [(counts[c], r["per_class_recall"][c]) for c in order if r["per_class_recall"][c] is not None]
+            ax.plot(*zip(*points), "o-", markersize=3, alpha=0.8, label=f"{_label(r, rows)} (n={r['n']})")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xlabel("training images of the class")
+        ax.set_ylabel("test recall")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{panel[0]} {panel[1]} {panel[2]}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def write_report(runs_dir: str) -> dict:
-    """Write report.md, report.csv and report.png into runs_dir; return their paths."""
+    """Write report.md, report.csv, report.png and report_classes.png into runs_dir; return their paths."""
     if not os.path.isdir(runs_dir):
         raise BsdistError(f"{runs_dir} is not a directory; pass the DEFAULT.savedir of the runs to report")
-    rows, unfinished = collect(runs_dir)
-    if not rows:
+    entries, unfinished = collect(runs_dir)
+    if not entries:
         raise BsdistError(f"no finished run (results.json) under {runs_dir}" + (f"; {len(unfinished)} unfinished" if unfinished else ""))
-    paths = {ext: os.path.join(runs_dir, f"report.{ext}") for ext in ("md", "csv", "png")}
+    rows = aggregate(entries)
+    paths = {name: os.path.join(runs_dir, name) for name in ("report.md", "report.csv", "report.png", "report_classes.png")}
     table = markdown(rows)
-    with open(paths["md"], "w") as f:
+    with open(paths["report.md"], "w") as f:
         f.write(table)
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    with open(paths["report.csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     print(table, end="")
     if unfinished:
         print(f"{len(unfinished)} unfinished run(s) left out: {', '.join(os.path.relpath(u, runs_dir) for u in unfinished)}")
-    plot(rows, paths["png"])
-    print(f"wrote {paths['md']}, {paths['csv']} and {paths['png']}")
+    plot(rows, paths["report.png"])
+    plot_classes(rows, paths["report_classes.png"])
+    print(f"wrote {', '.join(paths.values())}")
     return paths
 
 

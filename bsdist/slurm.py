@@ -189,7 +189,7 @@ def _logs(job) -> str:
 def submit(args, cfg: dict) -> int:
     """Submit one run; return at once (0), or with --wait once it ended (0 on success)."""
     from bsdist.metrics import describe_best
-    from bsdist.train import finished_results, resume_checkpoint
+    from bsdist.rundir import finished_results, resume_checkpoint
     resume_checkpoint(cfg)  # a directory that holds another run refuses before anything is submitted
     run_dir = config.run_dir(cfg)
     if finished_results(cfg) is not None:

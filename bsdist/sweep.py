@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from bsdist.data import prepare
 from bsdist.errors import BsdistError
 from bsdist.metrics import describe_best
 from bsdist.distributed import LAUNCH_VARIABLES
-from bsdist.train import finished_results, resume_checkpoint
+from bsdist.rundir import finished_results, resume_checkpoint, stage1_checkpoint
 
 SWEEP_KEYS = {"base", "overrides", "axes", "exclude"}
 
@@ -64,16 +65,42 @@ def _mapping(value, what: str, path: str) -> dict:
     return value
 
 
-def load_sweep(path: str, world_size: int = 1, device_here: bool = True, overrides: list[str] = ()) -> tuple[str, list[Run]]:
+# Keys a run directory already shows: <savedir>/<dataset>/<model>/<exp_name>, the derived exp_name naming the loss
+# and the imbalance. Other axes (seeds, learning rates, ...) add -<key>_<value> to exp_name, so no two runs collide.
+SHOWN_BY_PATH = ("DEFAULT.savedir", "DATASET.name", "MODEL.name")
+SHOWN_BY_DERIVED_NAME = ("LOSS.name", "DATASET.imbalance_type", "DATASET.imbalance_factor")
+
+
+def load_sweep(path: str, world_size: int = 1, device_here: bool = True, overrides: list[str] = (),
+               seeds: list[int] | None = None) -> tuple[str, list[Run]]:
     """(base config path, validated runs in grid order). `overrides` (KEY.SUB value pairs from the command
-    line) apply to every run, after the sweep file's. Raises BsdistError on any bad run."""
+    line) apply to every run, after the sweep file's; `seeds` adds DEFAULT.seed as an axis. Raises
+    BsdistError on any bad run."""
     spec = config.read_yaml(path, "sweep file", "configs/sweeps/demo.yaml")
     if not isinstance(spec, dict) or set(spec) - SWEEP_KEYS or "base" not in spec:
         raise BsdistError(f"sweep file {path} must be a mapping with base (and optional overrides, axes, exclude); "
                           f"found {sorted(spec) if isinstance(spec, dict) else type(spec).__name__}")
-    base = os.path.normpath(os.path.join(os.path.dirname(path), spec["base"]))
+    spec["base"] = os.path.normpath(os.path.join(os.path.dirname(path), spec["base"]))
+    return expand(spec, path, world_size, device_here, overrides, seeds)
+
+
+def load_runs(sweep: str | None, config_path: str | None, seeds: list[int] | None, world_size: int = 1,
+              device_here: bool = True, overrides: list[str] = ()) -> tuple[str, list[Run]]:
+    """The runs of a sweep file, or of one config trained with each of `seeds` (`launch.py CONFIG --seeds 0 1 2`)."""
+    if sweep is not None:
+        return load_sweep(sweep, world_size, device_here, overrides, seeds)
+    return expand({"base": config_path}, config_path, world_size, device_here, overrides, seeds)
+
+
+def expand(spec: dict, path: str, world_size: int, device_here: bool, overrides: list[str],
+           seeds: list[int] | None) -> tuple[str, list[Run]]:
+    base = spec["base"]
     file_overrides = _mapping(spec.get("overrides"), "overrides", path)
     axes = _mapping(spec.get("axes"), "axes", path)
+    if seeds:
+        if "DEFAULT.seed" in axes:
+            raise BsdistError(f"{path} already has a DEFAULT.seed axis; drop --seeds or the axis")
+        axes = {**axes, "DEFAULT.seed": list(seeds)}
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
             raise BsdistError(f"{path}: axis {key} must be a non-empty list of values, got {values!r}")
@@ -90,11 +117,15 @@ def load_sweep(path: str, world_size: int = 1, device_here: bool = True, overrid
         point = dict(zip(axes, combo))
         if any(all(point[k] == v for k, v in entry.items()) for entry in excludes):
             continue
-        values = {**file_overrides, **point, "TRAIN.resume": "auto"}
-        tokens = [t for k, v in values.items() for t in (k, json.dumps(v))] + list(overrides)  # JSON is YAML: typed
         label = "/".join(str(v) for v in point.values()) or "base"
         try:
+            tokens = _tokens({**file_overrides, **point, "TRAIN.resume": "auto"}, overrides)
+            named = config.load(base, tokens)["DEFAULT"]["exp_name"] is not None
             cfg = config.validate(config.load(base, tokens), world_size, device_here)
+            suffix = _name_suffix(point, named)
+            if suffix:
+                tokens += ["DEFAULT.exp_name", cfg["DEFAULT"]["exp_name"] + suffix]
+                cfg = config.validate(config.load(base, tokens), world_size, device_here)
         except BsdistError as e:
             raise BsdistError(f"{path}: run {label}: {e}") from None
         run = Run(label, tokens, cfg)
@@ -108,6 +139,46 @@ def load_sweep(path: str, world_size: int = 1, device_here: bool = True, overrid
     return base, runs
 
 
+def _tokens(values: dict, overrides: list[str]) -> list[str]:
+    """KEY.SUB value tokens (JSON is YAML: typed) for the sweep's values then the command line's; a string
+    value may name other keys in braces ({DEFAULT.seed}), filled in from the same run's values."""
+    merged = {**values, **dict(zip(overrides[::2], overrides[1::2]))}
+    tokens = []
+    for key, value in values.items():
+        if isinstance(value, str) and "{" in value:
+            value = _fill(key, value, merged)
+        tokens += [key, json.dumps(value)]
+    return tokens + list(overrides)
+
+
+def _fill(key: str, text: str, values: dict) -> str:
+    def value_of(match):
+        name = match.group(1)
+        if name not in values:
+            raise BsdistError(f"{key} {text!r} names {{{name}}}, which is not set by the sweep's overrides or axes")
+        value = values[name]
+        return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+    return re.sub(r"\{([A-Za-z_]+(?:\.[A-Za-z_]+)+)\}", value_of, text)
+
+
+def _name_suffix(point: dict, named: bool) -> str:
+    """-<key>_<value> for every axis the run directory does not show already (all but the path's when
+    DEFAULT.exp_name is set rather than derived); nothing when exp_name is itself an axis."""
+    if "DEFAULT.exp_name" in point:
+        return ""
+    shown = SHOWN_BY_PATH + (() if named else SHOWN_BY_DERIVED_NAME)
+    leaves = [k.rsplit(".", 1)[-1] for k in point]
+    parts = []
+    for key, value in point.items():
+        if key in shown:
+            continue
+        name = key.rsplit(".", 1)[-1] if leaves.count(key.rsplit(".", 1)[-1]) == 1 else key
+        text = "+".join(map(str, value)) if isinstance(value, list) else str(value).lower() if isinstance(value, bool) \
+            else f"{value:g}" if isinstance(value, float) else str(value)
+        parts.append(f"-{name}_{re.sub(r'[^A-Za-z0-9_.+-]', '_', text)}")
+    return "".join(parts)
+
+
 def command(base: str, run: Run, nproc_per_node: int) -> list[str]:
     if nproc_per_node == 1:
         return [sys.executable, "-m", "bsdist.cli", base, *run.tokens]
@@ -117,11 +188,12 @@ def command(base: str, run: Run, nproc_per_node: int) -> list[str]:
 
 def check_runs(runs: list[Run]) -> None:
     """Stop the sweep before anything starts: data missing (downloaded here, once, where the config allows
-    it), or a run directory that holds another run."""
+    it), a run directory that holds another run, or a stage 2 whose stage-1 run is unfinished or unfit."""
     for cfg in {(r.cfg["DATASET"]["name"], r.cfg["DATASET"]["datadir"]): r.cfg for r in runs}.values():
         prepare(cfg)
     for run in runs:
         resume_checkpoint(run.cfg)
+        stage1_checkpoint(run.cfg)
 
 
 def unfinished(runs: list[Run]) -> list[tuple[int, Run]]:
@@ -184,10 +256,12 @@ class GpuSlots:
             self.load[self.groups.index(group)] -= 1
 
 
-def run_sweep(path: str, jobs: int = 1, nproc_per_node: int = 1, overrides: list[str] = ()) -> int:
-    """Run every unfinished run here; 0 when all have finished, 1 when any failed (the others still run),
-    130 when interrupted (Ctrl-C or SIGINT: every running run stops with a checkpoint)."""
-    base, runs = load_sweep(path, nproc_per_node, overrides=overrides)
+def run_sweep(path: str | None, jobs: int = 1, nproc_per_node: int = 1, overrides: list[str] = (),
+              seeds: list[int] | None = None, config_path: str | None = None) -> int:
+    """Run every unfinished run of a sweep file (or of config_path with each of seeds) here; 0 when all
+    have finished, 1 when any failed (the others still run), 130 when interrupted (Ctrl-C or SIGINT:
+    every running run stops with a checkpoint)."""
+    base, runs = load_runs(path, config_path, seeds, nproc_per_node, overrides=overrides)
     check_runs(runs)
     env = dict(os.environ)
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

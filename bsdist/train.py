@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -12,12 +11,12 @@ import traceback
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from bsdist import checkpoint, config
+from bsdist.rundir import finished_results, resume_checkpoint, stage1_checkpoint
 from bsdist.data import build_data
-from bsdist.distributed import (DistEnv, all_gather_objects, init_distributed, main_process_first,
-                                restarted_by_launcher, set_collective_timeout, shutdown, sync_buffers_from_main)
+from bsdist.distributed import (DistEnv, all_gather_objects, init_distributed, main_process_first, set_collective_timeout,
+                                shutdown, sync_buffers_from_main)
 from bsdist.engine import EpochProgress, TrainState, agree, evaluate, train_one_epoch
 from bsdist.errors import BsdistError, PeerFailure, Stopped
 from bsdist.losses import broadcast_class_prior, build_loss
@@ -27,50 +26,12 @@ from bsdist.optim import build_optimizer, build_scheduler
 from bsdist.output import BEST, make_output
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
-RUN_FILES = ("last.pt", "results.json")  # what makes a run directory hold a run: trained weights, or a finished run
-
-
-def resume_checkpoint(cfg: dict) -> str | None:
-    """The checkpoint to continue from, or None for a fresh run; refuses to overwrite another run.
-
-    A directory without last.pt or results.json holds no trained work (an attempt that stopped before
-    its first checkpoint, a non-finite loss say): a new attempt starts afresh there, whatever its
-    settings. Read-only, so every rank can call it before the process group exists.
-    """
-    run_dir, resume = config.run_dir(cfg), cfg["TRAIN"]["resume"]
-    held = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
-    if not held:
-        if resume is True:
-            raise BsdistError(f"TRAIN.resume true but {run_dir} holds no checkpoint to continue from; check DEFAULT.savedir "
-                              "and DEFAULT.exp_name, or use TRAIN.resume auto to start the run when there is none")
-        return None
-    if resume is False and not restarted_by_launcher():  # torchrun's restart continues the run
-        raise BsdistError(f"run directory {run_dir} already holds a run ({', '.join(held)}); continue it with "
-                          "TRAIN.resume auto, or choose another DEFAULT.exp_name or DEFAULT.savedir")
-    saved_path = os.path.join(run_dir, "config.yaml")
-    if os.path.exists(saved_path):
-        with open(saved_path) as f:
-            saved = yaml.safe_load(f)
-        changed = config.changed_keys(saved, cfg)
-        if changed:
-            raise BsdistError(f"cannot resume {run_dir}: {', '.join(changed)} differ from the saved config.yaml; "
-                              "restore those values, or start a new run under another DEFAULT.exp_name")
-    last = os.path.join(run_dir, "last.pt")
-    return last if os.path.exists(last) else None
-
-
-def finished_results(cfg: dict) -> dict | None:
-    """The results of a finished run (results.json is written only at its very end), else None."""
-    path = os.path.join(config.run_dir(cfg), "results.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def main(cfg: dict) -> dict:
     """Train and evaluate as the validated cfg says; return the results written to results.json."""
     resume_from = resume_checkpoint(cfg)  # refuses a directory holding another run before anything happens
+    stage1 = stage1_checkpoint(cfg)  # a stage 2's stage-1 run, finished and fitting this one
     device = config.check_device(cfg)  # on the machine that trains, SLURM nodes included
     env = init_distributed(device, cfg["TRAIN"]["dist_startup_timeout_s"], cfg["TRAIN"]["dist_backend"])
     out = make_output(env, config.run_dir(cfg))
@@ -82,7 +43,7 @@ def main(cfg: dict) -> dict:
             results = finished
         else:
             with StopSignals() as signals:
-                results = _run(cfg, env, out, resume_from, signals)
+                results = _run(cfg, env, out, resume_from, stage1, signals)
         orderly = True
         return results
     except Stopped as e:
@@ -142,7 +103,7 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSignals) -> dict:
+def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, stage1: str | None, signals: StopSignals) -> dict:
     t, seed = cfg["TRAIN"], cfg["DEFAULT"]["seed"]
     torch.manual_seed(seed)  # the same initial weights on every rank and for every world size
     if env.device.type == "cuda":
@@ -151,7 +112,8 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSig
     num_per_cls = broadcast_class_prior(data.num_per_cls, env)
     compile_model = t["compile"] is True or (t["compile"] == "auto" and env.device.type == "cuda")
     sync_bn, sync_bn_reason = config.resolve_sync_bn(cfg, env.world_size)
-    model = build_model(cfg, data.num_classes, data.in_channels, env.device, compile_model, sync_bn)
+    backbone = checkpoint.load(stage1)["model"] if stage1 and not resume_from else None  # a resume has its own weights
+    model = build_model(cfg, data.num_classes, data.in_channels, env.device, compile_model, sync_bn, backbone)
     amp_dtype = AMP_DTYPES[config.resolve_precision(t["mixed_precision"], env.device.type)]
     optimizer = build_optimizer(cfg, model.module)
     steps_per_epoch = -(-len(data.train) // t["grad_accum_steps"])
@@ -181,7 +143,12 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSig
     select_on = "val" if "val" in data.eval else "test"
     out.info(f"{env.world_size} process(es) on {env.device.type}; {len(data.train.dataset)} training images "
              f"{list(num_per_cls)}; run directory {config.run_dir(cfg)}")
-    out.info(f"BatchNorm {'synchronised across processes' if sync_bn else 'per process'}: {sync_bn_reason}")
+    if stage1:
+        out.info(f"stage 2 (cRT) of {os.path.dirname(stage1)}: its selected model's backbone frozen, BatchNorm "
+                 f"included; the classifier re-initialised and trained with {cfg['LOSS']['name']} and "
+                 f"{cfg['DATASET']['sampler'].replace('_', '-')} sampling")
+    else:
+        out.info(f"BatchNorm {'synchronised across processes' if sync_bn else 'per process'}: {sync_bn_reason}")
     if select_on == "test":
         out.info("model selection (best.pt) uses the test set, as the published recipes do; "
                  "set DATASET.val_per_cls > 0 to select on a held-out validation split")
@@ -227,7 +194,7 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSig
         out.scalars({"train/epoch_acc": train_acc, "train/epoch_seconds": seconds}, state.step)
         out.epoch_row({"epoch": epoch + 1, "step": state.step, "train_loss": train_loss, "train_acc": train_acc,
                        "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
-                       **{f"{split}_{k}": m[k] for split, m in evaluated.items() for k in ("loss", "acc", "bcr", "many", "medium", "few")}})
+                       **{f"{split}_{k}": m[k] for split, m in evaluated.items() for k in ("loss", "acc", "bcr", "many", "medium", "few", "ece")}})
         out.info(f"epoch {epoch + 1}: " + "  ".join(f"{split} acc {m['acc']:.4f} bcr {m['bcr']:.4f}" for split, m in evaluated.items())
                  + f"  best {select_on} {t['ckp_metric']} {best['score']:.4f} (epoch {best['epoch']})")
         save(epoch + 1, progress, ["last.pt", "best.pt"] if improved else ["last.pt"])
@@ -240,7 +207,8 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, signals: StopSig
             raise Stopped(f"stopped by signal {signum} after epoch {epoch + 1}; last.pt holds this point: "
                           "continue with TRAIN.resume auto", signum)
     results = {"best": best, "last": last, "num_per_cls": num_per_cls, "ckp_metric": t["ckp_metric"],
-               "seconds": seconds_before + time.perf_counter() - started_at}
+               "seconds": seconds_before + time.perf_counter() - started_at,
+               "stage1": os.path.abspath(os.path.dirname(stage1)) if stage1 else None}
     out.results(results)
     out.info(f"done: {describe_best(best)}; "
              f"last test acc {last['acc']:.4f} bcr {last['bcr']:.4f}; results in {config.run_dir(cfg)}/results.json")

@@ -60,7 +60,7 @@ CASES = {
     "warmup as long as training": (None, ["SCHEDULER.params.warmup_epochs", "15"], "warmup_epochs 15.0 must be below TRAIN.epochs"),
     "milestones past the end": (None, ["SCHEDULER.sched_name", "multistep", "SCHEDULER.params.milestones", "[5, 40]"], "milestones must be increasing"),
     "balanced type with a factor": (None, ["DATASET.imbalance_type", "null"], "imbalance_type null means balanced"),
-    "imbalance factor that empties a class": (None, ["DATASET.imbalance_factor", "500"], "leaves class 7 with no training image (img_max 120); use DATASET.imbalance_factor <= 120"),
+    "imbalance factor that empties a class": (None, ["DATASET.imbalance_factor", "500"], "leaves class 7 with no training image (img_max 100); use DATASET.imbalance_factor <= 100"),
     "validation split larger than a class": (None, ["DATASET.val_per_cls", "200"], "DATASET.val_per_cls 200 leaves no training image"),
     "batch larger than the training set": (None, ["DATASET.batch_size", "4096"], "fewer than one batch of 4096; lower DATASET.batch_size"),
     "agreement never read": (None, ["TRAIN.check_every_steps", "0"], "TRAIN.check_every_steps must be >= 1, got 0"),

@@ -298,6 +298,15 @@ def test_changed_keys():
     assert changed_keys(base, two) == ["OPTIMIZER.lr", "TRAIN.epochs"]
 
 
+def test_a_config_saved_before_split_seed_existed_drew_its_split_with_its_seed():
+    old = ok(["DEFAULT.exp_name", "run", "DEFAULT.seed", "3"])
+    del old["DATASET"]["split_seed"]
+    upgraded = config.upgrade(old)
+    assert upgraded["DATASET"]["split_seed"] == 3 and "split_seed" not in old["DATASET"]
+    assert changed_keys(upgraded, ok(["DEFAULT.exp_name", "run", "DEFAULT.seed", "3"])) == ["DATASET.split_seed"]
+    assert changed_keys(upgraded, ok(["DEFAULT.exp_name", "run", "DEFAULT.seed", "3", "DATASET.split_seed", "3"])) == []
+
+
 def test_changed_keys_reports_a_key_missing_from_the_old_config():
     base = ok(["DEFAULT.exp_name", "run"])
     old = ok(["DEFAULT.exp_name", "run"])

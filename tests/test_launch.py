@@ -26,18 +26,20 @@ def test_torchrun_two_processes_trains_and_writes_tensorboard_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "DigitsLT" / "resnet18" / "BalancedSoftmax-exp-IF_10"
     assert proc.stdout.count("2 process(es) on cpu") == 1  # rank 0 alone prints
-    assert proc.stdout.count("epoch 2: test acc") == 1
+    assert proc.stdout.count("epoch 2: val acc") == 1
     events = glob.glob(str(run / "events.out.tfevents.*"))
     assert len(events) == 1  # rank 0 alone writes
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/img_per_s", "test/acc", "test/bcr", "test/many", "test/medium", "test/few"} <= tags
+    assert {"train/loss", "train/lr", "train/img_per_s", "test/acc", "test/bcr", "test/medium", "test/few"} <= tags
+    assert "test/many" not in tags  # no class has more than 100 training images: an empty group is not drawn
     results = json.loads((run / "results.json").read_text())
     assert results["last"]["num_images"] == 500  # every test image once across both ranks
+    assert results["best"]["selected_on"] == "val" and acc.Scalars("val/acc")  # the demo selects on validation
     assert acc.Scalars("test/bcr")[-1].value == pytest.approx(results["last"]["bcr"])
     steps = [e.step for e in acc.Scalars("train/loss")]
-    assert steps[-1] == 2 * 7  # 486 images, global batch 64: 7 steps per epoch, as on one process
+    assert steps[-1] == 2 * 6  # 403 images, global batch 64: 6 steps per epoch, as on one process
 
 
 @pytest.mark.parametrize("args, message", [

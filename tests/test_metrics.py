@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from bsdist.metrics import confusion_matrix, shot_groups, summarize
+from bsdist.metrics import calibration_bins, confusion_matrix, expected_calibration_error, shot_groups, summarize
 
 
 def test_confusion_matrix_counts_true_rows_and_predicted_columns():
@@ -43,3 +43,33 @@ def test_classes_absent_from_the_split_are_left_out_of_bcr_and_empty_groups_are_
     assert r["per_class_recall"][1] is None
     assert r["bcr"] == pytest.approx(0.75)
     assert r["medium"] is None and r["few"] is None and not math.isnan(r["many"])
+
+
+def test_ece_is_zero_for_a_perfectly_calibrated_predictor():
+    # every image predicted class 0 with confidence 0.75 (log 3 margin over one rival), right 3 times in 4
+    logits = torch.tensor([[math.log(3.0), 0.0]] * 8)
+    targets = torch.tensor([0, 0, 0, 1, 0, 0, 0, 1])
+    bins = calibration_bins(logits, targets)
+    assert bins[11].tolist() == pytest.approx([8, 6, 6])  # 0.75 lies in (11/15, 12/15]
+    assert bins.sum(0).tolist() == pytest.approx([8, 6, 6])
+    assert expected_calibration_error(bins) == pytest.approx(0.0, abs=1e-6)  # float32 softmax
+
+
+def test_ece_matches_a_hand_computation():
+    # confidences 0.9 (right, right, wrong) and 0.6 (right): bins (13/15, 14/15] and (8/15, 9/15]
+    p9, p6 = math.log(9.0), math.log(1.5)
+    logits = torch.tensor([[p9, 0.0], [0.0, p9], [p9, 0.0], [p6, 0.0]])
+    targets = torch.tensor([0, 1, 1, 0])
+    bins = calibration_bins(logits, targets)
+    assert bins[13].tolist() == pytest.approx([3, 2.7, 2]) and bins[8].tolist() == pytest.approx([1, 0.6, 1])
+    # (|2 - 2.7| + |1 - 0.6|) / 4
+    assert expected_calibration_error(bins) == pytest.approx((0.7 + 0.4) / 4)
+    assert expected_calibration_error(bins.tolist()) == pytest.approx((0.7 + 0.4) / 4)
+
+
+def test_a_confidence_of_one_falls_in_the_last_bin_and_summarize_reports_calibration():
+    logits = torch.tensor([[100.0, 0.0], [0.0, 100.0]])
+    bins = calibration_bins(logits, torch.tensor([0, 0]))
+    assert bins[14].tolist() == pytest.approx([2, 2, 1])
+    r = summarize(confusion_matrix(logits.argmax(1), torch.tensor([0, 0]), 2), [200, 5], 3.0, bins)
+    assert r["ece"] == pytest.approx(0.5) and r["nll"] == r["loss"] == 1.5 and r["calibration"] == bins.tolist()

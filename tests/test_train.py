@@ -21,8 +21,10 @@ tiny_model.register()
 
 
 def demo_cfg(savedir, *overrides):
+    """The demo, selecting on the test set unless a test asks for a validation split."""
     return config.validate(config.load("configs/demo.yaml", [
         "DEFAULT.savedir", str(savedir), "TRAIN.epochs", "2", "TRAIN.device", "cpu", "TRAIN.compile", "false",
+        "DATASET.val_per_cls", "0",
         "TRAIN.log_interval", "3", "SCHEDULER.params.warmup_epochs", "0", *overrides]))
 
 
@@ -46,7 +48,7 @@ def test_a_run_writes_checkpoints_metrics_results_and_tensorboard(tmp_path):
     results = main(cfg)
     d = run_dir(cfg)
     assert d == str(tmp_path / "DigitsLT" / "resnet18" / "BalancedSoftmax-exp-IF_10")
-    for name in ("config.yaml", "metrics.csv", "results.json", "last.pt", "best.pt", "log.txt"):
+    for name in ("config.yaml", "metrics.csv", "results.json", "last.pt", "best.pt", "log.txt", "reliability.png"):
         assert os.path.isfile(os.path.join(d, name)), name
     assert len(glob.glob(os.path.join(d, "events.out.tfevents.*"))) == 1
     assert config.load(os.path.join(d, "config.yaml")) == cfg  # the merged config round-trips
@@ -59,13 +61,15 @@ def test_a_run_writes_checkpoints_metrics_results_and_tensorboard(tmp_path):
         assert r["num_images"] == 500 and r["selected_on"] == "test"
         assert len(r["per_class_recall"]) == 10 and len(r["confusion"]) == 10
         assert r["bcr"] == pytest.approx(sum(r["per_class_recall"]) / 10)
-        assert {"acc", "many", "medium", "few", "loss", "epoch"} <= set(r)
+        assert {"acc", "many", "medium", "few", "loss", "epoch", "ece", "nll"} <= set(r)
+        assert r["nll"] == r["loss"] and 0 < r["ece"] < 1 and sum(b[0] for b in r["calibration"]) == 500
     assert saved["num_per_cls"] == [120, 92, 71, 55, 43, 33, 25, 20, 15, 12]
     assert saved["last"]["epoch"] == 2
 
     rows = read_csv(cfg)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert float(rows[-1]["test_acc"]) == pytest.approx(saved["last"]["acc"])
+    assert float(rows[-1]["test_ece"]) == pytest.approx(saved["last"]["ece"])
 
     # best.pt is a second name of last.pt's file when the last epoch was the best
     assert os.path.samefile(os.path.join(d, "best.pt"), os.path.join(d, "last.pt")) == (saved["best"]["epoch"] == 2)
@@ -84,7 +88,8 @@ def test_a_run_writes_checkpoints_metrics_results_and_tensorboard(tmp_path):
     charts = {c.title: list(c.multiline.tag) for c in layout.category[0].chart}
     assert charts["test: many / medium / few-shot recall"] == ["test/many", "test/medium", "test/few"]
     assert float(rows[-1]["train_acc"]) == pytest.approx(acc.Scalars("train/epoch_acc")[-1].value)
-    assert "test/confusion" in acc.Tags()["images"]
+    assert {"test/confusion", "test/reliability"} <= set(acc.Tags()["images"])
+    assert acc.Scalars("test/ece")[-1].value == pytest.approx(saved["last"]["ece"])
     assert [e.value for e in acc.Scalars("test/acc")][-1] == pytest.approx(saved["last"]["acc"])
     assert_hparams(acc, saved)
 

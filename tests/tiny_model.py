@@ -24,9 +24,24 @@ def register() -> None:
     MODELS["tiny"] = tiny
     MODELS["wide"] = wide
     MODELS["tiny_bn"] = tiny_bn
+    MODELS["tiny_fc"] = TinyFc
 
 
 def tiny_bn(num_classes: int, in_channels: int) -> nn.Module:
     """tiny with BatchNorm: 2 processes end with the weights of 1 only when BatchNorm is synchronised."""
     return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes))
+
+
+class TinyFc(nn.Module):
+    """tiny with BatchNorm and its classifier named fc, as bsdist's models have it (decoupled training and
+    post-hoc methods find the classifier by that name)."""
+
+    def __init__(self, num_classes: int, in_channels: int):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x))

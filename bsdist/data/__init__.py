@@ -14,7 +14,7 @@ from bsdist.data.datasets import CIFAR10LT, CIFAR100LT, DATASETS, DigitsLT, Long
 from bsdist.distributed import DistEnv, main_process_first
 from bsdist.errors import BsdistError
 
-__all__ = ["CIFAR10LT", "CIFAR100LT", "DATASETS", "Data", "DigitsLT", "DeviceLoader", "ResumableBatchSampler", "ShardSampler", "build_data", "check_available", "prepare"]
+__all__ = ["CIFAR10LT", "CIFAR100LT", "ClassBalancedSampler", "DATASETS", "Data", "DigitsLT", "DeviceLoader", "ResumableBatchSampler", "ShardSampler", "build_data", "check_available", "prepare"]
 
 
 class ShardSampler(Sampler):
@@ -28,6 +28,38 @@ class ShardSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class ClassBalancedSampler(DistributedSampler):
+    """Class-balanced sampling for every world size: each epoch draws as many images as the dataset
+    holds, every class equally often (to within one: the remainder's classes are drawn at random) and
+    each image of a class equally likely, with replacement (the sampler of cRT, Kang et al. 2020).
+
+    The epoch's global order depends only on (seed, epoch); rank r takes positions r, r + W, ... of
+    its first W * floor(N / W) entries, as DistributedSampler with drop_last does, so shards are
+    disjoint and together they are the order one process would follow. An image drawn twice in an
+    epoch is augmented alike (BatchAugment keys its draws by image and epoch).
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        targets = torch.as_tensor(dataset.targets)
+        self.by_class = torch.argsort(targets, stable=True)  # image indices grouped by class
+        counts = torch.bincount(targets)
+        self.present = torch.nonzero(counts).flatten()  # classes with images
+        self.counts, self.starts = counts, torch.cumsum(counts, 0) - counts
+
+    def global_order(self) -> torch.Tensor:
+        """This epoch's draws over all ranks: len(dataset) image indices."""
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        n, k = len(self.dataset), len(self.present)
+        classes = torch.cat([self.present.repeat(n // k), self.present[torch.randperm(k, generator=g)[:n % k]]])
+        classes = classes[torch.randperm(n, generator=g)]
+        within = (torch.rand(n, generator=g, dtype=torch.float64) * self.counts[classes]).long()
+        return self.by_class[self.starts[classes] + within]
+
+    def __iter__(self):
+        return iter(self.global_order()[:self.total_size][self.rank::self.num_replicas].tolist())
 
 
 class ResumableBatchSampler(BatchSampler):
@@ -108,11 +140,14 @@ def build_data(cfg: dict, env: DistEnv) -> Data:
     cls: type[LongTailDataset] = DATASETS[d["name"]]
     with main_process_first(env):  # rank 0 downloads; the others then find the files
         train = cls(d["datadir"], train=True, download=d["download"], imbalance_type=d["imbalance_type"],
-                    imbalance_factor=d["imbalance_factor"], seed=seed, val_per_cls=d["val_per_cls"])
+                    imbalance_factor=d["imbalance_factor"], seed=d["split_seed"], val_per_cls=d["val_per_cls"])
         test = cls(d["datadir"], train=False)
     splits = {"val": train.val, "test": test} if train.val is not None else {"test": test}
     local_batch = d["batch_size"] // env.world_size
-    sampler = DistributedSampler(train, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed, drop_last=True)
+    if d["sampler"] == "class_balanced":
+        sampler = ClassBalancedSampler(train, env.world_size, env.rank, seed)
+    else:
+        sampler = DistributedSampler(train, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed, drop_last=True)
     if len(sampler) < local_batch:
         raise BsdistError(f"the {len(train)} training images give each of {env.world_size} processes {len(sampler)}, fewer than "
                           f"one batch of {local_batch}; lower DATASET.batch_size")

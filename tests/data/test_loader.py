@@ -44,6 +44,15 @@ def test_auto_puts_the_data_on_the_device_on_cpu(cifar10_root, tmp_path):
     assert isinstance(data.train, DeviceLoader) and all(isinstance(l, DeviceLoader) for l in data.eval.values())
 
 
+def test_training_seeds_share_the_long_tailed_subset_that_the_split_seed_draws(cifar10_root, tmp_path):
+    def subset(*overrides):
+        train = build_data(cifar_cfg(cifar10_root, tmp_path, "DATASET.val_per_cls", "2", *overrides), CPU).train.dataset
+        return train.data.tobytes()
+    standard = subset()
+    assert subset("DEFAULT.seed", "7") == standard  # another training seed, the same images
+    assert subset("DATASET.split_seed", "7") != standard  # another split
+
+
 @pytest.mark.parametrize("rank, world_size", [(0, 1), (1, 2), (2, 3)])
 def test_device_loader_yields_the_dataloader_batches(cifar10_root, tmp_path, rank, world_size):
     # the sampler takes rank and world size from env; the collectives run in the 1-process group

@@ -1,0 +1,94 @@
+"""What a run directory holds, read before anything starts: whether a run may start or continue there,
+its results when it has finished, its saved config, and the stage-1 run a decoupled stage 2 builds on.
+
+Read-only, so every rank (and a sweep or a SLURM submission, before any process group exists) can ask.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import yaml
+
+from bsdist import config
+from bsdist.errors import BsdistError
+
+RUN_FILES = ("last.pt", "results.json")  # what makes a run directory hold a run: trained weights, or a finished run
+# Stage 2 trains on stage 1's features, so it must see the same images through the same model.
+SAME_AS_STAGE1 = ("DATASET.name", "DATASET.imbalance_type", "DATASET.imbalance_factor", "DATASET.split_seed",
+                  "DATASET.val_per_cls", "MODEL.name")
+
+
+def saved_config(run_dir: str) -> dict:
+    """The config.yaml of a run directory (with keys added since it was written filled in), or one error."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise BsdistError(f"{run_dir} holds no config.yaml, so it is not a bsdist run directory; "
+                          "name a directory <savedir>/<dataset>/<model>/<exp_name> that a run wrote")
+    with open(path) as f:
+        return config.upgrade(yaml.safe_load(f))
+
+
+def resume_checkpoint(cfg: dict) -> str | None:
+    """The checkpoint to continue from, or None for a fresh run; refuses to overwrite another run.
+
+    A directory without last.pt or results.json holds no trained work (an attempt that stopped before
+    its first checkpoint, a non-finite loss say): a new attempt starts afresh there, whatever its
+    settings.
+    """
+    from bsdist.distributed import restarted_by_launcher
+    run_dir, resume = config.run_dir(cfg), cfg["TRAIN"]["resume"]
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
+    if not held:
+        if resume is True:
+            raise BsdistError(f"TRAIN.resume true but {run_dir} holds no checkpoint to continue from; check DEFAULT.savedir "
+                              "and DEFAULT.exp_name, or use TRAIN.resume auto to start the run when there is none")
+        return None
+    if resume is False and not restarted_by_launcher():  # torchrun's restart continues the run
+        raise BsdistError(f"run directory {run_dir} already holds a run ({', '.join(held)}); continue it with "
+                          "TRAIN.resume auto, or choose another DEFAULT.exp_name or DEFAULT.savedir")
+    if os.path.exists(os.path.join(run_dir, "config.yaml")):
+        changed = config.changed_keys(saved_config(run_dir), cfg)
+        if changed:
+            raise BsdistError(f"cannot resume {run_dir}: {', '.join(changed)} differ from the saved config.yaml; "
+                              "restore those values, or start a new run under another DEFAULT.exp_name")
+    last = os.path.join(run_dir, "last.pt")
+    return last if os.path.exists(last) else None
+
+
+def results_of(run_dir: str) -> dict | None:
+    """The results of a finished run (results.json is written only at its very end), else None."""
+    path = os.path.join(run_dir, "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def finished_results(cfg: dict) -> dict | None:
+    return results_of(config.run_dir(cfg))
+
+
+def stage1_checkpoint(cfg: dict) -> str | None:
+    """best.pt of the finished stage-1 run that CRT.stage1 names, once it is known to fit this run; None
+    for a run of its own."""
+    stage1 = cfg["CRT"]["stage1"]
+    if stage1 is None:
+        return None
+    if not os.path.isdir(stage1):
+        raise BsdistError(f"CRT.stage1 {stage1} is not a directory; name the run directory of a finished stage-1 run "
+                          "(<savedir>/<dataset>/<model>/<exp_name>, holding results.json and best.pt)")
+    saved = saved_config(stage1)
+    if saved.get("CRT", {}).get("stage1"):
+        raise BsdistError(f"CRT.stage1 {stage1} is itself a stage-2 run; name the stage-1 run it came from "
+                          f"({saved['CRT']['stage1']})")
+    if results_of(stage1) is None or not os.path.exists(os.path.join(stage1, "best.pt")):
+        raise BsdistError(f"CRT.stage1 {stage1} has not finished (no results.json and best.pt); finish it first "
+                          "(run its config again with TRAIN.resume auto), then start stage 2")
+    for key in SAME_AS_STAGE1:
+        if config.get(saved, key) != config.get(cfg, key):
+            raise BsdistError(f"CRT.stage1 {stage1} was trained with {key} {config.get(saved, key)} and this run has "
+                              f"{config.get(cfg, key)}: stage 2 must see stage 1's data and model; set {key} "
+                              f"{config.get(saved, key)}")
+    return os.path.join(stage1, "best.pt")
