@@ -5,6 +5,7 @@
     launch.py --sweep SWEEP.yaml [--jobs N] [--nproc-per-node K] [--slurm ...] [KEY.SUB value ...]
     launch.py CONFIG --seeds 0 1 2 [...]            the run once per seed, as a sweep (also with --sweep)
     launch.py --report RUNS_DIR
+    launch.py CONFIG --check-data [--decode] [KEY.SUB value ...]   what the data holds, and what is wrong with it
     launch.py --evaluate RUN_DIR [--posthoc logit-adjust|tau-norm|all] [KEY.SUB value ...]   (also under torchrun)
 
 It parses, validates before any process group or directory exists, and hands over; errors are one
@@ -34,6 +35,9 @@ def parse_args(argv):
     parser.add_argument("--evaluate", metavar="RUN_DIR", help="evaluate a finished run's selected model (best.pt) again")
     parser.add_argument("--posthoc", choices=("logit-adjust", "tau-norm", "all"),
                         help="with --evaluate: post-hoc adjustment(s), tau tuned on the validation split")
+    parser.add_argument("--check-data", action="store_true",
+                        help="with CONFIG: report each split's images and classes and every problem of the data; exit 1 on any")
+    parser.add_argument("--decode", action="store_true", help="with --check-data: also decode every image, in parallel")
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     from bsdist import slurm
     slurm_flags = slurm.add_arguments(parser)
@@ -46,6 +50,10 @@ def parse_args(argv):
     modes = [m for m in (args.config, args.sweep, args.report, args.evaluate) if m is not None]
     if len(modes) != 1:
         parser.error("give exactly one of CONFIG, --sweep SWEEP.yaml, --report RUNS_DIR or --evaluate RUN_DIR")
+    if (args.check_data and not args.config) or (args.decode and not args.check_data):
+        parser.error("--check-data goes with a CONFIG (python launch.py CONFIG --check-data [--decode])")
+    if args.check_data and (args.slurm or args.seeds):
+        parser.error("--check-data runs here; drop --slurm and --seeds")
     if args.posthoc and not args.evaluate:
         parser.error("--posthoc goes with --evaluate RUN_DIR")
     if args.evaluate and (args.slurm or args.seeds):
@@ -89,8 +97,11 @@ def run(argv=None) -> int:
             methods = list(METHODS) if args.posthoc == "all" else [args.posthoc] if args.posthoc else []
             evaluate_run(args.evaluate, methods, args.overrides)
             return 0
-        cfg = config.validate(config.load(args.config, args.overrides), world_size_from_env())
+        cfg = config.validate(config.load(args.config, args.overrides), world_size_from_env(), device_here=not args.check_data)
         check_available(cfg)
+        if args.check_data:
+            from bsdist.data.check import check_data
+            return check_data(cfg, decode=args.decode)
         stage1_checkpoint(cfg)
         from bsdist.train import main
         main(cfg)

@@ -20,9 +20,11 @@ import yaml
 
 from bsdist.errors import BsdistError
 
-DATASETS = ("CIFAR10LT", "CIFAR100LT", "DigitsLT")
+ARRAY_DATASETS = ("CIFAR10LT", "CIFAR100LT", "DigitsLT")  # held in memory (bsdist.data.datasets)
+FILE_DATASETS = ("ImageList", "ImageNetLT", "PlacesLT", "iNat2018")  # image files (bsdist.data.imagelist)
+DATASETS = ARRAY_DATASETS + FILE_DATASETS
 LOSSES = ("CrossEntropyLoss", "BalancedSoftmax")
-AUGMENTATIONS = ("RandomCrop", "RandomHorizontalFlip")
+AUGMENTATIONS = ("RandomCrop", "RandomHorizontalFlip", "RandomResizedCrop")
 
 
 @dataclass(frozen=True)
@@ -54,15 +56,19 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "exp_name": Field(None, "str", "run name; null derives <loss>-<imbalance_type>-IF_<factor> (a stage 2: <stage-1 run>-cRT-<loss>)", nullable=True),
     },
     "DATASET": {
-        "name": Field("CIFAR10LT", "choice", "dataset", choices=DATASETS),
-        "datadir": Field("./data", "str", "directory holding cifar-10-batches-py/ or cifar-100-python/"),
+        "name": Field("CIFAR10LT", "choice", "dataset: CIFAR-LT and the offline digits held in memory; ImageList (split lists or a class-per-folder tree) and its presets ImageNetLT, PlacesLT, iNat2018 read image files", choices=DATASETS),
+        "datadir": Field("./data", "str", "directory holding cifar-10-batches-py/ or cifar-100-python/, or the images (and split lists) of an image-list dataset"),
+        "train_list": Field(None, "str", "image-list datasets: the training list (`relative/path label` lines; relative to datadir, or absolute); null takes the preset's, or train/<class>/ folders", nullable=True),
+        "val_list": Field(None, "str", "image-list datasets: the validation list; null takes the preset's, or val/<class>/ folders where they exist", nullable=True),
+        "test_list": Field(None, "str", "image-list datasets: the test list; null takes the preset's, or test/<class>/ folders", nullable=True),
+        "image_size": Field(224, "int", "image-list datasets: side of the square training and evaluation images (evaluation resizes the shorter side to image_size * 256 / 224 and crops the centre)", check=_positive),
         "download": Field(False, "bool", "download CIFAR (md5-checked) into datadir when missing"),
         "batch_size": Field(32, "int", "global images per step, split evenly across processes", check=_positive),
         "test_batch_size": Field(1024, "int", "images per evaluation batch on each process", check=_positive),
         "loader": Field("auto", "choice", "device: the uint8 dataset lives on the training device and batches are gathered there; dataloader: DataLoader workers feed batches from host memory; auto: device when the data fits", choices=("auto", "device", "dataloader")),
         "sampler": Field("instance", "choice", "training order: instance draws every image once per epoch (DistributedSampler); class_balanced draws classes equally often (each image of a class equally likely), the epoch keeping its number of images: cRT's sampler", choices=("instance", "class_balanced")),
         "num_workers": Field(2, "int", "DataLoader worker processes per training process (loader dataloader)", check=_non_negative),
-        "imbalance_type": Field("exp", "choice", "long-tail profile; null means balanced", choices=("exp", "step"), nullable=True),
+        "imbalance_type": Field("auto", "choice", "long-tail profile drawn from the training images; null keeps them all (a balanced set stays balanced, a list as it is); auto is exp for CIFAR and digits and null for image lists", choices=("auto", "exp", "step"), nullable=True),
         "split_seed": Field(0, "int", "seed of the long-tailed subset and the validation hold-out; 0 is the standard subset of LDAM-DRW and the reference trainer", check=_non_negative),
         "imbalance_factor": Field(100.0, "float", "largest / smallest class count (1 = balanced)", check=_at_least_one),
         "val_per_cls": Field(0, "int", "balanced validation images per class, taken from training images the long-tailed subset left unused; 0 selects the best model on the test set", check=_non_negative),
@@ -111,7 +117,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "stage1": Field(None, "str", "decoupled stage 2 (classifier re-training, cRT): the run directory of a finished stage-1 run whose selected model (best.pt) this run loads and freezes (BatchNorm included), training only a re-initialised classifier; null: a run of its own", nullable=True),
     },
     "MODEL": {
-        "name": Field("resnet18", "str", "model (see bsdist.models.MODELS)"),
+        "name": Field("resnet18", "str", "model: resnet32 (the CIFAR ResNet of LDAM-DRW and BALMS), resnet10, resnet18, resnet50, resnext50_32x4d, resnet152 (see bsdist.models.zoo)"),
+        "stem": Field("auto", "choice", "first layers: cifar (3x3 stride-1 convolution, no max-pool) or imagenet (7x7 stride-2 and max-pool); auto is cifar up to 64 px images and imagenet above", choices=("auto", "cifar", "imagenet")),
+        "pretrained": Field(None, "str", "a local weights file (a state dict, or a checkpoint holding one) to start from, read with weights_only; the classifier starts afresh when its class count differs; nothing is downloaded", nullable=True),
         "sync_bn": Field("auto", "auto_bool", "BatchNorm statistics over the global batch (all processes' images), as one process with the same batch computes them; auto: when several processes each hold fewer than MODEL.sync_bn_batch images"),
         "sync_bn_batch": Field(32, "int", "with MODEL.sync_bn auto, the per-process batch below which BatchNorm synchronises", check=_positive),
     },
@@ -294,9 +302,19 @@ def validate(cfg: dict, world_size: int = 1, device_here: bool = True) -> dict:
                               f"{t['epochs'] - 1}, got {m}")
     elif s["milestones"]:
         raise BsdistError("SCHEDULER.params.milestones is only used by multistep; remove it or set sched_name multistep")
+    if d["imbalance_type"] == "auto":
+        d["imbalance_type"] = "exp" if d["name"] in ARRAY_DATASETS else None
+        if d["imbalance_type"] is None and d["imbalance_factor"] == FIELDS["DATASET.imbalance_factor"].default:
+            d["imbalance_factor"] = 1.0  # the default factor is CIFAR's; a list is used as it is
+    if "RandomResizedCrop" in d["aug_info"] and d["name"] not in FILE_DATASETS:
+        raise BsdistError(f"DATASET.aug_info RandomResizedCrop crops image files as they are decoded; {d['name']} is held in "
+                          "memory at its own size: use RandomCrop")
+    if d["name"] not in FILE_DATASETS and any(d[k] for k in ("train_list", "val_list", "test_list")):
+        raise BsdistError(f"DATASET.train_list, val_list and test_list name image lists; {d['name']} has its own files: "
+                          "set DATASET.name ImageList (or a preset) to train from lists")
     if d["imbalance_type"] is None and d["imbalance_factor"] != 1:
-        raise BsdistError(f"DATASET.imbalance_type null means balanced but imbalance_factor is {d['imbalance_factor']}; "
-                          "set imbalance_type exp or step, or imbalance_factor 1")
+        raise BsdistError(f"DATASET.imbalance_type null keeps every training image but imbalance_factor is "
+                          f"{d['imbalance_factor']}; set imbalance_type exp or step to draw a long tail, or imbalance_factor 1")
     if len(set(d["aug_info"])) != len(d["aug_info"]):
         raise BsdistError(f"DATASET.aug_info lists an augmentation twice: {d['aug_info']}")
     if device_here:
@@ -374,6 +392,8 @@ def default_exp_name(cfg: dict) -> str:
     d, stage1 = cfg["DATASET"], cfg["CRT"]["stage1"]
     if stage1:
         return f"{os.path.basename(os.path.normpath(stage1))}-cRT-{cfg['LOSS']['name']}"
+    if d["imbalance_type"] is None and d["name"] in FILE_DATASETS:
+        return f"{cfg['LOSS']['name']}-as_listed"
     factor = f"{d['imbalance_factor']:g}"
     return f"{cfg['LOSS']['name']}-{d['imbalance_type'] or 'balanced'}-IF_{factor}"
 
@@ -384,7 +404,8 @@ def run_dir(cfg: dict) -> str:
 
 # Keys added since the first release, with the value that reproduces what a config saved before them did.
 ADDED_KEYS = {"DATASET.split_seed": lambda saved: saved.get("DEFAULT", {}).get("seed", 0),  # one seed drew the subset too
-              "DATASET.sampler": lambda saved: "instance", "CRT.stage1": lambda saved: None}
+              "DATASET.sampler": lambda saved: "instance", "CRT.stage1": lambda saved: None,
+              "MODEL.stem": lambda saved: "cifar", "MODEL.pretrained": lambda saved: None}
 
 
 def upgrade(saved: dict) -> dict:

@@ -8,8 +8,12 @@ class BsdistError(Exception):
     every_rank_reports = False  # True where rank 0 itself may be the process that failed
 
     def __init__(self, message: str, *args):
+        message = str(message)
+        if message.startswith(f"Caught {type(self).__name__} in DataLoader worker"):
+            # a DataLoader re-raises a worker's error with the worker's traceback as its message: keep ours
+            message = message.rsplit(f"{type(self).__name__}: ", 1)[-1]
         # one line, whatever a quoted exception brought along (a corrupt file's bytes can hold newlines)
-        super().__init__(" ".join(str(message).splitlines()), *args)
+        super().__init__(" ".join(message.splitlines()), *args)
 
 
 class PeerFailure(BsdistError):

@@ -84,7 +84,7 @@ def _evaluate(cfg: dict, env: DistEnv, out, run_dir: str, methods: list[str]) ->
     from bsdist.train import AMP_DTYPES
     data = build_data(cfg, env)
     num_per_cls = broadcast_class_prior(data.num_per_cls, env)
-    model = create(cfg, data.num_classes, data.in_channels, env.device, sync_bn=False)
+    model = create(cfg, data.num_classes, data.in_channels, env.device, sync_bn=False, image_size=data.image_size)
     model.load_state_dict(checkpoint.load(os.path.join(run_dir, "best.pt"))["model"])
     model.eval()
     amp_dtype = AMP_DTYPES[config.resolve_precision(cfg["TRAIN"]["mixed_precision"], env.device.type)]

@@ -80,7 +80,7 @@ def run_entries(directory: str, runs_dir: str) -> list[dict]:
     if d["imbalance_type"] in ("exp", None) and all(_value(cfg, k) == v for k, v in REFERENCE_RECIPE.items()):
         reference = REFERENCE_ACC.get((d["name"], method), {}).get(factor)
     entry = {
-        "dataset": d["name"], "imbalance_type": d["imbalance_type"] or "balanced",
+        "dataset": d["name"], "imbalance_type": d["imbalance_type"] or ("as listed" if d["name"] in config.FILE_DATASETS else "balanced"),
         "imbalance_factor": int(factor) if float(factor).is_integer() else factor, "method": method,
         "seed": cfg["DEFAULT"]["seed"], "selected_on": best["selected_on"], "cfg": cfg, "reference_acc": reference,
         "num_per_cls": results["num_per_cls"], "per_class_recall": best["per_class_recall"],
@@ -190,7 +190,8 @@ def markdown(rows: list[dict]) -> str:
             continue
         lines = [f"### {SELECTION[selection]}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
         for r in chosen:
-            cells = [r["dataset"], f"{r['imbalance_type']} {r['imbalance_factor']}", r["method"],
+            imbalance = r["imbalance_type"] if r["imbalance_type"] == "as listed" else f"{r['imbalance_type']} {r['imbalance_factor']}"
+            cells = [r["dataset"], imbalance, r["method"],
                      *([r["setting"] or "-"] if with_setting else []), str(r["n"]),
                      *[_cell(r[f"{m}_mean"], r[f"{m}_std"]) for m in ("acc", "bcr", "many", "medium", "few", "ece")],
                      f"{round(r['best_epoch_mean'], 1):g}/{r['epochs']}", _cell(r["last_acc_mean"], r["last_acc_std"]),

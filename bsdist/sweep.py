@@ -122,7 +122,7 @@ def expand(spec: dict, path: str, world_size: int, device_here: bool, overrides:
             tokens = _tokens({**file_overrides, **point, "TRAIN.resume": "auto"}, overrides)
             named = config.load(base, tokens)["DEFAULT"]["exp_name"] is not None
             cfg = config.validate(config.load(base, tokens), world_size, device_here)
-            suffix = _name_suffix(point, named)
+            suffix = _name_suffix(point, named, cfg["DEFAULT"]["exp_name"])
             if suffix:
                 tokens += ["DEFAULT.exp_name", cfg["DEFAULT"]["exp_name"] + suffix]
                 cfg = config.validate(config.load(base, tokens), world_size, device_here)
@@ -161,9 +161,10 @@ def _fill(key: str, text: str, values: dict) -> str:
     return re.sub(r"\{([A-Za-z_]+(?:\.[A-Za-z_]+)+)\}", value_of, text)
 
 
-def _name_suffix(point: dict, named: bool) -> str:
+def _name_suffix(point: dict, named: bool, exp_name: str) -> str:
     """-<key>_<value> for every axis the run directory does not show already (all but the path's when
-    DEFAULT.exp_name is set rather than derived); nothing when exp_name is itself an axis."""
+    DEFAULT.exp_name is set rather than derived, and any the name holds already, as a stage 2's name
+    holds its stage-1 run's); nothing when exp_name is itself an axis."""
     if "DEFAULT.exp_name" in point:
         return ""
     shown = SHOWN_BY_PATH + (() if named else SHOWN_BY_DERIVED_NAME)
@@ -175,7 +176,9 @@ def _name_suffix(point: dict, named: bool) -> str:
         name = key.rsplit(".", 1)[-1] if leaves.count(key.rsplit(".", 1)[-1]) == 1 else key
         text = "+".join(map(str, value)) if isinstance(value, list) else str(value).lower() if isinstance(value, bool) \
             else f"{value:g}" if isinstance(value, float) else str(value)
-        parts.append(f"-{name}_{re.sub(r'[^A-Za-z0-9_.+-]', '_', text)}")
+        part = f"{name}_{re.sub(r'[^A-Za-z0-9_.+-]', '_', text)}"
+        if part not in exp_name.split("-"):
+            parts.append("-" + part)
     return "".join(parts)
 
 

@@ -62,3 +62,50 @@ def test_one_process_trains_without_ddp(env):
     built = build_model(cfg, 10, 3, env.device, compile_model=False)
     assert built.train is built.module is built.compiled
     assert not isinstance(built.train, nn.parallel.DistributedDataParallel)
+
+
+@pytest.mark.parametrize("name, classes, parameters", [
+    ("resnet32", 10, 464_154),  # LDAM-DRW / BALMS CIFAR-10: 0.46 M
+    ("resnet18", 1000, 11_689_512),  # torchvision's published counts
+    ("resnet50", 1000, 25_557_032),
+    ("resnext50_32x4d", 1000, 25_028_904),
+    ("resnet152", 1000, 60_192_808),
+])
+def test_the_literature_s_models_have_their_published_sizes(name, classes, parameters):
+    from bsdist.models import MODELS
+    model = MODELS[name](classes, 3, stem="cifar" if name == "resnet32" else "imagenet")
+    assert sum(p.numel() for p in model.parameters()) == parameters
+
+
+def test_resnet10_is_one_basic_block_per_stage_and_the_stem_follows_the_image_size():
+    from bsdist.models import MODELS, create
+    net = MODELS["resnet10"](1000, 3, stem="imagenet")
+    assert [len(getattr(net, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    cfg = config.validate(config.load(None, ["MODEL.name", "resnet10"]))
+    small, large = create(cfg, 10, 3, torch.device("cpu"), False, image_size=32), create(cfg, 10, 3, torch.device("cpu"), False,
+                                                                                          image_size=224)
+    assert small.conv1.kernel_size == (3, 3) and isinstance(small.maxpool, nn.Identity)
+    assert large.conv1.kernel_size == (7, 7) and isinstance(large.maxpool, nn.MaxPool2d)
+    assert small(torch.zeros(2, 3, 32, 32)).shape == large(torch.zeros(2, 3, 64, 64)).shape == (2, 10)
+    with pytest.raises(Exception, match="resnet32 is the CIFAR ResNet"):
+        create(config.validate(config.load(None, ["MODEL.name", "resnet32", "MODEL.stem", "imagenet"])), 10, 3,
+               torch.device("cpu"), False)
+
+
+def test_pretrained_weights_load_from_a_local_file_with_a_fresh_classifier_and_a_mismatch_is_one_line(tmp_path):
+    from bsdist import BsdistError
+    from bsdist.models import MODELS, create
+    torch.manual_seed(0)
+    imagenet = MODELS["resnet18"](1000, 3, stem="imagenet")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in imagenet.state_dict().items()}}, tmp_path / "in1k.pth")
+    cfg = config.validate(config.load(None, ["MODEL.pretrained", str(tmp_path / "in1k.pth"), "MODEL.stem", "imagenet"]))
+    places = create(cfg, 365, 3, torch.device("cpu"), False, image_size=224)
+    assert torch.equal(places.layer4[1].conv2.weight, imagenet.layer4[1].conv2.weight)
+    assert places.fc.weight.shape == (365, 512)
+    with pytest.raises(BsdistError, match=r"does not fit ResNet with MODEL.stem as set: keys conv1.weight has shape "
+                                          r"\(64, 3, 7, 7\), the model \(64, 3, 3, 3\)"):
+        create(config.validate(config.load(None, ["MODEL.pretrained", str(tmp_path / "in1k.pth")])), 365, 3,
+               torch.device("cpu"), False, image_size=32)
+    with pytest.raises(BsdistError, match="MODEL.pretrained .*nothing.pth does not exist; give the path of a local weights file"):
+        create(config.validate(config.load(None, ["MODEL.pretrained", str(tmp_path / "nothing.pth")])), 10, 3,
+               torch.device("cpu"), False)

@@ -9,12 +9,12 @@ from torch import nn
 from bsdist.models import MODELS
 
 
-def tiny(num_classes: int, in_channels: int) -> nn.Module:
+def tiny(num_classes: int, in_channels: int, stem: str = "cifar") -> nn.Module:
     return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
                          nn.Flatten(), nn.Linear(32, num_classes))
 
 
-def wide(num_classes: int, in_channels: int) -> nn.Module:
+def wide(num_classes: int, in_channels: int, stem: str = "cifar") -> nn.Module:
     """tiny with a 2.8 MB head: at TRAIN.ddp_bucket_mb 1 its gradients fill three DDP buckets."""
     return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
                          nn.Flatten(), nn.Linear(32, 16384), nn.ReLU(), nn.Linear(16384, num_classes))
@@ -27,7 +27,7 @@ def register() -> None:
     MODELS["tiny_fc"] = TinyFc
 
 
-def tiny_bn(num_classes: int, in_channels: int) -> nn.Module:
+def tiny_bn(num_classes: int, in_channels: int, stem: str = "cifar") -> nn.Module:
     """tiny with BatchNorm: 2 processes end with the weights of 1 only when BatchNorm is synchronised."""
     return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes))
@@ -37,7 +37,7 @@ class TinyFc(nn.Module):
     """tiny with BatchNorm and its classifier named fc, as bsdist's models have it (decoupled training and
     post-hoc methods find the classifier by that name)."""
 
-    def __init__(self, num_classes: int, in_channels: int):
+    def __init__(self, num_classes: int, in_channels: int, stem: str = "cifar"):
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                                       nn.AdaptiveAvgPool2d(2), nn.Flatten())

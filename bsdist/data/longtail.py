@@ -46,13 +46,19 @@ def _profile(img_max: float, num_classes: int, imbalance_type: str | None, imbal
 
 def long_tail_split(targets, num_classes: int, imbalance_type: str | None, imbalance_factor: float,
                     seed: int, val_per_cls: int = 0):
-    """(train indices stacked class by class, balanced validation indices, per-class train counts)."""
+    """(train indices stacked class by class, balanced validation indices, per-class train counts).
+
+    imbalance_type None keeps every image of every class (but the validation ones): a balanced set
+    as it is, and an image list that is long-tailed already."""
     targets = np.asarray(targets)
     per_class = np.bincount(targets, minlength=num_classes)
-    if val_per_cls >= per_class.min():
+    if val_per_cls and val_per_cls >= per_class.min():
         raise BsdistError(f"DATASET.val_per_cls {val_per_cls} leaves no training image of class {int(per_class.argmin())} "
                           f"({per_class.min()} images); use a val_per_cls below {per_class.min()}, or 0 to select on the test set")
-    counts = long_tail_counts(len(targets) - num_classes * val_per_cls, num_classes, imbalance_type, imbalance_factor)
+    if imbalance_type is None:  # every image but the validation ones (a balanced set stays balanced, a list as it is)
+        counts = [int(n) - val_per_cls for n in per_class]
+    else:
+        counts = long_tail_counts(len(targets) - num_classes * val_per_cls, num_classes, imbalance_type, imbalance_factor)
     saved = np.random.get_state()
     try:
         np.random.seed(seed)

@@ -1,0 +1,108 @@
+"""`python launch.py CONFIG --check-data [--decode]`: what the data of a config holds, and what is wrong.
+
+Per split: images, classes, largest and smallest class, imbalance factor, and (for training) the many /
+medium / few class counts; then every problem: lines that are not `path label`, labels out of range,
+duplicate lines, missing files (named up to MAX_NAMED, then counted), classes absent from a split, a
+preset's profile that differs. `--decode` opens every image in parallel, with a progress line, and
+names each one that cannot be decoded. Exit status 0 when all is well, 1 otherwise: the output is what
+a bug report needs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from bsdist.data import imagelist
+from bsdist.data.imagelist import decoder_message
+from bsdist.metrics import shot_groups
+
+MAX_NAMED = 20
+
+
+def _stats(labels: np.ndarray, num_classes: int) -> str:
+    counts = np.bincount(labels, minlength=num_classes)
+    present = counts[counts > 0]
+    if not len(present):
+        return "0 images"
+    return (f"{len(labels):,} images, {len(present)} classes, largest {present.max():,}, smallest {present.min():,}, "
+            f"imbalance factor {present.max() / present.min():.4g}")
+
+
+def _decodable(path: str) -> str | None:
+    """None, or why the image cannot be decoded."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    try:
+        decode_image(read_file(path), mode=ImageReadMode.RGB)
+        return None
+    except Exception as e:  # corrupt, truncated, not an image: the reason in the decoder's words
+        return decoder_message(e)
+
+
+def check_data(cfg: dict, decode: bool = False, stream=None) -> int:
+    """Print the report (to stdout unless a stream is given); return the exit status (0: no problem)."""
+    from bsdist.data import is_file_list, load_splits
+    d = cfg["DATASET"]
+    say = lambda line: print(line, file=stream or sys.stdout, flush=True)  # noqa: E731
+    if not is_file_list(d["name"]):
+        loaded = load_splits(cfg)
+        say(f"{d['name']} in {d['datadir']}: {loaded.num_classes} classes, held in memory ({d['imbalance_type'] or 'balanced'} "
+            f"profile, factor {d['imbalance_factor']:g})")
+        for split, dataset in {"train": loaded.train, **loaded.eval}.items():
+            say(f"{split}: {_stats(dataset.targets, loaded.num_classes)}")
+        say("problems: none")
+        return 0
+    splits, num_classes, names = imagelist.listings(d)
+    sources = ", ".join(f"{split} {listing.source}" for split, listing in splits.items())
+    say(f"{d['name']} in {d['datadir']}: {num_classes} classes ({sources})")
+    problems = [p for listing in splits.values() for p in listing.problems] + imagelist.profile_problems(d, splits)
+    for split, listing in splits.items():
+        line = f"{split}: {_stats(listing.labels, num_classes)}"
+        if split == "train" and len(listing.labels):
+            groups = shot_groups(np.bincount(listing.labels, minlength=num_classes).tolist())
+            line += f"; many / medium / few-shot classes: {len(groups['many'])} / {len(groups['medium'])} / {len(groups['few'])}"
+        say(line)
+        absent = sorted(set(range(num_classes)) - set(listing.labels.tolist()))
+        if absent and listing.paths:
+            problems.append(f"{split}: {len(absent)} of {num_classes} classes have no image (e.g. {', '.join(map(str, absent[:5]))})")
+    paths = [os.path.join(d["datadir"], p) for listing in splits.values() for p in listing.paths]
+    with ThreadPoolExecutor(16) as pool:
+        exists = list(pool.map(os.path.isfile, paths, chunksize=256))
+    missing = [p for p, ok in zip(paths, exists) if not ok]
+    problems += [f"missing file {p}" for p in missing[:MAX_NAMED]]
+    if len(missing) > MAX_NAMED:
+        problems.append(f"... and {len(missing) - MAX_NAMED:,} more missing files ({len(missing):,} in all)")
+    if decode:
+        problems += _decode_all([p for p, ok in zip(paths, exists) if ok])
+    if not problems:
+        say("problems: none")
+        return 0
+    say(f"problems: {len(problems)}")
+    for problem in problems:
+        say(f"  {problem}")
+    return 1
+
+
+def _decode_all(paths: list[str]) -> list[str]:
+    """Decode every image on all CPU cores, with a progress line on stderr; one problem per bad image."""
+    import multiprocessing
+    bad, started, last = [], time.perf_counter(), 0.0
+    workers = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for done, (path, reason) in enumerate(pool.imap(_decode_one, paths, chunksize=64), 1):
+            if reason:
+                bad.append(f"cannot decode {path}: {reason}")
+            now = time.perf_counter()
+            if now - last > 1 or done == len(paths):
+                last = now
+                print(f"\rdecoded {done:,} / {len(paths):,} images ({done / max(now - started, 1e-9):,.0f}/s), {len(bad)} bad",
+                      end="" if done < len(paths) else "\n", file=sys.stderr, flush=True)
+    return bad
+
+
+def _decode_one(path: str) -> tuple[str, str | None]:
+    return path, _decodable(path)

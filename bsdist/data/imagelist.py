@@ -1,0 +1,276 @@
+"""Image files on disk: ImageNet-LT, Places-LT, iNaturalist 2018, or any list or class-per-folder tree.
+
+Two layouts, both under DATASET.datadir:
+- split lists in the published format, one `relative/path label` per line (labels 0..C-1; a path may
+  hold spaces, the label is the last field; CRLF line ends are fine), named by DATASET.train_list,
+  val_list and test_list (relative to datadir, or absolute);
+- without lists, a class-per-folder tree (torchvision's ImageFolder layout): train/<class>/...,
+  val/<class>/... and test/<class>/..., classes sorted by folder name, their names kept for the report.
+
+Presets fill in the lists as the decoupling paper's code distributes them, looked for in datadir unless
+the list keys name them, and check the profile on load: another profile (a truncated download, the
+wrong list) is one line saying what was expected and what was found.
+
+Images are decoded where they are loaded (DataLoader workers, libjpeg-turbo through torchvision.io;
+grayscale, CMYK and PNG files become RGB), cropped and resized to DATASET.image_size and handed over as
+uint8; flipping, normalisation and channels_last happen on the training device (BatchAugment). The
+training crop is RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) drawn from (seed, epoch, image), so it
+does not depend on the world size; evaluation resizes the shorter side to image_size * 256 / 224 and
+crops the centre, the ImageNet convention. A missing or undecodable file stops the run with one line
+naming it and pointing at `--check-data --decode`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bsdist.errors import BsdistError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+CHECK_DATA_HINT = "list every bad file with python launch.py CONFIG --check-data --decode"
+# torchvision 0.29 announces that TorchCodec will take over its image decoding; until then it is the
+# libjpeg-turbo decoder bsdist measured, and the notice would repeat in every DataLoader worker
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
+                        category=DeprecationWarning)
+
+
+def decoder_message(error: Exception) -> str:
+    """The decoder's reason in its own words, without the C++ source location torchvision puts first."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return re.sub(r"^\w+, \S+:\d+, ", "", text)[:100]
+
+
+@dataclass(frozen=True)
+class Preset:
+    lists: dict  # split -> list file name, as distributed with the decoupling paper's code
+    num_classes: int
+    profile: dict  # what a complete copy holds: split -> images; largest / smallest: training images per class
+
+
+PRESETS = {
+    "ImageNetLT": Preset({"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt", "test": "ImageNet_LT_test.txt"},
+                         1000, {"train": 115846, "val": 20000, "test": 50000, "largest": 1280, "smallest": 5}),
+    "PlacesLT": Preset({"train": "Places_LT_train.txt", "val": "Places_LT_val.txt", "test": "Places_LT_test.txt"},
+                       365, {"train": 62500, "val": 7300, "test": 36500, "largest": 4980, "smallest": 5}),
+    # the literature tests on iNaturalist 2018's validation list; it has no validation split of its own
+    "iNat2018": Preset({"train": "iNaturalist18_train.txt", "test": "iNaturalist18_val.txt"},
+                       8142, {"train": 437513, "test": 24426}),
+}
+
+
+@dataclass
+class Listing:
+    """A split as its list (or folder) names it: paths relative to root, labels, and what is wrong with it."""
+    paths: list[str]
+    labels: np.ndarray
+    problems: list[str]
+    source: str
+
+
+def read_list(path: str, root: str, num_classes: int | None = None) -> Listing:
+    """Parse a `relative/path label` list; problems (bad lines, duplicates, labels out of range) are collected."""
+    if not os.path.isfile(path):
+        return Listing([], np.zeros(0, np.int64), [f"list {path} does not exist"], path)
+    paths, labels, problems, seen = [], [], [], {}
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            fields = line.rsplit(None, 1)
+            if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
+                problems.append(f"{path}:{number}: not `relative/path label`: {line[:80]!r}")
+                continue
+            name, label = fields[0], int(fields[1])
+            if label < 0 or (num_classes is not None and label >= num_classes):
+                problems.append(f"{path}:{number}: label {label} outside 0..{(num_classes or 1) - 1}")
+                continue
+            if name in seen:
+                problems.append(f"{path}:{number}: duplicate of line {seen[name]} ({name})")
+                continue
+            seen[name] = number
+            paths.append(name)
+            labels.append(label)
+    return Listing(paths, np.asarray(labels, dtype=np.int64), problems, path)
+
+
+def read_folders(root: str, split: str, classes: list[str] | None = None) -> tuple[Listing, list[str]]:
+    """A class-per-folder split: root/split/<class>/<image>; classes from the folders (or as given)."""
+    base = os.path.join(root, split)
+    if not os.path.isdir(base):
+        return Listing([], np.zeros(0, np.int64), [f"folder {base} does not exist"], base), classes or []
+    found = sorted(e.name for e in os.scandir(base) if e.is_dir())
+    classes = classes if classes is not None else found
+    index = {c: i for i, c in enumerate(classes)}
+    paths, labels, problems = [], [], []
+    for name in found:
+        if name not in index:
+            problems.append(f"{base}/{name}: a class the training split does not have")
+            continue
+        for dirpath, _, files in sorted(os.walk(os.path.join(base, name))):
+            for file in sorted(files):
+                if file.lower().endswith(IMAGE_SUFFIXES):
+                    paths.append(os.path.relpath(os.path.join(dirpath, file), root))
+                    labels.append(index[name])
+    return Listing(paths, np.asarray(labels, dtype=np.int64), problems, base), classes
+
+
+def list_path(root: str, name: str) -> str:
+    return name if os.path.isabs(name) else os.path.join(root, name)
+
+
+def listings(d: dict) -> tuple[dict[str, Listing], int, list[str] | None]:
+    """Every split of an image-list dataset config: ({split: listing}, classes, class names or None)."""
+    root, preset = d["datadir"], PRESETS.get(d["name"])
+    names = {split: d[f"{split}_list"] or (preset.lists.get(split) if preset else None) for split in ("train", "val", "test")}
+    if names["train"] is None:  # class-per-folder
+        train, classes = read_folders(root, "train")
+        result = {"train": train}
+        for split in ("val", "test"):
+            if os.path.isdir(os.path.join(root, split)):
+                result[split] = read_folders(root, split, classes)[0]
+        return result, len(classes), classes
+    train = read_list(list_path(root, names["train"]), root, preset.num_classes if preset else None)
+    if not os.path.isfile(train.source):
+        return {"train": train}, 0, None  # nothing to check the other lists against
+    num_classes = preset.num_classes if preset else int(train.labels.max()) + 1 if len(train.labels) else 0
+    result = {"train": train}
+    for split in ("val", "test"):
+        if names[split]:
+            result[split] = read_list(list_path(root, names[split]), root, num_classes)
+    return result, num_classes, None
+
+
+def profile_problems(d: dict, splits: dict[str, Listing]) -> list[str]:
+    """How the lists differ from the preset's published profile (nothing for other datasets)."""
+    preset = PRESETS.get(d["name"])
+    if preset is None or "train" not in splits:
+        return []
+    counts = np.bincount(splits["train"].labels, minlength=preset.num_classes)
+    found = {split: len(listing.paths) for split, listing in splits.items()}
+    found.update(largest=int(counts.max()) if len(counts) else 0, smallest=int(counts.min()) if len(counts) else 0)
+    return [f"{d['name']} {key}: expected {value:,}, found {found.get(key, 0):,}"
+            for key, value in preset.profile.items() if found.get(key) != value]
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decoded, cropped and resized image files as uint8 (N x S x S x 3) batches.
+
+    `__getitems__` takes keys epoch * len(self) + index (KeyedSampler), so that a training crop depends
+    on (seed, epoch, image) only; it returns (images, targets, dataset indices) like ImageArrays.
+    """
+
+    in_channels = 3
+
+    def __init__(self, root: str, paths: list[str], targets: np.ndarray, image_size: int, random_crop: bool, seed: int):
+        self.root, self.paths, self.image_size, self.random_crop, self.seed = root, paths, image_size, random_crop, seed
+        self.targets = np.asarray(targets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitems__(self, keys):
+        n, size = len(self), self.image_size
+        images = torch.empty(len(keys), size, size, 3, dtype=torch.uint8)
+        indices = []
+        for j, key in enumerate(keys):
+            epoch, i = divmod(int(key), n)
+            image = self.decode(i)
+            images[j] = (self.crop(image, epoch, i) if self.random_crop else self.centre(image)).permute(1, 2, 0)
+            indices.append(i)
+        idx = np.asarray(indices, dtype=np.int64)
+        return images, torch.from_numpy(self.targets[idx]), torch.from_numpy(idx)
+
+    def decode(self, i: int) -> torch.Tensor:
+        """The image as uint8 RGB (3 x H x W), or one error naming the file."""
+        from torchvision.io import ImageReadMode, decode_image, read_file
+        path = os.path.join(self.root, self.paths[i])
+        try:
+            return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        except Exception as e:
+            reason = "it does not exist" if not os.path.exists(path) else f"it cannot be decoded ({decoder_message(e)})"
+            raise BsdistError(f"image {path}: {reason}; {CHECK_DATA_HINT}") from None
+
+    def crop(self, image: torch.Tensor, epoch: int, i: int) -> torch.Tensor:
+        """RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, torchvision's procedure) to image_size."""
+        from torchvision.transforms.v2 import functional as TF
+        _, h, w = image.shape
+        rng = np.random.default_rng([self.seed, epoch, i])
+        area, top, left, ch, cw = h * w, None, None, h, w
+        for _ in range(10):
+            target = area * rng.uniform(0.08, 1.0)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+            if 0 < cw <= w and 0 < ch <= h:
+                top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+                break
+        if top is None:  # fall back to the centre crop of the nearest allowed ratio
+            ratio = w / h
+            cw, ch = (w, int(round(w / (4 / 3)))) if ratio > 4 / 3 else (int(round(h * 3 / 4)), h) if ratio < 3 / 4 else (w, h)
+            top, left = (h - ch) // 2, (w - cw) // 2
+        return TF.resized_crop(image, top, left, ch, cw, [self.image_size] * 2, antialias=True)
+
+    def centre(self, image: torch.Tensor) -> torch.Tensor:
+        """Shorter side to image_size * 256 / 224, then the centre image_size square."""
+        from torchvision.transforms.v2 import functional as TF
+        resized = TF.resize(image, round(self.image_size * 256 / 224), antialias=True)
+        return TF.center_crop(resized, [self.image_size] * 2)
+
+
+class KeyedSampler(torch.utils.data.Sampler):
+    """A sampler's indices as keys epoch * N + index for ImageFiles (its epoch read when iterated)."""
+
+    def __init__(self, sampler, num_samples: int):
+        self.sampler, self.num_samples = sampler, num_samples
+
+    def __iter__(self):
+        offset = getattr(self.sampler, "epoch", 0) * self.num_samples
+        return (offset + i for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def load_splits(d: dict, seed: int) -> tuple[ImageFiles, dict[str, ImageFiles], int, list[str] | None]:
+    """(training images, {"val", "test": evaluation images}, classes, class names) of an image-list
+    config, made long-tailed (DATASET.imbalance_type) and with a validation hold-out (val_per_cls) as
+    CIFAR is. Any problem of the lists stops here, in one line pointing at --check-data."""
+    from bsdist.data.longtail import long_tail_split
+    splits, num_classes, class_names = listings(d)
+    for listing in splits.values():
+        if not os.path.exists(listing.source):
+            raise BsdistError(f"{listing.problems[0]}; set DATASET.datadir to the folder that holds {d['name']}'s images and "
+                              "lists, or the DATASET.*_list keys to the lists' paths")
+    problems = [p for listing in splits.values() for p in listing.problems] + profile_problems(d, splits)
+    if "test" not in splits:
+        problems.append(f"no test split: set DATASET.test_list, or add {os.path.join(d['datadir'], 'test')}/<class>/ folders")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise BsdistError(f"{problems[0]}{more}; {CHECK_DATA_HINT}")
+    train = splits["train"]
+    absent = sorted(set(range(num_classes)) - set(train.labels.tolist()))
+    if absent:
+        raise BsdistError(f"{train.source}: {len(absent)} of {num_classes} classes have no training image (e.g. class {absent[0]}); "
+                          f"{CHECK_DATA_HINT}")
+    if "val" in splits and d["val_per_cls"]:
+        raise BsdistError(f"{splits['val'].source} is a validation split already; set DATASET.val_per_cls 0, or drop the "
+                          "validation list to hold images out of training instead")
+    keep, val_idx, _ = long_tail_split(train.labels, num_classes, d["imbalance_type"], d["imbalance_factor"], d["split_seed"],
+                                       d["val_per_cls"])
+    root, size = d["datadir"], d["image_size"]
+    random_crop = "RandomResizedCrop" in d["aug_info"]
+
+    def files(listing: Listing, index=None, train_crop=False) -> ImageFiles:
+        index = np.arange(len(listing.paths)) if index is None else index
+        return ImageFiles(root, [listing.paths[i] for i in index], listing.labels[index], size, train_crop, seed)
+
+    held = {"val": files(train, val_idx)} if d["val_per_cls"] else {"val": files(splits["val"])} if "val" in splits else {}
+    return files(train, keep, random_crop), {**held, "test": files(splits["test"])}, num_classes, class_names
