@@ -43,12 +43,11 @@ from bsdist.data.augment import BatchAugment  # noqa: E402
 from bsdist.data.datasets import CIFAR10LT, ImageArrays  # noqa: E402
 from bsdist.data.longtail import long_tail_counts  # noqa: E402
 from bsdist.distributed import LAUNCH_VARIABLES, init_distributed, shutdown  # noqa: E402
-from bsdist.engine import TrainState, evaluate, train_one_epoch  # noqa: E402
+from bsdist.engine import AMP_DTYPES, TrainState, evaluate, train_one_epoch  # noqa: E402
 from bsdist.losses import BalancedSoftmax  # noqa: E402
 from bsdist.models import build_model, resnet18  # noqa: E402
 from bsdist.optim import build_optimizer, build_scheduler  # noqa: E402
 from bsdist.output import NullOutput  # noqa: E402
-from bsdist.train import AMP_DTYPES  # noqa: E402
 
 # The reference grid: CIFAR-10-LT and CIFAR-100-LT at 5 imbalance factors, CE and BS (BS skipped at factor 1),
 # 50 epochs at the configs' batch 32, the 10,000 test images evaluated after every epoch at batch 1024.

@@ -118,7 +118,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "MODEL": {
         "name": Field("resnet18", "str", "model: resnet32 (the CIFAR ResNet of LDAM-DRW and BALMS), resnet10, resnet18, resnet50, resnext50_32x4d, resnet152 (see bsdist.models.zoo)"),
-        "stem": Field("auto", "choice", "first layers: cifar (3x3 stride-1 convolution, no max-pool) or imagenet (7x7 stride-2 and max-pool); auto is cifar up to 64 px images and imagenet above", choices=("auto", "cifar", "imagenet")),
+        "stem": Field("auto", "choice", "first layers: cifar (3x3 stride-1 convolution, no max-pool) or imagenet (7x7 stride-2 and max-pool); auto is cifar up to 64 px images (CIFAR, digits, image lists at DATASET.image_size <= 64) and imagenet above", choices=("auto", "cifar", "imagenet")),
         "pretrained": Field(None, "str", "a local weights file (a state dict, or a checkpoint holding one) to start from, read with weights_only; the classifier starts afresh when its class count differs; nothing is downloaded", nullable=True),
         "sync_bn": Field("auto", "auto_bool", "BatchNorm statistics over the global batch (all processes' images), as one process with the same batch computes them; auto: when several processes each hold fewer than MODEL.sync_bn_batch images"),
         "sync_bn_batch": Field(32, "int", "with MODEL.sync_bn auto, the per-process batch below which BatchNorm synchronises", check=_positive),
@@ -306,6 +306,8 @@ def validate(cfg: dict, world_size: int = 1, device_here: bool = True) -> dict:
         d["imbalance_type"] = "exp" if d["name"] in ARRAY_DATASETS else None
         if d["imbalance_type"] is None and d["imbalance_factor"] == FIELDS["DATASET.imbalance_factor"].default:
             d["imbalance_factor"] = 1.0  # the default factor is CIFAR's; a list is used as it is
+    if cfg["MODEL"]["stem"] == "auto":  # a 7x7 stride-2 stem and max-pool would leave a 32 px image 8 px wide
+        cfg["MODEL"]["stem"] = "cifar" if d["name"] in ARRAY_DATASETS or d["image_size"] <= 64 else "imagenet"
     if "RandomResizedCrop" in d["aug_info"] and d["name"] not in FILE_DATASETS:
         raise BsdistError(f"DATASET.aug_info RandomResizedCrop crops image files as they are decoded; {d['name']} is held in "
                           "memory at its own size: use RandomCrop")
@@ -405,7 +407,9 @@ def run_dir(cfg: dict) -> str:
 # Keys added since the first release, with the value that reproduces what a config saved before them did.
 ADDED_KEYS = {"DATASET.split_seed": lambda saved: saved.get("DEFAULT", {}).get("seed", 0),  # one seed drew the subset too
               "DATASET.sampler": lambda saved: "instance", "CRT.stage1": lambda saved: None,
-              "MODEL.stem": lambda saved: "cifar", "MODEL.pretrained": lambda saved: None}
+              "MODEL.stem": lambda saved: "cifar", "MODEL.pretrained": lambda saved: None,
+              **{f"DATASET.{k}": lambda saved: None for k in ("train_list", "val_list", "test_list")},
+              "DATASET.image_size": lambda saved: 224}  # image lists came later: CIFAR and digits ignore it
 
 
 def upgrade(saved: dict) -> dict:

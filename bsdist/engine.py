@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from bsdist.distributed import DistEnv, all_reduce_max, all_reduce_sum
 from bsdist.errors import BsdistError, Stopped
-from bsdist.metrics import CALIBRATION_BINS, calibration_bins, confusion_matrix, summarize
+from bsdist.metrics import EvalTally
 from bsdist.models import no_sync
 from bsdist.optim import optimizer_step
 
@@ -47,6 +46,9 @@ class TrainState:
     step: int = 0
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}  # TRAIN.mixed_precision, resolved
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -55,7 +57,7 @@ class DeviceTally:
     """What the host learns only at check points, kept on the device meanwhile.
 
     Per optimiser step: the loss sum, image count and correct predictions (argmax of the logits, the
-    ones used for prediction) of the step's micro-batches, and whether any
+    ones used for prediction) of the step's micro-batches, the gradient norm, and whether any
     rank's loss was non-finite (one 1-element all-reduce, so every rank skips the same steps on the
     device). Per check point: one all-reduce of [non-finite steps, first such step, stop signal] and
     one host read; per log point one more for the loss sums.
@@ -64,7 +66,8 @@ class DeviceTally:
     def __init__(self, device: torch.device, progress: EpochProgress):
         f64 = dict(dtype=torch.float64, device=device)
         self.group = torch.zeros(3, **f64)  # loss sum, images, correct of the optimiser step being accumulated
-        self.pending = torch.zeros(3, **f64)  # the same for finite steps since the last log point, this rank
+        # the same for finite steps since the last log point, this rank, with their gradient norms and count
+        self.pending = torch.zeros(5, **f64)
         self.epoch = torch.tensor([progress.loss_sum, progress.images, progress.correct], **f64)  # all ranks, logged
         self.flags = torch.tensor([0.0, math.inf], **f64)  # non-finite steps since the last check point, the first of them
 
@@ -73,10 +76,13 @@ class DeviceTally:
         self.group[1] += len(targets)
         self.group[2] += (logits.detach().argmax(1) == targets).sum()
 
-    def end_step(self, global_step: int) -> torch.Tensor:
-        """Close the optimiser step; return its skip flag (float32 0/1, the same on every rank)."""
+    def end_step(self, global_step: int, grad_norm: torch.Tensor) -> torch.Tensor:
+        """Close the optimiser step whose (all-reduced) gradients have grad_norm; return its skip flag
+        (float32 0/1, the same on every rank)."""
         skip = all_reduce_max((~torch.isfinite(self.group[:1])).float())
-        self.pending += self.group.where(skip == 0, 0.0)
+        norm = torch.stack([grad_norm.double(), torch.ones_like(grad_norm, dtype=torch.float64)])
+        self.pending[:3] += self.group.where(skip == 0, 0.0)
+        self.pending[3:] += norm.where((skip == 0) & torch.isfinite(grad_norm), 0.0)  # fp16's scaler may skip too
         self.flags[0] += skip[0]
         torch.minimum(self.flags[1:2], torch.full_like(self.flags[1:2], global_step).where(skip > 0, math.inf),
                       out=self.flags[1:2])
@@ -90,13 +96,15 @@ class DeviceTally:
         self.flags[1].fill_(math.inf)
         return int(bad), int(first) if bad else 0, int(signum)
 
-    def read_loss(self) -> tuple[float, float, float]:
-        """Mean loss, accuracy and images over all ranks since the last call; adds them to the epoch's totals."""
+    def read_loss(self) -> tuple[float, float, float, float]:
+        """Mean loss, accuracy, images and gradient norm over all ranks since the last call; adds the first
+        three to the epoch's totals. (Every rank holds the same norms, so their sum over ranks divided by
+        the steps summed over ranks is the mean.)"""
         all_reduce_sum(self.pending)
-        loss_sum, images, correct = self.pending.tolist()
-        self.epoch += self.pending
+        loss_sum, images, correct, norm_sum, steps = self.pending.tolist()
+        self.epoch += self.pending[:3]
         self.pending.zero_()
-        return loss_sum / max(images, 1), correct / max(images, 1), images
+        return loss_sum / max(images, 1), correct / max(images, 1), images, norm_sum / steps if steps else math.nan
 
     def epoch_means(self) -> tuple[float, float]:
         """The epoch's mean loss and accuracy over all ranks' images."""
@@ -156,7 +164,10 @@ def train_one_epoch(state: TrainState, data, env: DistEnv, out, epoch: int, epoc
             continue
         step_in_epoch = i // accum + 1
         lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses, logged below
-        optimizer_step(state.optimizer, state.scaler, tally.end_step(state.step + 1))
+        if state.scaler.is_enabled():
+            state.scaler.unscale_(state.optimizer)  # the norm of the true gradients; scaler.step knows they are unscaled
+        grads = [p.grad for group in state.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        optimizer_step(state.optimizer, state.scaler, tally.end_step(state.step + 1, torch.nn.utils.get_total_norm(grads)))
         state.optimizer.zero_grad(set_to_none=True)
         state.scheduler.step()
         state.step += 1
@@ -179,13 +190,14 @@ def train_one_epoch(state: TrainState, data, env: DistEnv, out, epoch: int, epoc
             out.info(f"{bad} step(s) with a non-finite loss on some rank skipped, the first at {where} (TRAIN.nonfinite skip)")
         checkpoint_due = checkpoint_due or (signum and mid_epoch)
         if log_due or checkpoint_due:
-            loss_mean, accuracy, images_seen = tally.read_loss()  # waits for the device: the clock reads after it
+            loss_mean, accuracy, images_seen, grad_norm = tally.read_loss()  # waits for the device: the clock reads after it
             now = time.perf_counter()
             rate = images_seen / (now - tick)
             eta = (now - start) / (step_in_epoch - first_step) * ((epochs - epoch) * steps_per_epoch - step_in_epoch)
             out.info(f"epoch {epoch + 1}/{epochs} step {step_in_epoch}/{steps_per_epoch} loss {loss_mean:.4f} "
                      f"lr {lr:.5f} {rate:.0f} img/s eta {_duration(eta)}")
-            out.scalars({"train/loss": loss_mean, "train/acc": accuracy, "train/lr": lr, "train/img_per_s": rate}, state.step)
+            out.scalars({"train/loss": loss_mean, "train/acc": accuracy, "train/lr": lr, "train/img_per_s": rate,
+                         "train/grad_norm": grad_norm}, state.step)
             tick = now
         if checkpoint_due:
             state.save(epoch, EpochProgress(step_in_epoch, *tally.epoch.tolist()))
@@ -210,9 +222,7 @@ def evaluate(model: torch.nn.Module, loader, normalize, num_classes: int, num_pe
     padding dropped from the logits, so a compiled model sees one shape and never recompiles.
     """
     model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=env.device)
-    loss_sum = torch.zeros(1, dtype=torch.float64, device=env.device)
-    calibration = torch.zeros(CALIBRATION_BINS, 3, dtype=torch.float64, device=env.device)
+    tally = EvalTally(num_classes, env.device)
     for images, targets, _ in loader:
         images = images.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
@@ -221,12 +231,9 @@ def evaluate(model: torch.nn.Module, loader, normalize, num_classes: int, num_pe
             images = torch.cat([images, images.new_zeros((fixed_batch - n, *images.shape[1:]))])
         with autocast(env.device, amp_dtype):
             logits = model(normalize(images))[:n].float()
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
-        confusion += confusion_matrix(logits.argmax(1), targets, num_classes)
-        calibration += calibration_bins(logits, targets)
-    for total in (confusion, loss_sum, calibration):
-        all_reduce_sum(total)
-    return summarize(confusion, num_per_cls, loss_sum.item(), calibration)
+        tally.add(logits, targets)
+    tally.reduce(all_reduce_sum)
+    return tally.summary(num_per_cls)
 
 
 def _duration(seconds: float) -> str:

@@ -37,11 +37,12 @@ def _text(draw, xy, text, size=12, fill=(0, 0, 0), anchor="la"):
     draw.text(xy, text, fill=fill, font=_font(size), anchor=anchor)
 
 
-def class_figure(confusion: list[list[int]], num_per_cls: list[int], class_names: list[str], title: str) -> np.ndarray:
-    """The confusion matrix (up to 20 classes) or per-class recall by training count, as an RGB uint8 array."""
-    if len(confusion) <= MAX_HEATMAP_CLASSES:
-        return confusion_figure(confusion, class_names, title)
-    return recall_by_count_figure(confusion, num_per_cls, title)
+def class_figure(metrics: dict, num_per_cls: list[int], class_names: list[str], title: str) -> np.ndarray:
+    """An evaluation's confusion matrix (up to 20 classes) or per-class recall by training count, as an
+    RGB uint8 array."""
+    if len(num_per_cls) <= MAX_HEATMAP_CLASSES:
+        return confusion_figure(metrics["confusion"], class_names, title)
+    return recall_by_count_figure(metrics["per_class_recall"], num_per_cls, title)
 
 
 def confusion_figure(confusion: list[list[int]], class_names: list[str], title: str) -> np.ndarray:
@@ -90,13 +91,11 @@ def _colour_bar(draw, x: int, y: int, height: int) -> None:
         _text(draw, (x + 24, ty), label, 11, anchor="lm")
 
 
-def recall_by_count_figure(confusion: list[list[int]], num_per_cls: list[int], title: str) -> np.ndarray:
-    """Per-class recall, classes sorted by training count (largest first), with the count drawn on a log
-    scale above and the many / medium / few boundaries marked."""
+def recall_by_count_figure(per_class_recall: list[float | None], num_per_cls: list[int], title: str) -> np.ndarray:
+    """Per-class recall (None: a class absent from the split), classes sorted by training count (largest
+    first), with the count drawn on a log scale above and the many / medium / few boundaries marked."""
     from bsdist.metrics import FEW_SHOT, MANY_SHOT
-    m = np.asarray(confusion, dtype=np.float64)
-    support = m.sum(1)
-    recall = np.where(support > 0, np.diag(m) / np.maximum(support, 1), np.nan)
+    recall = np.array([np.nan if r is None else r for r in per_class_recall], dtype=np.float64)
     order = np.argsort(-np.asarray(num_per_cls), kind="stable")
     counts = np.asarray(num_per_cls)[order]
     n = len(order)

@@ -1,5 +1,7 @@
-"""Everything reported comes from one global confusion matrix (rows: true class, columns: prediction),
-and calibration from one global table of confidence bins; both are sums, so ranks all-reduce them exactly.
+"""Everything reported comes from sums that ranks all-reduce exactly (EvalTally): the confusion matrix
+(rows: true class, columns: prediction) up to CONFUSION_CLASSES classes, and beyond that each class's
+images and correct predictions (8,142 classes would make a 530 MB int64 matrix; the two counts are
+130 KB), the loss sum, and a table of confidence bins for calibration.
 
 Shot groups follow the long-tail literature: many-shot classes have > 100 training images,
 medium-shot 20-100, few-shot < 20. A group with no class is reported as None.
@@ -18,6 +20,7 @@ import torch
 
 MANY_SHOT, FEW_SHOT = 100, 20
 CALIBRATION_BINS = 15
+CONFUSION_CLASSES = 100  # beyond this, per-class counts instead of the matrix (in results.json too)
 
 
 def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -47,16 +50,61 @@ def shot_groups(num_per_cls: list[int]) -> dict[str, list[int]]:
     }
 
 
+class EvalTally:
+    """The sums of one evaluation on this rank's shard, on the device: add batches, all-reduce, summarize.
+    Nothing here reads the device (bincount with weights, not a boolean mask)."""
+
+    def __init__(self, num_classes: int, device: torch.device):
+        self.num_classes = num_classes
+        self.full = num_classes <= CONFUSION_CLASSES
+        self.counts = (torch.zeros(num_classes, num_classes, dtype=torch.long, device=device) if self.full
+                       else torch.zeros(2, num_classes, dtype=torch.float64, device=device))  # images, correct
+        self.loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
+        self.calibration = torch.zeros(CALIBRATION_BINS, 3, dtype=torch.float64, device=device)
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """A batch of fp32 logits (the ones used for prediction) and their targets."""
+        if not len(targets):
+            return
+        predictions = logits.argmax(1)
+        if self.full:
+            self.counts += confusion_matrix(predictions, targets, self.num_classes)
+        else:
+            self.counts[0] += torch.bincount(targets, minlength=self.num_classes)
+            self.counts[1] += torch.bincount(targets, weights=(predictions == targets).double(), minlength=self.num_classes)
+        self.loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double()
+        self.calibration += calibration_bins(logits, targets)
+
+    def reduce(self, all_reduce_sum) -> None:
+        for total in (self.counts, self.loss_sum, self.calibration):
+            all_reduce_sum(total)
+
+    def summary(self, num_per_cls: list[int]) -> dict:
+        loss_sum = self.loss_sum.item()
+        if self.full:
+            return summarize(self.counts, num_per_cls, loss_sum, self.calibration)
+        support, correct = self.counts.cpu()
+        return summarize_counts(support, correct, num_per_cls, loss_sum, self.calibration)
+
+
 def summarize(confusion: torch.Tensor, num_per_cls: list[int], loss_sum: float, calibration: torch.Tensor | None = None) -> dict:
+    """summarize_counts from a confusion matrix, which the result holds as well."""
+    confusion = confusion.double().cpu()
+    result = summarize_counts(confusion.sum(1), confusion.diagonal(), num_per_cls, loss_sum, calibration)
+    result["confusion"] = confusion.long().tolist()
+    return result
+
+
+def summarize_counts(support: torch.Tensor, correct: torch.Tensor, num_per_cls: list[int], loss_sum: float,
+                     calibration: torch.Tensor | None = None) -> dict:
     """acc, bcr (mean recall over classes present in the split), per-class recall, shot groups, loss;
     with the calibration bins, ECE, NLL (the loss) and the bins themselves (for reliability diagrams)."""
-    confusion = confusion.double().cpu()
-    support = confusion.sum(1)
+    support, correct = support.double(), correct.double()
     total = support.sum().item()
-    recall = [(confusion[c, c] / support[c]).item() if support[c] > 0 else math.nan for c in range(len(support))]
+    recall = [(correct[c] / support[c]).item() if support[c] > 0 else math.nan for c in range(len(support))]
     present = [r for r in recall if not math.isnan(r)]
     result = {
-        "acc": confusion.trace().item() / total,
+        "acc": correct.sum().item() / total,
         "bcr": sum(present) / len(present),
         "loss": loss_sum / total,
         "num_images": int(total),
@@ -69,7 +117,6 @@ def summarize(confusion: torch.Tensor, num_per_cls: list[int], loss_sum: float, 
         result["nll"] = result["loss"]
         result["calibration"] = calibration.cpu().tolist()
     result["per_class_recall"] = [None if math.isnan(r) else r for r in recall]
-    result["confusion"] = confusion.long().tolist()
     return result
 
 

@@ -17,7 +17,7 @@ from bsdist.config import dump
 from bsdist.distributed import DistEnv
 from bsdist.errors import BsdistError
 from bsdist.figures import MAX_HEATMAP_CLASSES, class_figure, reliability_figure
-from bsdist.metrics import FEW_SHOT, MANY_SHOT, shot_groups
+from bsdist.metrics import CONFUSION_CLASSES, FEW_SHOT, MANY_SHOT, shot_groups
 
 SCALARS = ("acc", "bcr", "loss", "many", "medium", "few", "ece")  # an evaluation's loss is its NLL
 BEST = ("bcr", "acc", "many", "medium", "few", "epoch")  # of the selected model (best.pt), in TensorBoard's best/*
@@ -111,10 +111,11 @@ class RunOutput:
 
     def eval_metrics(self, split: str, metrics: dict, step: int) -> None:
         self.scalars({f"{split}/{k}": metrics[k] for k in SCALARS}, step)
-        for c, recall in enumerate(metrics["per_class_recall"]):
-            if recall is not None:
-                self.writer.add_scalar(f"{split}_recall/{self._label(c)}", recall, step)
-        figure = class_figure(metrics["confusion"], self.num_per_cls, self.class_names,
+        if len(self.num_per_cls) <= CONFUSION_CLASSES:  # beyond, one curve per class is noise: the picture shows them
+            for c, recall in enumerate(metrics["per_class_recall"]):
+                if recall is not None:
+                    self.writer.add_scalar(f"{split}_recall/{self._label(c)}", recall, step)
+        figure = class_figure(metrics, self.num_per_cls, self.class_names,
                               f"{split} {'confusion' if len(self.num_per_cls) <= MAX_HEATMAP_CLASSES else 'recall by class'}, step {step}")
         self.writer.add_image(f"{split}/{'confusion' if len(self.num_per_cls) <= MAX_HEATMAP_CLASSES else 'recall_by_class'}", figure, step,
                               dataformats="HWC")

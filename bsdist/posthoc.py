@@ -19,15 +19,14 @@ import json
 import os
 
 import torch
-import torch.nn.functional as F
 
 from bsdist import checkpoint, config
 from bsdist.data import build_data
 from bsdist.distributed import DistEnv, all_reduce_sum, init_distributed, shutdown
-from bsdist.engine import autocast
+from bsdist.engine import AMP_DTYPES, autocast
 from bsdist.errors import BsdistError
 from bsdist.losses import broadcast_class_prior
-from bsdist.metrics import CALIBRATION_BINS, calibration_bins, confusion_matrix, summarize
+from bsdist.metrics import EvalTally
 from bsdist.models import classifier as classifier_of, create
 from bsdist.output import make_output
 from bsdist.rundir import results_of, saved_config
@@ -81,10 +80,9 @@ def evaluate_run(run_dir: str, methods: list[str], overrides: list[str] = ()) ->
 
 @torch.no_grad()
 def _evaluate(cfg: dict, env: DistEnv, out, run_dir: str, methods: list[str]) -> dict:
-    from bsdist.train import AMP_DTYPES
     data = build_data(cfg, env)
     num_per_cls = broadcast_class_prior(data.num_per_cls, env)
-    model = create(cfg, data.num_classes, data.in_channels, env.device, sync_bn=False, image_size=data.image_size)
+    model = create(cfg, data.num_classes, data.in_channels, env.device, sync_bn=False)
     model.load_state_dict(checkpoint.load(os.path.join(run_dir, "best.pt"))["model"])
     model.eval()
     amp_dtype = AMP_DTYPES[config.resolve_precision(cfg["TRAIN"]["mixed_precision"], env.device.type)]
@@ -129,13 +127,10 @@ def _features(model, classifier, loader, normalize, env: DistEnv, amp_dtype) -> 
 
 def _metrics(logits: torch.Tensor, targets: torch.Tensor, num_classes: int, num_per_cls: list[int]) -> dict:
     """Metrics of the whole split from each rank's shard of logits: all-reduced sums, as evaluation has them."""
-    confusion = confusion_matrix(logits.argmax(1), targets, num_classes)
-    loss_sum = F.cross_entropy(logits, targets, reduction="sum").double().reshape(1)
-    calibration = calibration_bins(logits, targets) if len(targets) else torch.zeros(CALIBRATION_BINS, 3, dtype=torch.float64,
-                                                                                      device=logits.device)
-    for total in (confusion, loss_sum, calibration):
-        all_reduce_sum(total)
-    return summarize(confusion, num_per_cls, loss_sum.item(), calibration)
+    tally = EvalTally(num_classes, logits.device)
+    tally.add(logits, targets)
+    tally.reduce(all_reduce_sum)
+    return tally.summary(num_per_cls)
 
 
 def _tuned(metrics_at) -> dict:

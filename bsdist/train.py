@@ -17,7 +17,7 @@ from bsdist.rundir import finished_results, resume_checkpoint, stage1_checkpoint
 from bsdist.data import build_data
 from bsdist.distributed import (DistEnv, all_gather_objects, init_distributed, main_process_first, set_collective_timeout,
                                 shutdown, sync_buffers_from_main)
-from bsdist.engine import EpochProgress, TrainState, agree, evaluate, train_one_epoch
+from bsdist.engine import AMP_DTYPES, EpochProgress, TrainState, agree, evaluate, train_one_epoch
 from bsdist.errors import BsdistError, PeerFailure, Stopped
 from bsdist.losses import broadcast_class_prior, build_loss
 from bsdist.metrics import describe_best
@@ -25,7 +25,6 @@ from bsdist.models import build_model
 from bsdist.optim import build_optimizer, build_scheduler
 from bsdist.output import BEST, make_output
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
 
 
 def main(cfg: dict) -> dict:
@@ -113,7 +112,7 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, stage1: str | No
     compile_model = t["compile"] is True or (t["compile"] == "auto" and env.device.type == "cuda")
     sync_bn, sync_bn_reason = config.resolve_sync_bn(cfg, env.world_size)
     backbone = checkpoint.load(stage1)["model"] if stage1 and not resume_from else None  # a resume has its own weights
-    model = build_model(cfg, data.num_classes, data.in_channels, env.device, compile_model, sync_bn, backbone, data.image_size)
+    model = build_model(cfg, data.num_classes, data.in_channels, env.device, compile_model, sync_bn, backbone)
     amp_dtype = AMP_DTYPES[config.resolve_precision(t["mixed_precision"], env.device.type)]
     optimizer = build_optimizer(cfg, model.module)
     steps_per_epoch = -(-len(data.train) // t["grad_accum_steps"])

@@ -84,3 +84,13 @@ def test_gpu_check_rehearses_on_cpu(tmp_path):
     assert rehearsed["error"] is None and rehearsed["steps_checked"] == rehearsed["steps"] - 1  # all but the first step
     assert report["torch"] and report["date"].startswith("20") and report["gpus"] == [] and report["device"] == "cpu"
     assert "4 passed, 0 failed, 5 skipped" in stdout
+
+
+def test_jpeg_benchmark_times_both_input_paths_on_the_same_files(tmp_path):
+    out = tmp_path / "jpeg.json"
+    _, report = run([sys.executable, "bench/jpeg.py", "--images", "16", "--rounds", "2", "--out", str(out)], out)
+    assert report["images"] == 16 and report["image_bytes_mean"] > 5_000  # 500 x 375 JPEG files, not thumbnails
+    assert len(report["rounds"]["bsdist"]) == len(report["rounds"]["reference"]) == 2
+    assert all(rate(r) for r in report["rounds"]["bsdist"] + report["rounds"]["reference"])
+    assert report["ratio"] == report["bsdist_img_per_s_per_core"] / report["reference_img_per_s_per_core"]
+    assert report["bsdist_img_per_s_per_core"] == max(report["rounds"]["bsdist"])

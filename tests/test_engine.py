@@ -15,7 +15,7 @@ from bsdist.losses import BalancedSoftmax
 from bsdist.models import build_model
 from bsdist.optim import build_optimizer, build_scheduler
 from bsdist.output import NullOutput
-from bsdist.train import AMP_DTYPES
+from bsdist.engine import AMP_DTYPES
 
 tiny_model.register()
 

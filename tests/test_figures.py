@@ -19,7 +19,7 @@ def test_the_colour_scale_is_logarithmic_and_an_empty_cell_white():
 
 def test_a_confusion_matrix_is_drawn_with_its_cells_in_the_scale_colours():
     confusion = [[98, 2, 0], [1, 90, 9], [0, 0, 5]]
-    image = class_figure(confusion, [100, 50, 5], ["cat", "dog", "bird"], "test confusion")
+    image = class_figure({"confusion": confusion}, [100, 50, 5], ["cat", "dog", "bird"], "test confusion")
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
     colours = {tuple(p) for p in image.reshape(-1, 3)}
     for share in (0.98, 0.02, 0.01, 0.09, 1.0):  # every non-empty cell's colour appears
@@ -29,7 +29,8 @@ def test_a_confusion_matrix_is_drawn_with_its_cells_in_the_scale_colours():
 
 def test_many_classes_are_drawn_as_recall_by_training_count():
     n = 40
-    confusion = np.diag(np.linspace(10, 1, n).astype(int)).tolist()  # every class fully recalled
-    image = class_figure(confusion, list(range(400, 0, -10)), [str(c) for c in range(n)], "test recall by class")
+    recall = [1.0] * (n - 1) + [None]  # every class fully recalled, the last absent from the split
+    image = class_figure({"per_class_recall": recall}, list(range(400, 0, -10)), [str(c) for c in range(n)],
+                         "test recall by class")
     assert image.shape[1] > image.shape[0]  # a wide bar chart, not a square heat map
     assert colour(1.0) in {tuple(p) for p in image.reshape(-1, 3)}  # full-recall bars

@@ -73,3 +73,26 @@ def test_a_confidence_of_one_falls_in_the_last_bin_and_summarize_reports_calibra
     assert bins[14].tolist() == pytest.approx([2, 2, 1])
     r = summarize(confusion_matrix(logits.argmax(1), torch.tensor([0, 0]), 2), [200, 5], 3.0, bins)
     assert r["ece"] == pytest.approx(0.5) and r["nll"] == r["loss"] == 1.5 and r["calibration"] == bins.tolist()
+
+
+@pytest.mark.parametrize("num_classes", [3, 150])
+def test_the_tally_gives_the_same_metrics_with_a_confusion_matrix_or_per_class_counts(num_classes):
+    from bsdist.metrics import CONFUSION_CLASSES, EvalTally
+    torch.manual_seed(0)
+    logits, targets = torch.randn(500, num_classes) * 2, torch.randint(0, num_classes, (500,))
+    halves = []
+    for part in (slice(0, 200), slice(200, 500)):  # two ranks' shards, summed as an all-reduce would
+        tally = EvalTally(num_classes, torch.device("cpu"))
+        tally.add(logits[part], targets[part])
+        tally.add(logits[:0], targets[:0])  # an empty batch changes nothing
+        halves.append(tally)
+    halves[0].reduce(lambda t: t.add_(getattr(halves[1], {id(halves[0].counts): "counts", id(halves[0].loss_sum): "loss_sum",
+                                                          id(halves[0].calibration): "calibration"}[id(t)])))
+    r = halves[0].summary(list(range(num_classes, 0, -1)))
+    predictions = logits.argmax(1)
+    assert r["acc"] == pytest.approx((predictions == targets).float().mean().item())
+    recall = [((predictions == c) & (targets == c)).sum().item() / max((targets == c).sum().item(), 1) for c in range(num_classes)]
+    present = [x for c, x in enumerate(recall) if (targets == c).any()]
+    assert r["bcr"] == pytest.approx(sum(present) / len(present))
+    assert r["nll"] == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item())
+    assert ("confusion" in r) == (num_classes <= CONFUSION_CLASSES) and r["num_images"] == 500

@@ -81,9 +81,14 @@ def test_resnet10_is_one_basic_block_per_stage_and_the_stem_follows_the_image_si
     from bsdist.models import MODELS, create
     net = MODELS["resnet10"](1000, 3, stem="imagenet")
     assert [len(getattr(net, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
-    cfg = config.validate(config.load(None, ["MODEL.name", "resnet10"]))
-    small, large = create(cfg, 10, 3, torch.device("cpu"), False, image_size=32), create(cfg, 10, 3, torch.device("cpu"), False,
-                                                                                          image_size=224)
+    def resolved(*overrides):
+        return config.validate(config.load(None, ["MODEL.name", "resnet10", *overrides]))
+    assert resolved()["MODEL"]["stem"] == "cifar"  # CIFAR's 32 px
+    assert resolved("DATASET.name", "ImageList", "DATASET.image_size", "32")["MODEL"]["stem"] == "cifar"
+    assert resolved("DATASET.name", "ImageList")["MODEL"]["stem"] == "imagenet"  # 224 px
+    assert resolved("DATASET.name", "ImageList", "MODEL.stem", "cifar")["MODEL"]["stem"] == "cifar"  # forced
+    small = create(resolved(), 10, 3, torch.device("cpu"), False)
+    large = create(resolved("DATASET.name", "ImageList"), 10, 3, torch.device("cpu"), False)
     assert small.conv1.kernel_size == (3, 3) and isinstance(small.maxpool, nn.Identity)
     assert large.conv1.kernel_size == (7, 7) and isinstance(large.maxpool, nn.MaxPool2d)
     assert small(torch.zeros(2, 3, 32, 32)).shape == large(torch.zeros(2, 3, 64, 64)).shape == (2, 10)
@@ -99,13 +104,13 @@ def test_pretrained_weights_load_from_a_local_file_with_a_fresh_classifier_and_a
     imagenet = MODELS["resnet18"](1000, 3, stem="imagenet")
     torch.save({"state_dict": {f"module.{k}": v for k, v in imagenet.state_dict().items()}}, tmp_path / "in1k.pth")
     cfg = config.validate(config.load(None, ["MODEL.pretrained", str(tmp_path / "in1k.pth"), "MODEL.stem", "imagenet"]))
-    places = create(cfg, 365, 3, torch.device("cpu"), False, image_size=224)
+    places = create(cfg, 365, 3, torch.device("cpu"), False)
     assert torch.equal(places.layer4[1].conv2.weight, imagenet.layer4[1].conv2.weight)
     assert places.fc.weight.shape == (365, 512)
     with pytest.raises(BsdistError, match=r"does not fit ResNet with MODEL.stem as set: keys conv1.weight has shape "
                                           r"\(64, 3, 7, 7\), the model \(64, 3, 3, 3\)"):
         create(config.validate(config.load(None, ["MODEL.pretrained", str(tmp_path / "in1k.pth")])), 365, 3,
-               torch.device("cpu"), False, image_size=32)
+               torch.device("cpu"), False)
     with pytest.raises(BsdistError, match="MODEL.pretrained .*nothing.pth does not exist; give the path of a local weights file"):
         create(config.validate(config.load(None, ["MODEL.pretrained", str(tmp_path / "nothing.pth")])), 10, 3,
                torch.device("cpu"), False)

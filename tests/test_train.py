@@ -88,6 +88,8 @@ def test_a_run_writes_checkpoints_metrics_results_and_tensorboard(tmp_path):
     charts = {c.title: list(c.multiline.tag) for c in layout.category[0].chart}
     assert charts["test: many / medium / few-shot recall"] == ["test/many", "test/medium", "test/few"]
     assert float(rows[-1]["train_acc"]) == pytest.approx(acc.Scalars("train/epoch_acc")[-1].value)
+    norms = [e.value for e in acc.Scalars("train/grad_norm")]
+    assert len(norms) == len(acc.Scalars("train/loss")) and all(0 < n < 1e3 for n in norms)
     assert {"test/confusion", "test/reliability"} <= set(acc.Tags()["images"])
     assert acc.Scalars("test/ece")[-1].value == pytest.approx(saved["last"]["ece"])
     assert [e.value for e in acc.Scalars("test/acc")][-1] == pytest.approx(saved["last"]["acc"])

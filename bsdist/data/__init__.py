@@ -124,7 +124,6 @@ class Data:
     num_classes: int
     in_channels: int
     class_names: list[str] | None = None  # None: the class indices
-    image_size: int = 32
 
 
 def is_file_list(name: str) -> bool:
@@ -161,7 +160,6 @@ class Splits:
     mean: tuple
     std: tuple
     in_channels: int
-    image_size: int
     files: bool  # decoded from files as loaded (else held in memory as one uint8 array)
 
 
@@ -169,15 +167,13 @@ def load_splits(cfg: dict) -> Splits:
     d = cfg["DATASET"]
     if is_file_list(d["name"]):
         train, splits, num_classes, names = imagelist.load_splits(d, cfg["DEFAULT"]["seed"])
-        return Splits(train, splits, num_classes, names, imagelist.IMAGENET_MEAN, imagelist.IMAGENET_STD, 3,
-                      d["image_size"], True)
+        return Splits(train, splits, num_classes, names, imagelist.IMAGENET_MEAN, imagelist.IMAGENET_STD, 3, True)
     cls: type[LongTailDataset] = DATASETS[d["name"]]
     train = cls(d["datadir"], train=True, download=d["download"], imbalance_type=d["imbalance_type"],
                 imbalance_factor=d["imbalance_factor"], seed=d["split_seed"], val_per_cls=d["val_per_cls"])
     test = cls(d["datadir"], train=False)
     splits = {"val": train.val, "test": test} if train.val is not None else {"test": test}
-    return Splits(train, splits, cls.num_classes, train.class_names, cls.mean, cls.std, train.data.shape[-1],
-                  train.data.shape[1], False)
+    return Splits(train, splits, cls.num_classes, train.class_names, cls.mean, cls.std, train.data.shape[-1], False)
 
 
 def build_data(cfg: dict, env: DistEnv) -> Data:
@@ -216,4 +212,4 @@ def build_data(cfg: dict, env: DistEnv) -> Data:
     eval_loaders = {name: loader(ds, eval_samplers[name], d["test_batch_size"], False, eval_workers) for name, ds in splits.items()}
     augment = BatchAugment(len(train), loaded.mean, loaded.std, d["aug_info"], d["crop_padding"], seed, env.device)
     return Data(train_loader, sampler, eval_loaders, augment, num_per_cls, loaded.num_classes, loaded.in_channels,
-                loaded.class_names, loaded.image_size)
+                loaded.class_names)

@@ -179,15 +179,17 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitems__(self, keys):
         n, size = len(self), self.image_size
-        images = torch.empty(len(keys), size, size, 3, dtype=torch.uint8)
+        images = torch.empty(len(keys), 3, size, size, dtype=torch.uint8)
         indices = []
         for j, key in enumerate(keys):
             epoch, i = divmod(int(key), n)
             image = self.decode(i)
-            images[j] = (self.crop(image, epoch, i) if self.random_crop else self.centre(image)).permute(1, 2, 0)
+            images[j] = self.crop(image, epoch, i) if self.random_crop else self.centre(image)
             indices.append(i)
         idx = np.asarray(indices, dtype=np.int64)
-        return images, torch.from_numpy(self.targets[idx]), torch.from_numpy(idx)
+        # N x H x W x C as a view: the layout change costs a strided copy per image here, and nothing on the
+        # device, where normalisation writes channels_last anyway
+        return images.permute(0, 2, 3, 1), torch.from_numpy(self.targets[idx]), torch.from_numpy(idx)
 
     def decode(self, i: int) -> torch.Tensor:
         """The image as uint8 RGB (3 x H x W), or one error naming the file."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from bsdist.errors import BsdistError
 from bsdist.models.syncbn import SyncBatchNorm, _GlobalBatchStats, convert_sync_batchnorm
-from bsdist.models.zoo import MODELS, Float32Linear, load_pretrained, resnet18, stem_for
+from bsdist.models.zoo import MODELS, Float32Linear, load_pretrained, resnet18
 
 __all__ = ["CLASSIFIER", "MODELS", "Built", "Float32Linear", "SyncBatchNorm", "_GlobalBatchStats", "build_model", "classifier",
            "convert_sync_batchnorm", "create", "distribute", "freeze_backbone", "no_sync", "resnet18"]
@@ -68,12 +68,12 @@ def freeze_backbone(model: nn.Module, backbone: dict | None) -> nn.Module:
 
 
 def create(cfg: dict, num_classes: int, in_channels: int, device: torch.device, sync_bn: bool,
-           backbone: dict | None = None, image_size: int = 32) -> nn.Module:
-    """The plain model on the device, channels_last: its stem for image_size (MODEL.stem), initialised
+           backbone: dict | None = None) -> nn.Module:
+    """The plain model on the device, channels_last: its stem as MODEL.stem says (resolved by validation), initialised
     from MODEL.pretrained where set, SyncBatchNorm if asked for; for a stage 2 (CRT.stage1) with its
     backbone frozen, loaded from `backbone` where given."""
     m = cfg["MODEL"]
-    model = MODELS[m["name"]](num_classes, in_channels, stem=stem_for(m["stem"], image_size))
+    model = MODELS[m["name"]](num_classes, in_channels, stem=m["stem"])
     if m["pretrained"] and backbone is None:
         load_pretrained(model, m["pretrained"], CLASSIFIER)
     if cfg["CRT"]["stage1"]:
@@ -109,14 +109,14 @@ class Built:
 
 
 def build_model(cfg: dict, num_classes: int, in_channels: int, device: torch.device, compile_model: bool,
-                sync_bn: bool = False, backbone: dict | None = None, image_size: int = 32) -> Built:
+                sync_bn: bool = False, backbone: dict | None = None) -> Built:
     """The model as a run uses it.
 
     Either order of compile and DDP compiles on the first call, inside DDP's forward, where dynamo
     splits the graph at the buckets so all-reduces overlap the backward (measured in BENCHMARKS.md);
     compiling first keeps the plain module reachable without unwrapping a compiled DDP.
     """
-    model = create(cfg, num_classes, in_channels, device, sync_bn, backbone, image_size)
+    model = create(cfg, num_classes, in_channels, device, sync_bn, backbone)
     compiled = torch.compile(model) if compile_model else model
     t = cfg["TRAIN"]
     return Built(model, compiled, distribute(compiled, device, t["ddp_bucket_mb"], static_graph=t["grad_accum_steps"] == 1))

@@ -113,14 +113,6 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 resnet18 = MODELS["resnet18"]
 
 
-def stem_for(setting: str, image_size: int) -> str:
-    """MODEL.stem: auto is the CIFAR stem up to 64 px (a 7x7 stride-2 stem and max-pool would leave a
-    32 px image 8 px wide after the stem) and the ImageNet stem above."""
-    if setting != "auto":
-        return setting
-    return "cifar" if image_size <= 64 else "imagenet"
-
-
 def load_pretrained(model: nn.Module, path: str, classifier: str) -> None:
     """Initialise from a local checkpoint (a state dict, or a checkpoint holding one under `model` or
     `state_dict`), read without unpickling code. The classifier is kept fresh when its shape differs
