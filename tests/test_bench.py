@@ -3,13 +3,12 @@ figures (their sizes are not checked here), and the GPU check says which of its 
 
 import json
 import math
-import os
 import subprocess
 import sys
 
 import pytest
+from paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(args, out, timeout=300, returncode=0):

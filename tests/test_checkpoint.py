@@ -2,7 +2,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,8 +15,10 @@ from bsdist.checkpoint import save_atomic
 i = 0
 while True:
     i += 1
-    save_atomic({{"step": i, "weights": torch.full((16, 1024, 1024), float(i))}}, {path!r})
-    print(i, flush=True)
+    state = {{"step": i, "weights": torch.full((16, 1024, 1024), float(i))}}
+    print("writing", i, flush=True)
+    save_atomic(state, {path!r})
+    print("wrote", i, flush=True)
 """
 
 
@@ -26,9 +27,8 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen([sys.executable, "-c", WRITER.format(root=root, path=path)], stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline().strip() == "1"  # one complete checkpoint exists
-        time.sleep(0.15)  # now inside a later write (each takes longer than this)
-        os.kill(proc.pid, signal.SIGKILL)
+        assert [proc.stdout.readline().strip() for _ in range(3)] == ["writing 1", "wrote 1", "writing 2"]
+        os.kill(proc.pid, signal.SIGKILL)  # inside the second write (64 MB): one complete checkpoint exists
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:

@@ -9,8 +9,8 @@ import pytest
 from bsdist import config
 from bsdist.config import changed_keys, default_yaml, load, run_dir, validate
 from bsdist.errors import BsdistError
+from paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 
 

@@ -4,8 +4,8 @@ import os
 import re
 
 from bsdist import config
+from paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read(name):

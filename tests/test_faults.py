@@ -15,9 +15,9 @@ from runs import clean_env, run_until
 from bsdist import BsdistError, checkpoint, config
 from bsdist.losses import BalancedSoftmax
 from bsdist.train import main
+from paths import ROOT
 
 tiny_model.register()
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = ["TRAIN.epochs", "3", "DATASET.val_per_cls", "0", "SCHEDULER.params.warmup_epochs", "0", "TRAIN.ckpt_every_steps", "2", "TRAIN.log_interval", "2",
         "OPTIMIZER.momentum", "0.9", "TRAIN.resume", "auto"]
 

@@ -55,11 +55,15 @@ def test_multistep_decays_at_milestones():
     assert values == pytest.approx([0.1] * 6 + [0.05] * 6 + [0.025] * 6)
 
 
-def test_schedule_depends_only_on_the_global_step():
-    # the same global steps per epoch give the same rates, so every rank (and every world size) agrees
+def test_the_schedule_is_a_function_of_the_fractional_epoch():
+    # a rate depends on global step / steps per epoch only: twice the steps per epoch (half the global
+    # batch) follows the same curve, and warmup ends exactly at warmup_epochs
     cfg = cfg_with(TRAIN__epochs=5, SCHEDULER__params__warmup_epochs=1)
-    assert LRFactor(cfg, 7)(20) == LRFactor(cfg, 7)(20)
-    assert lrs(cfg, 7) == lrs(cfg, 7)
+    coarse, fine = LRFactor(cfg, 7), LRFactor(cfg, 14)
+    assert coarse(6) == fine(13) == 1.0 and coarse(5) < 1.0
+    for step in range(7, 35):
+        assert coarse(step) == pytest.approx(fine(2 * step)), step
+    assert fine(15) != pytest.approx(coarse(7))  # between coarse steps the curve moves on
 
 
 def test_optimizer_follows_config():

@@ -16,9 +16,9 @@ from bsdist.posthoc import TAU_GRID, _tuned, evaluate_run, logit_adjusted, tau_n
 from bsdist.report import aggregate, collect
 from bsdist.train import main
 from spawn import run_ranks
+from paths import ROOT
 
 tiny_model.register()
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def demo_cfg(savedir, *overrides):

@@ -11,8 +11,8 @@ import yaml
 
 from bsdist import BsdistError, config
 from bsdist.report import aggregate, collect, write_report
+from paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PER_CLS = [120, 92, 71, 55, 43, 33, 25, 20, 15, 12]
 
 

@@ -13,8 +13,8 @@ import pytest
 
 from bsdist import config
 from runs import clean_env
+from paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cluster_problem():

@@ -10,11 +10,11 @@ import pytest
 import yaml
 
 from bsdist import BsdistError
-from bsdist.report import REFERENCE_ACC, aggregate, collect
+from bsdist.report import aggregate, collect
 from bsdist.sweep import GpuSlots, load_runs, load_sweep, visible_gpus
 from runs import clean_env
+from paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_sweep(tmp_path, root, **changes):

@@ -13,7 +13,7 @@ import tiny_model
 from bsdist import BsdistError, checkpoint, config
 from bsdist.data import build_data, load_splits
 from bsdist.data.check import check_data
-from bsdist.data.imagelist import PRESETS, ImageFiles, listings, profile_problems
+from bsdist.data.imagelist import PRESETS, listings, profile_problems
 from bsdist.data.longtail import long_tail_counts
 from bsdist.distributed import DistEnv, init_distributed, shutdown
 from bsdist.train import main
