@@ -406,19 +406,24 @@ def run_dir(cfg: dict) -> str:
 
 # Keys added since the first release, with the value that reproduces what a config saved before them did.
 ADDED_KEYS = {"DATASET.split_seed": lambda saved: saved.get("DEFAULT", {}).get("seed", 0),  # one seed drew the subset too
-              "DATASET.sampler": lambda saved: "instance", "CRT.stage1": lambda saved: None,
-              "MODEL.stem": lambda saved: "cifar", "MODEL.pretrained": lambda saved: None,
-              **{f"DATASET.{k}": lambda saved: None for k in ("train_list", "val_list", "test_list")},
-              "DATASET.image_size": lambda saved: 224}  # image lists came later: CIFAR and digits ignore it
+              "MODEL.stem": lambda saved: "cifar",  # the only stem there was
+              "MODEL.sync_bn": lambda saved: False}  # BatchNorm was per process
 
 
 def upgrade(saved: dict) -> dict:
-    """A config.yaml written by an earlier bsdist, with the keys added since set to what that version did."""
+    """A config.yaml written by an earlier bsdist, with the keys added since set to what that version did:
+    ADDED_KEYS where that differs from today's default, the default otherwise (a key's default is chosen
+    to keep what runs did before it existed)."""
+    if not isinstance(saved, dict):
+        return saved
     saved = copy.deepcopy(saved)
-    for key, value in ADDED_KEYS.items():
-        section, leaf = key.split(".")
-        if isinstance(saved, dict) and leaf not in saved.setdefault(section, {}):
-            saved[section][leaf] = value(saved)
+    for key, f in FIELDS.items():
+        *parents, leaf = key.split(".")
+        node = saved
+        for p in parents:
+            node = node.setdefault(p, {}) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf not in node:
+            node[leaf] = ADDED_KEYS[key](saved) if key in ADDED_KEYS else copy.deepcopy(f.default)
     return saved
 
 

@@ -52,13 +52,14 @@ def shot_groups(num_per_cls: list[int]) -> dict[str, list[int]]:
 
 class EvalTally:
     """The sums of one evaluation on this rank's shard, on the device: add batches, all-reduce, summarize.
-    Nothing here reads the device (bincount with weights, not a boolean mask)."""
+    Adding reads nothing from the device: index_add_ into tensors of fixed size (CUDA's bincount reads
+    the largest index first), no boolean mask. Counts are float64, exact to 2**53 images."""
 
     def __init__(self, num_classes: int, device: torch.device):
         self.num_classes = num_classes
         self.full = num_classes <= CONFUSION_CLASSES
-        self.counts = (torch.zeros(num_classes, num_classes, dtype=torch.long, device=device) if self.full
-                       else torch.zeros(2, num_classes, dtype=torch.float64, device=device))  # images, correct
+        shape = (num_classes, num_classes) if self.full else (2, num_classes)  # the matrix, or images and correct
+        self.counts = torch.zeros(shape, dtype=torch.float64, device=device)
         self.loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
         self.calibration = torch.zeros(CALIBRATION_BINS, 3, dtype=torch.float64, device=device)
 
@@ -67,11 +68,12 @@ class EvalTally:
         if not len(targets):
             return
         predictions = logits.argmax(1)
+        ones = torch.ones(len(targets), dtype=torch.float64, device=targets.device)
         if self.full:
-            self.counts += confusion_matrix(predictions, targets, self.num_classes)
+            self.counts.view(-1).index_add_(0, targets * self.num_classes + predictions, ones)
         else:
-            self.counts[0] += torch.bincount(targets, minlength=self.num_classes)
-            self.counts[1] += torch.bincount(targets, weights=(predictions == targets).double(), minlength=self.num_classes)
+            self.counts[0].index_add_(0, targets, ones)
+            self.counts[1].index_add_(0, targets, (predictions == targets).double())
         self.loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double()
         self.calibration += calibration_bins(logits, targets)
 

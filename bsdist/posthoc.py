@@ -47,7 +47,7 @@ def tau_normalised(features: torch.Tensor, weight: torch.Tensor, tau: float) -> 
     return features @ (weight / weight.norm(dim=1, keepdim=True).pow(tau)).T
 
 
-def evaluation_config(run_dir: str, overrides: list[str], world_size: int) -> dict:
+def evaluation_config(run_dir: str, overrides: list[str]) -> dict:
     """The run's saved config with the overrides that may change, validated; one error line for any other."""
     if results_of(run_dir) is None or not os.path.exists(os.path.join(run_dir, "best.pt")):
         raise BsdistError(f"{run_dir} holds no finished run (results.json and best.pt); finish it first "
@@ -58,16 +58,13 @@ def evaluation_config(run_dir: str, overrides: list[str], world_size: int) -> di
             raise BsdistError(f"--evaluate takes the run's own config; {key} would change what is measured. "
                               f"Overrides may set {', '.join(sorted(EVALUATE_CHANGES))}")
     flat = [t for key in config.FIELDS for t in (key, json.dumps(config.get(cfg, key)))]
-    return config.validate(config.load(None, flat + list(overrides)), world_size)
+    # world size 1: evaluation splits its test batches, and the training batch need not divide by this world size
+    return config.validate(config.load(None, flat + list(overrides)), 1)
 
 
 def evaluate_run(run_dir: str, methods: list[str], overrides: list[str] = ()) -> dict:
     """Every rank: evaluate the run's best.pt plainly and with `methods`; rank 0 writes evaluate.json."""
-    from bsdist.distributed import world_size_from_env
-    cfg = evaluation_config(run_dir, list(overrides), world_size_from_env())
-    if methods and cfg["DATASET"]["val_per_cls"] == 0:
-        raise BsdistError(f"{run_dir} has no validation split (DATASET.val_per_cls 0): tuning tau on the test set would "
-                          "select on it; train with DATASET.val_per_cls > 0 to use --posthoc")
+    cfg = evaluation_config(run_dir, list(overrides))
     device = config.check_device(cfg)
     env = init_distributed(device, cfg["TRAIN"]["dist_startup_timeout_s"], cfg["TRAIN"]["dist_backend"])
     out = make_output(env, run_dir)
@@ -81,8 +78,12 @@ def evaluate_run(run_dir: str, methods: list[str], overrides: list[str] = ()) ->
 @torch.no_grad()
 def _evaluate(cfg: dict, env: DistEnv, out, run_dir: str, methods: list[str]) -> dict:
     data = build_data(cfg, env)
+    if methods and "val" not in data.eval:  # the same answer on every rank: they all stop here
+        raise BsdistError(f"{run_dir} has no validation split (DATASET.val_per_cls 0 and no validation list): tuning tau on "
+                          "the test set would select on it; train with DATASET.val_per_cls > 0 (or a validation list) to "
+                          "use --posthoc")
     num_per_cls = broadcast_class_prior(data.num_per_cls, env)
-    model = create(cfg, data.num_classes, data.in_channels, env.device, sync_bn=False)
+    model = create(cfg, data.num_classes, data.in_channels, env.device, sync_bn=False, pretrained=False)
     model.load_state_dict(checkpoint.load(os.path.join(run_dir, "best.pt"))["model"])
     model.eval()
     amp_dtype = AMP_DTYPES[config.resolve_precision(cfg["TRAIN"]["mixed_precision"], env.device.type)]

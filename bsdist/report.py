@@ -56,17 +56,32 @@ def _read(directory: str, name: str):
 POSTHOC = {"logit-adjust": "LA", "logit-adjust-tau1": "LA (tau 1)", "tau-norm": "tau-norm"}
 
 
-def method_of(cfg: dict, results: dict) -> str:
-    """CE, BS; a stage 2 (cRT) adds to its stage-1 run's method: BS + cRT (with CE, as cRT has it), BS + cRT (BS)."""
-    name = short(cfg["LOSS"]["name"])
+def stage1_config(cfg: dict, results: dict) -> dict | None:
+    """The config of the stage-1 run a stage 2 came from ({} if that run has moved); None for a run of its own."""
     stage1 = results.get("stage1") or cfg["CRT"]["stage1"]
     if not stage1:
-        return name
+        return None
     try:
-        first = short(config.upgrade(_read(stage1, "config.yaml"))["LOSS"]["name"])
+        return config.upgrade(_read(stage1, "config.yaml"))
     except OSError:
-        first = "?"  # the stage-1 run has moved
+        return {}
+
+
+def method_of(cfg: dict, stage1: dict | None) -> str:
+    """CE, BS; a stage 2 (cRT) adds to its stage-1 run's method: BS + cRT (with CE, as cRT has it), BS + cRT (BS)."""
+    name = short(cfg["LOSS"]["name"])
+    if stage1 is None:
+        return name
+    first = short(stage1["LOSS"]["name"]) if stage1 else "?"  # "?": the stage-1 run has moved
     return f"{first} + cRT" + ("" if name == "CE" else f" ({name})")
+
+
+def setting_values(cfg: dict, stage1: dict | None) -> dict:
+    """What a run's cell may differ in: its settings, and for a stage 2 its stage-1 run's ("stage 1 KEY")."""
+    values = {k: _value(cfg, k) for k in config.FIELDS if k not in NOT_SETTINGS}
+    if stage1:
+        values.update({f"stage 1 {k}": _value(stage1, k) for k in config.FIELDS if k not in NOT_SETTINGS})
+    return values
 
 
 def run_entries(directory: str, runs_dir: str) -> list[dict]:
@@ -75,7 +90,8 @@ def run_entries(directory: str, runs_dir: str) -> list[dict]:
     cfg, results = config.upgrade(_read(directory, "config.yaml")), _read(directory, "results.json")
     d, best = cfg["DATASET"], results["best"]
     factor = d["imbalance_factor"] if d["imbalance_type"] else 1.0
-    method = method_of(cfg, results)
+    stage1 = stage1_config(cfg, results)
+    method = method_of(cfg, stage1)
     reference = None
     if d["imbalance_type"] in ("exp", None) and all(_value(cfg, k) == v for k, v in REFERENCE_RECIPE.items()):
         reference = REFERENCE_ACC.get((d["name"], method), {}).get(factor)
@@ -83,6 +99,7 @@ def run_entries(directory: str, runs_dir: str) -> list[dict]:
         "dataset": d["name"], "imbalance_type": d["imbalance_type"] or ("as listed" if d["name"] in config.FILE_DATASETS else "balanced"),
         "imbalance_factor": int(factor) if float(factor).is_integer() else factor, "method": method,
         "seed": cfg["DEFAULT"]["seed"], "selected_on": best["selected_on"], "cfg": cfg, "reference_acc": reference,
+        "settings": setting_values(cfg, stage1),
         "num_per_cls": results["num_per_cls"], "per_class_recall": best["per_class_recall"],
         "run_dir": os.path.relpath(directory, runs_dir),
         **{m: best.get(m) for m in ("acc", "bcr", "many", "medium", "few", "ece", "nll")},
@@ -130,10 +147,10 @@ def aggregate(entries: list[dict]) -> list[dict]:
         groups.setdefault((e["dataset"], e["imbalance_type"], e["imbalance_factor"], e["method"], e["selected_on"]), []).append(e)
     cells: dict[tuple, tuple[list[str], list[dict]]] = {}
     for key, members in groups.items():
-        settings = [k for k in config.FIELDS if k not in NOT_SETTINGS
-                    and len({repr(_value(e["cfg"], k)) for e in members}) > 1]
+        names = list(dict.fromkeys(k for e in members for k in e["settings"]))
+        settings = [k for k in names if len({repr(e["settings"].get(k)) for e in members}) > 1]
         for e in members:
-            cell = cells.setdefault((*key, tuple(repr(_value(e["cfg"], k)) for k in settings)), (settings, []))
+            cell = cells.setdefault((*key, tuple(repr(e["settings"].get(k)) for k in settings)), (settings, []))
             cell[1].append(e)
     rows = []
     for settings, members in cells.values():
@@ -145,7 +162,7 @@ def aggregate(entries: list[dict]) -> list[dict]:
                               "report each copy's directory on its own, or give one another seed")
         first = members[0]
         row = {k: first[k] for k in ("dataset", "imbalance_type", "imbalance_factor", "method", "selected_on", "reference_acc")}
-        row["setting"] = ", ".join(f"{k} {_value(first['cfg'], k)}" for k in settings)
+        row["setting"] = ", ".join(f"{k} {first['settings'].get(k)}" for k in settings)
         row.update(n=len(members), seeds=" ".join(str(s) for s in sorted(seeds)), epochs=first["cfg"]["TRAIN"]["epochs"],
                    run_dirs=" ".join(e["run_dir"] for e in members), num_per_cls=first["num_per_cls"])
         for m in METRICS:

@@ -17,7 +17,8 @@ from bsdist.errors import BsdistError
 RUN_FILES = ("last.pt", "results.json")  # what makes a run directory hold a run: trained weights, or a finished run
 # Stage 2 trains on stage 1's features, so it must see the same images through the same model.
 SAME_AS_STAGE1 = ("DATASET.name", "DATASET.imbalance_type", "DATASET.imbalance_factor", "DATASET.split_seed",
-                  "DATASET.val_per_cls", "MODEL.name")
+                  "DATASET.val_per_cls", "DATASET.train_list", "DATASET.val_list", "DATASET.test_list",
+                  "DATASET.image_size", "MODEL.name", "MODEL.stem")
 
 
 def saved_config(run_dir: str) -> dict:

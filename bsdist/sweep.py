@@ -155,7 +155,8 @@ def _fill(key: str, text: str, values: dict) -> str:
     def value_of(match):
         name = match.group(1)
         if name not in values:
-            raise BsdistError(f"{key} {text!r} names {{{name}}}, which is not set by the sweep's overrides or axes")
+            raise BsdistError(f"{key} {text!r} names {{{name}}}, which is not set by the sweep's overrides or axes; add "
+                              f"{name} to them" + (" (or pass --seeds)" if name == "DEFAULT.seed" else ""))
         value = values[name]
         return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
     return re.sub(r"\{([A-Za-z_]+(?:\.[A-Za-z_]+)+)\}", value_of, text)

@@ -112,7 +112,8 @@ def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, stage1: str | No
     compile_model = t["compile"] is True or (t["compile"] == "auto" and env.device.type == "cuda")
     sync_bn, sync_bn_reason = config.resolve_sync_bn(cfg, env.world_size)
     backbone = checkpoint.load(stage1)["model"] if stage1 and not resume_from else None  # a resume has its own weights
-    model = build_model(cfg, data.num_classes, data.in_channels, env.device, compile_model, sync_bn, backbone)
+    model = build_model(cfg, data.num_classes, data.in_channels, env.device, compile_model, sync_bn, backbone,
+                        pretrained=resume_from is None)  # a resume loads its own weights
     amp_dtype = AMP_DTYPES[config.resolve_precision(t["mixed_precision"], env.device.type)]
     optimizer = build_optimizer(cfg, model.module)
     steps_per_epoch = -(-len(data.train) // t["grad_accum_steps"])

@@ -92,7 +92,8 @@ def test_resnet10_is_one_basic_block_per_stage_and_the_stem_follows_the_image_si
     assert small.conv1.kernel_size == (3, 3) and isinstance(small.maxpool, nn.Identity)
     assert large.conv1.kernel_size == (7, 7) and isinstance(large.maxpool, nn.MaxPool2d)
     assert small(torch.zeros(2, 3, 32, 32)).shape == large(torch.zeros(2, 3, 64, 64)).shape == (2, 10)
-    with pytest.raises(Exception, match="resnet32 is the CIFAR ResNet"):
+    from bsdist import BsdistError
+    with pytest.raises(BsdistError, match="resnet32 is the CIFAR ResNet"):
         create(config.validate(config.load(None, ["MODEL.name", "resnet32", "MODEL.stem", "imagenet"])), 10, 3,
                torch.device("cpu"), False)
 

@@ -163,6 +163,7 @@ def test_stage_two_retrains_only_the_classifier_of_the_frozen_stage_one_model(st
 @pytest.mark.parametrize("change, message", [
     (["DATASET.imbalance_factor", "20"], "was trained with DATASET.imbalance_factor 10.0 and this run has 20.0"),
     (["CRT.stage1", "nowhere"], "CRT.stage1 nowhere is not a directory"),
+    (["MODEL.stem", "imagenet"], "was trained with MODEL.stem cifar and this run has imagenet"),
 ])
 def test_a_stage_two_that_does_not_fit_its_stage_one_is_refused_in_one_line(stage1, tmp_path, change, message):
     from bsdist.rundir import stage1_checkpoint

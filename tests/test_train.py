@@ -206,11 +206,14 @@ def test_loss_as_checkpoint_metric_saves_the_lowest_loss(tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_mixed_precision_trains_like_fp32(tmp_path, precision):
-    runs = {}
+    runs, norms = {}, {}
     for name in ("no", precision):
         cfg = demo_cfg(tmp_path / name, "MODEL.name", "tiny", "TRAIN.mixed_precision", name, "TRAIN.epochs", "2")
         runs[name] = (main(cfg), [float(r["train_loss"]) for r in read_csv(cfg)])
+        norms[name] = [e.value for e in events(cfg).Scalars("train/grad_norm")]
     (fp32, fp32_losses), (mixed, mixed_losses) = runs["no"], runs[precision]
+    # the norm of the true gradients: fp16's are unscaled first (else they would be 65,536 times larger)
+    assert norms[precision] == pytest.approx(norms["no"], rel=0.05)
     assert mixed_losses[1] < mixed_losses[0]  # it learns: no step was lost to the scaler or to rounding
     assert mixed_losses == pytest.approx(fp32_losses, rel=0.05)  # and like fp32, from the same initial weights
     assert abs(mixed["last"]["acc"] - fp32["last"]["acc"]) < 0.1

@@ -214,9 +214,14 @@ class ImageFiles(torch.utils.data.Dataset):
             if 0 < cw <= w and 0 < ch <= h:
                 top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
                 break
-        if top is None:  # fall back to the centre crop of the nearest allowed ratio
+        if top is None:  # fall back to the largest centre crop of an allowed ratio
             ratio = w / h
-            cw, ch = (w, int(round(w / (4 / 3)))) if ratio > 4 / 3 else (int(round(h * 3 / 4)), h) if ratio < 3 / 4 else (w, h)
+            if ratio < 3 / 4:
+                cw, ch = w, min(h, int(round(w / (3 / 4))))
+            elif ratio > 4 / 3:
+                cw, ch = min(w, int(round(h * 4 / 3))), h
+            else:
+                cw, ch = w, h
             top, left = (h - ch) // 2, (w - cw) // 2
         return TF.resized_crop(image, top, left, ch, cw, [self.image_size] * 2, antialias=True)
 

@@ -45,12 +45,13 @@ def freeze_backbone(model: nn.Module, backbone: dict | None) -> nn.Module:
     from torchvision.ops import FrozenBatchNorm2d
     classifier(model)
     if backbone is not None:
-        missing, unexpected = model.load_state_dict({k: v for k, v in backbone.items()
-                                                     if not k.startswith(CLASSIFIER + ".")}, strict=False)
-        wrong = [k for k in missing if not k.startswith(CLASSIFIER + ".")] + list(unexpected)
+        own = model.state_dict()
+        wrong = [k for k in own if not k.startswith(CLASSIFIER + ".") and (k not in backbone or backbone[k].shape != own[k].shape)]
+        wrong += [k for k in backbone if k not in own]
         if wrong:
             raise BsdistError(f"the stage-1 checkpoint does not fit this model ({len(wrong)} keys such as {wrong[0]}); "
-                              "CRT.stage1 must name a run of the same MODEL.name")
+                              "CRT.stage1 must name a run of the same MODEL.name and MODEL.stem")
+        model.load_state_dict({k: v for k, v in backbone.items() if not k.startswith(CLASSIFIER + ".")}, strict=False)
 
     def frozen(module: nn.Module) -> None:
         for name, child in module.named_children():
@@ -68,13 +69,14 @@ def freeze_backbone(model: nn.Module, backbone: dict | None) -> nn.Module:
 
 
 def create(cfg: dict, num_classes: int, in_channels: int, device: torch.device, sync_bn: bool,
-           backbone: dict | None = None) -> nn.Module:
-    """The plain model on the device, channels_last: its stem as MODEL.stem says (resolved by validation), initialised
-    from MODEL.pretrained where set, SyncBatchNorm if asked for; for a stage 2 (CRT.stage1) with its
-    backbone frozen, loaded from `backbone` where given."""
+           backbone: dict | None = None, pretrained: bool = True) -> nn.Module:
+    """The plain model on the device, channels_last: its stem as MODEL.stem says (resolved by validation),
+    initialised from MODEL.pretrained where set (pretrained=False: a checkpoint's weights follow),
+    SyncBatchNorm if asked for; for a stage 2 (CRT.stage1) with its backbone frozen, loaded from
+    `backbone` where given."""
     m = cfg["MODEL"]
     model = MODELS[m["name"]](num_classes, in_channels, stem=m["stem"])
-    if m["pretrained"] and backbone is None:
+    if m["pretrained"] and pretrained and backbone is None:
         load_pretrained(model, m["pretrained"], CLASSIFIER)
     if cfg["CRT"]["stage1"]:
         model = freeze_backbone(model, backbone)
@@ -109,14 +111,14 @@ class Built:
 
 
 def build_model(cfg: dict, num_classes: int, in_channels: int, device: torch.device, compile_model: bool,
-                sync_bn: bool = False, backbone: dict | None = None) -> Built:
+                sync_bn: bool = False, backbone: dict | None = None, pretrained: bool = True) -> Built:
     """The model as a run uses it.
 
     Either order of compile and DDP compiles on the first call, inside DDP's forward, where dynamo
     splits the graph at the buckets so all-reduces overlap the backward (measured in BENCHMARKS.md);
     compiling first keeps the plain module reachable without unwrapping a compiled DDP.
     """
-    model = create(cfg, num_classes, in_channels, device, sync_bn, backbone)
+    model = create(cfg, num_classes, in_channels, device, sync_bn, backbone, pretrained)
     compiled = torch.compile(model) if compile_model else model
     t = cfg["TRAIN"]
     return Built(model, compiled, distribute(compiled, device, t["ddp_bucket_mb"], static_graph=t["grad_accum_steps"] == 1))

@@ -68,6 +68,17 @@ def test_batches_are_decoded_cropped_and_resized_to_uint8_and_a_crop_depends_on_
     assert raw.shape[0] == 3 and raw.shape[1] > raw.shape[2]  # the files are taller than wide: a real resize
 
 
+def test_an_image_too_wide_or_tall_for_any_crop_ratio_is_cropped_inside_it_as_torchvision_does(tmp_path):
+    from bsdist.data.imagelist import ImageFiles
+    for name, (w, h) in {"wide.png": (200, 10), "tall.png": (10, 200)}.items():
+        Image.new("RGB", (w, h), (200, 100, 50)).save(tmp_path / name)
+    files = ImageFiles(str(tmp_path), ["wide.png", "tall.png"], np.zeros(2), 16, True, seed=0)
+    for epoch in range(5):  # no area of 8% or more at a ratio in 3/4..4/3 fits: the centre crop of ratio 4/3 or 3/4
+        images, _, _ = files.__getitems__([epoch * 2, epoch * 2 + 1])
+        assert images.shape == (2, 16, 16, 3) and int(images.min()) > 0  # nothing padded with zeros
+        assert images[..., 0].eq(200).all() and images[..., 2].eq(50).all()
+
+
 def test_a_class_folder_tree_keeps_its_names_and_a_balanced_tree_becomes_long_tailed(tmp_path):
     root = str(tmp_path / "folders")
     names = ["ant", "bee", "cat", "dog", "eel"]
@@ -173,6 +184,14 @@ def test_training_from_files_resumes_mid_epoch_exactly(lists, tmp_path, monkeypa
     a = checkpoint.load(os.path.join(config.run_dir(cfg), "last.pt"))["model"]
     b = checkpoint.load(os.path.join(config.run_dir(cfg_for(lists, tmp_path / "straight", *common)), "last.pt"))["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_post_hoc_tuning_uses_the_validation_list(lists, tmp_path):
+    from bsdist.posthoc import evaluate_run
+    cfg = cfg_for(lists, tmp_path, "TRAIN.epochs", "1")
+    main(cfg)
+    variants = evaluate_run(config.run_dir(cfg), ["logit-adjust"])
+    assert variants["logit-adjust"]["val"]["num_images"] == 18 and variants["logit-adjust"]["test"]["num_images"] == 30
 
 
 def _evaluate_on_two_ranks(raw_cfg):
