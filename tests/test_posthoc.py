@@ -175,3 +175,18 @@ def test_a_stage_two_that_does_not_fit_its_stage_one_is_refused_in_one_line(stag
     (unfinished / "config.yaml").write_text(config.dump(stage1))
     with pytest.raises(BsdistError, match="has not finished"):
         stage1_checkpoint(demo_cfg(tmp_path, "CRT.stage1", str(unfinished)))
+
+
+def test_a_stage_two_resumes_where_an_uninterrupted_one_ends(stage1, tmp_path, monkeypatch):
+    from runs import run_until
+    common = ["CRT.stage1", config.run_dir(stage1), "DATASET.sampler", "class_balanced", "TRAIN.epochs", "2",
+              "TRAIN.ckpt_every_steps", "2", "TRAIN.resume", "auto", "OPTIMIZER.momentum", "0.9"]
+    straight = demo_cfg(tmp_path / "straight", *common)
+    main(straight)
+    cfg = demo_cfg(tmp_path / "resumed", *common)
+    run_until(monkeypatch, cfg, lambda name, state: state["epoch"] == 1 and state["progress"]["step"] == 2)
+    main(cfg)
+    a = checkpoint.load(os.path.join(config.run_dir(cfg), "last.pt"))["model"]
+    b = checkpoint.load(os.path.join(config.run_dir(straight), "last.pt"))["model"]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert "resumed from" in open(os.path.join(config.run_dir(cfg), "log.txt")).read()
