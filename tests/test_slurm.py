@@ -123,3 +123,14 @@ def test_waiting_on_a_job_slurm_can_never_start_cancels_it_with_the_reason(tmp_p
     (run_dir / "last.pt").touch()
     with pytest.raises(BsdistError, match="TRAIN.resume auto to continue from last.pt"):
         slurm.wait_for(PendingForever(), str(run_dir))
+
+
+def test_the_dev_cluster_counts_the_machine_s_cpus_whatever_omp_num_threads_says():
+    # nproc honours OMP_NUM_THREADS: with 1, the node registered one CPU and a 2-task job pended forever
+    import subprocess
+    from paths import ROOT
+    with open(os.path.join(ROOT, "slurm", "dev-cluster.sh")) as f:
+        function = next(line for line in f if line.startswith("real_cpus()"))
+    counted = subprocess.run(["bash", "-c", f"{function}\nreal_cpus"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert int(counted) == len(os.sched_getaffinity(0))
