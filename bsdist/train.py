@@ -42,7 +42,7 @@ def main(cfg: dict) -> dict:
             results = finished
         else:
             with StopSignals() as signals:
-                results = _run(cfg, env, out, resume_from, stage1, signals)
+                results = Trainer(cfg, env, out, stage1, signals, resuming=resume_from is not None).run(resume_from)
         orderly = True
         return results
     except Stopped as e:
@@ -102,117 +102,148 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-def _run(cfg: dict, env: DistEnv, out, resume_from: str | None, stage1: str | None, signals: StopSignals) -> dict:
-    t, seed = cfg["TRAIN"], cfg["DEFAULT"]["seed"]
-    torch.manual_seed(seed)  # the same initial weights on every rank and for every world size
-    if env.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # every training and evaluation batch has one fixed shape
-    data = build_data(cfg, env)
-    num_per_cls = broadcast_class_prior(data.num_per_cls, env)
-    compile_model = t["compile"] is True or (t["compile"] == "auto" and env.device.type == "cuda")
-    sync_bn, sync_bn_reason = config.resolve_sync_bn(cfg, env.world_size)
-    backbone = checkpoint.load(stage1)["model"] if stage1 and not resume_from else None  # a resume has its own weights
-    model = build_model(cfg, data.num_classes, data.in_channels, env.device, compile_model, sync_bn, backbone,
-                        pretrained=resume_from is None)  # a resume loads its own weights
-    amp_dtype = AMP_DTYPES[config.resolve_precision(t["mixed_precision"], env.device.type)]
-    optimizer = build_optimizer(cfg, model.module)
-    steps_per_epoch = -(-len(data.train) // t["grad_accum_steps"])
-    state = TrainState(model.train, build_loss(cfg["LOSS"]["name"], num_per_cls).to(env.device), optimizer,
-                       build_scheduler(cfg, optimizer, steps_per_epoch),
-                       torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16), amp_dtype,
-                       t["grad_accum_steps"], t["nonfinite"], t["ckpt_every_steps"], t["check_every_steps"],
-                       stop_requested=lambda: signals.received)
-    start_epoch, progress, best, last, seconds_before = 0, EpochProgress(), None, None, 0.0
-    if resume_from:
-        ckpt = checkpoint.load(resume_from)
+class Trainer:
+    """A run from its start to its results: what it builds, its epoch loop, and in state_dict() /
+    load_state_dict() the one definition of what a checkpoint holds, so that saving and resuming cannot
+    drift apart (tests/test_train.py round-trips them)."""
+
+    def __init__(self, cfg: dict, env: DistEnv, out, stage1: str | None, signals: StopSignals, resuming: bool):
+        t = cfg["TRAIN"]
+        self.cfg, self.env, self.out, self.stage1 = cfg, env, out, stage1
+        torch.manual_seed(cfg["DEFAULT"]["seed"])  # the same initial weights on every rank and for every world size
+        if env.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # every training and evaluation batch has one fixed shape
+        self.data = build_data(cfg, env)
+        self.num_per_cls = broadcast_class_prior(self.data.num_per_cls, env)
+        self.compiled = t["compile"] is True or (t["compile"] == "auto" and env.device.type == "cuda")
+        self.sync_bn, self.sync_bn_reason = config.resolve_sync_bn(cfg, env.world_size)
+        backbone = checkpoint.load(stage1)["model"] if stage1 and not resuming else None  # a resume has its own weights
+        self.model = build_model(cfg, self.data.num_classes, self.data.in_channels, env.device, self.compiled, self.sync_bn,
+                                 backbone, pretrained=not resuming)
+        self.amp_dtype = AMP_DTYPES[config.resolve_precision(t["mixed_precision"], env.device.type)]
+        optimizer = build_optimizer(cfg, self.model.module)
+        steps_per_epoch = -(-len(self.data.train) // t["grad_accum_steps"])
+        self.state = TrainState(self.model.train, build_loss(cfg["LOSS"]["name"], self.num_per_cls).to(env.device), optimizer,
+                                build_scheduler(cfg, optimizer, steps_per_epoch),
+                                torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16), self.amp_dtype,
+                                t["grad_accum_steps"], t["nonfinite"], t["ckpt_every_steps"], t["check_every_steps"],
+                                save=self.save, stop_requested=lambda: signals.received)
+        self.signals = signals
+        self.select_on = "val" if "val" in self.data.eval else "test"
+        # where the run stands: epochs done, the position inside the next one, the selected and the last model
+        self.epochs_done, self.progress, self.best, self.last = 0, EpochProgress(), None, None
+        self.seconds_before, self.started_at = 0.0, time.perf_counter()
+
+    def state_dict(self) -> dict:
+        """Everything a resume needs to continue exactly from here (every rank calls it: the RNG states are
+        gathered); config, num_per_cls and world_size are there for a reader, not restored."""
+        s = self.state
+        return {"model": self.model.module.state_dict(),  # the plain module: no DDP or compile prefixes
+                "optimizer": s.optimizer.state_dict(), "lr_scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(),
+                "epoch": self.epochs_done, "progress": vars(self.progress), "step": s.step, "best": self.best, "last": self.last,
+                "rng": all_gather_objects(checkpoint.rng_state(self.env.device)),
+                "seconds": self.seconds_before + time.perf_counter() - self.started_at,
+                "config": self.cfg, "num_per_cls": self.num_per_cls, "world_size": self.env.world_size}
+
+    def load_state_dict(self, ckpt: dict, source: str = "the checkpoint") -> None:
+        """The mirror of state_dict: this trainer continues where the one that saved ckpt stood."""
+        s = self.state
         try:
-            model.module.load_state_dict(ckpt["model"])
+            self.model.module.load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            raise BsdistError(f"checkpoint {resume_from} does not fit this model ({str(e).splitlines()[1].strip()[:120]}): it comes from "
+            raise BsdistError(f"{source} does not fit this model ({str(e).splitlines()[1].strip()[:120]}): it comes from "
                               "another run; move it away to start afresh, or resume the run it belongs to") from None
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state.scheduler.load_state_dict(ckpt["lr_scheduler"])
-        state.scaler.load_state_dict(ckpt["scaler"])
-        checkpoint.set_rng_state(ckpt["rng"], env.rank, env.device)
-        start_epoch, state.step, seconds_before = ckpt["epoch"], ckpt["step"], ckpt["seconds"]
-        progress, best, last = EpochProgress(**ckpt["progress"]), ckpt["best"], ckpt["last"]
-    checkpoint_bytes = 3 * sum(p.numel() * p.element_size() for p in model.module.parameters())  # model, momentum, slack
-    with main_process_first(env):  # rank 0 makes the run directory; if it cannot, every rank stops
-        out.start(cfg, state.step if resume_from else None, start_epoch, checkpoint_bytes)
-    out.classes(num_per_cls, data.class_names, state.step)
-    select_on = "val" if "val" in data.eval else "test"
-    out.info(f"{env.world_size} process(es) on {env.device.type}; {len(data.train.dataset)} training images "
-             f"{list(num_per_cls)}; run directory {config.run_dir(cfg)}")
-    if stage1:
-        out.info(f"stage 2 (cRT) of {os.path.dirname(stage1)}: its selected model's backbone frozen, BatchNorm "
-                 f"included; the classifier re-initialised and trained with {cfg['LOSS']['name']} and "
-                 f"{cfg['DATASET']['sampler'].replace('_', '-')} sampling")
-    else:
-        out.info(f"BatchNorm {'synchronised across processes' if sync_bn else 'per process'}: {sync_bn_reason}")
-    if select_on == "test":
-        out.info("model selection (best.pt) uses the test set, as the published recipes do; "
-                 "set DATASET.val_per_cls > 0 to select on a held-out validation split")
-    if resume_from:
-        out.info(f"resumed from {resume_from} at epoch {start_epoch + 1} step {progress.step} (global step {state.step})")
-    started_at = time.perf_counter()
+        s.optimizer.load_state_dict(ckpt["optimizer"])
+        s.scheduler.load_state_dict(ckpt["lr_scheduler"])
+        s.scaler.load_state_dict(ckpt["scaler"])
+        checkpoint.set_rng_state(ckpt["rng"], self.env.rank, self.env.device)
+        self.epochs_done, self.progress, s.step = ckpt["epoch"], EpochProgress(**ckpt["progress"]), ckpt["step"]
+        self.best, self.last = ckpt["best"], ckpt["last"]
+        self.seconds_before, self.started_at = ckpt["seconds"], time.perf_counter()
+        s.last_checkpoint = _position(self.epochs_done, self.progress.step)
 
-    def snapshot(epochs_done: int, at: EpochProgress) -> dict:
-        """Everything a resume needs to continue exactly from here (every rank calls it: the RNG states are gathered)."""
-        return {"model": model.module.state_dict(),  # the plain module: no DDP or compile prefixes
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
-                "epoch": epochs_done, "progress": vars(at), "step": state.step, "best": best, "last": last,
-                "rng": all_gather_objects(checkpoint.rng_state(env.device)),
-                "seconds": seconds_before + time.perf_counter() - started_at,
-                "config": cfg, "num_per_cls": num_per_cls, "world_size": env.world_size}
+    def save(self, epochs_done: int, at: EpochProgress, names=("last.pt",)) -> None:
+        """A checkpoint of this point (inside an epoch, or at its end) under each of names, in the background."""
+        self.epochs_done, self.progress = epochs_done, at
+        self.out.save_checkpoint(self.state_dict(), list(names))
+        self.state.last_checkpoint = _position(epochs_done, at.step)
 
-    def save(epochs_done: int, at: EpochProgress, names=("last.pt",)) -> None:
-        out.save_checkpoint(snapshot(epochs_done, at), list(names))
-        state.last_checkpoint = _position(epochs_done, at.step)
+    def run(self, resume_from: str | None) -> dict:
+        """Train from the start, or from resume_from, to the last epoch; return the results."""
+        cfg, env, out, t = self.cfg, self.env, self.out, self.cfg["TRAIN"]
+        if resume_from:
+            self.load_state_dict(checkpoint.load(resume_from), f"checkpoint {resume_from}")
+        checkpoint_bytes = 3 * sum(p.numel() * p.element_size() for p in self.model.module.parameters())  # model, momentum, slack
+        with main_process_first(env):  # rank 0 makes the run directory; if it cannot, every rank stops
+            out.start(cfg, self.state.step if resume_from else None, self.epochs_done, checkpoint_bytes)
+        out.classes(self.num_per_cls, self.data.class_names, self.state.step)
+        self._announce(resume_from)
+        first_epoch = self.epochs_done
+        for epoch in range(first_epoch, t["epochs"]):
+            started = time.perf_counter()
+            train_loss, train_acc = train_one_epoch(self.state, self.data, env, out, epoch, t["epochs"], t["log_interval"],
+                                                    self.progress)
+            improved = self._evaluate(epoch, train_loss, train_acc, started)
+            self.save(epoch + 1, EpochProgress(), ["last.pt", "best.pt"] if improved else ["last.pt"])
+            if epoch == first_epoch:
+                set_collective_timeout(t["dist_timeout_s"])  # start-up (downloads, compilation) is over
+            if epoch + 1 == t["epochs"]:
+                out.wait_for_checkpoints(raise_error=False)  # results.json only once the last checkpoint is on disk
+            signum = int(agree(torch.zeros(0, dtype=torch.float64, device=env.device), self.signals.received, out)[-1])
+            if signum and epoch + 1 < t["epochs"]:
+                raise Stopped(f"stopped by signal {signum} after epoch {epoch + 1}; last.pt holds this point: "
+                              "continue with TRAIN.resume auto", signum)
+        results = {"best": self.best, "last": self.last, "num_per_cls": self.num_per_cls, "ckp_metric": t["ckp_metric"],
+                   "seconds": self.seconds_before + time.perf_counter() - self.started_at,
+                   "stage1": os.path.abspath(os.path.dirname(self.stage1)) if self.stage1 else None}
+        out.results(results)
+        out.info(f"done: {describe_best(self.best)}; last test acc {self.last['acc']:.4f} bcr {self.last['bcr']:.4f}; "
+                 f"results in {config.run_dir(cfg)}/results.json")
+        return results
 
-    state.save = save
-    if resume_from:
-        state.last_checkpoint = _position(start_epoch, progress.step)
-    higher_is_better = t["ckp_metric"] != "loss"
-    for epoch in range(start_epoch, t["epochs"]):
-        started = time.perf_counter()
-        train_loss, train_acc = train_one_epoch(state, data, env, out, epoch, t["epochs"], t["log_interval"], progress)
-        progress = EpochProgress()
-        sync_buffers_from_main(model.module)  # ranks' BatchNorm statistics drift apart; evaluate and save rank 0's
-        evaluated = {split: evaluate(model.compiled, loader, data.augment.normalize, data.num_classes, num_per_cls, env,
-                                     amp_dtype, fixed_batch=loader.batch_sampler.batch_size if compile_model else None)
-                     for split, loader in data.eval.items()}
-        last = {"epoch": epoch + 1, "selected_on": select_on, **evaluated["test"]}
-        score = evaluated[select_on][t["ckp_metric"]]
-        improved = best is None or (score > best["score"] if higher_is_better else score < best["score"])
+    def _announce(self, resume_from: str | None) -> None:
+        cfg, out = self.cfg, self.out
+        out.info(f"{self.env.world_size} process(es) on {self.env.device.type}; {len(self.data.train.dataset)} training "
+                 f"images {list(self.num_per_cls)}; run directory {config.run_dir(cfg)}")
+        if self.stage1:
+            out.info(f"stage 2 (cRT) of {os.path.dirname(self.stage1)}: its selected model's backbone frozen, BatchNorm "
+                     f"included; the classifier re-initialised and trained with {cfg['LOSS']['name']} and "
+                     f"{cfg['DATASET']['sampler'].replace('_', '-')} sampling")
+        else:
+            out.info(f"BatchNorm {'synchronised across processes' if self.sync_bn else 'per process'}: {self.sync_bn_reason}")
+        if self.select_on == "test":
+            out.info("model selection (best.pt) uses the test set, as the published recipes do; "
+                     "set DATASET.val_per_cls > 0 to select on a held-out validation split")
+        if resume_from:
+            out.info(f"resumed from {resume_from} at epoch {self.epochs_done + 1} step {self.progress.step} "
+                     f"(global step {self.state.step})")
+
+    def _evaluate(self, epoch: int, train_loss: float, train_acc: float, started: float) -> bool:
+        """Evaluate every split after an epoch, select, log; whether the selected model improved."""
+        t, out, step = self.cfg["TRAIN"], self.out, self.state.step
+        sync_buffers_from_main(self.model.module)  # ranks' BatchNorm statistics drift apart; evaluate and save rank 0's
+        evaluated = {split: evaluate(self.model.compiled, loader, self.data.augment.normalize, self.data.num_classes,
+                                     self.num_per_cls, self.env, self.amp_dtype,
+                                     fixed_batch=loader.batch_sampler.batch_size if self.compiled else None)
+                     for split, loader in self.data.eval.items()}
+        self.last = {"epoch": epoch + 1, "selected_on": self.select_on, **evaluated["test"]}
+        score = evaluated[self.select_on][t["ckp_metric"]]
+        higher_is_better = t["ckp_metric"] != "loss"
+        improved = self.best is None or (score > self.best["score"] if higher_is_better else score < self.best["score"])
         if improved:
-            best = {"score": score, **last}
+            self.best = {"score": score, **self.last}
         for split, metrics in evaluated.items():
-            out.eval_metrics(split, metrics, state.step)
-        out.scalars({f"best/{k}": best[k] for k in BEST}, state.step)
+            out.eval_metrics(split, metrics, step)
+        out.scalars({f"best/{k}": self.best[k] for k in BEST}, step)
         seconds = time.perf_counter() - started
-        out.scalars({"train/epoch_acc": train_acc, "train/epoch_seconds": seconds}, state.step)
-        out.epoch_row({"epoch": epoch + 1, "step": state.step, "train_loss": train_loss, "train_acc": train_acc,
-                       "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
-                       **{f"{split}_{k}": m[k] for split, m in evaluated.items() for k in ("loss", "acc", "bcr", "many", "medium", "few", "ece")}})
+        out.scalars({"train/epoch_acc": train_acc, "train/epoch_seconds": seconds}, step)
+        out.epoch_row({"epoch": epoch + 1, "step": step, "train_loss": train_loss, "train_acc": train_acc,
+                       "lr": self.state.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
+                       **{f"{split}_{k}": m[k] for split, m in evaluated.items()
+                          for k in ("loss", "acc", "bcr", "many", "medium", "few", "ece")}})
         out.info(f"epoch {epoch + 1}: " + "  ".join(f"{split} acc {m['acc']:.4f} bcr {m['bcr']:.4f}" for split, m in evaluated.items())
-                 + f"  best {select_on} {t['ckp_metric']} {best['score']:.4f} (epoch {best['epoch']})")
-        save(epoch + 1, progress, ["last.pt", "best.pt"] if improved else ["last.pt"])
-        if epoch == start_epoch:
-            set_collective_timeout(t["dist_timeout_s"])
-        if epoch + 1 == t["epochs"]:
-            out.wait_for_checkpoints(raise_error=False)  # results.json only once the last checkpoint is on disk
-        signum = int(agree(torch.zeros(0, dtype=torch.float64, device=env.device), signals.received, out)[-1])
-        if signum and epoch + 1 < t["epochs"]:
-            raise Stopped(f"stopped by signal {signum} after epoch {epoch + 1}; last.pt holds this point: "
-                          "continue with TRAIN.resume auto", signum)
-    results = {"best": best, "last": last, "num_per_cls": num_per_cls, "ckp_metric": t["ckp_metric"],
-               "seconds": seconds_before + time.perf_counter() - started_at,
-               "stage1": os.path.abspath(os.path.dirname(stage1)) if stage1 else None}
-    out.results(results)
-    out.info(f"done: {describe_best(best)}; "
-             f"last test acc {last['acc']:.4f} bcr {last['bcr']:.4f}; results in {config.run_dir(cfg)}/results.json")
-    return results
+                 + f"  best {self.select_on} {t['ckp_metric']} {self.best['score']:.4f} (epoch {self.best['epoch']})")
+        return improved
 
 
 if __name__ == "__main__":  # `python -m bsdist.train CONFIG ...` is launch.py

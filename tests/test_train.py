@@ -269,3 +269,39 @@ def test_what_a_checkpoint_write_cut_short_left_is_removed_when_the_run_starts(t
     main(cfg)
     assert not os.path.exists(orphan)
     assert "removed last.pt.tmp.4242" in open(os.path.join(run_dir(cfg), "log.txt")).read()
+
+
+def test_a_checkpoint_round_trips_through_the_trainer(tmp_path):
+    """state_dict and load_state_dict are one definition: what a checkpoint holds comes back unchanged."""
+    from bsdist.distributed import init_distributed, shutdown
+    from bsdist.output import NullOutput
+    from bsdist.train import StopSignals, Trainer
+    cfg = demo_cfg(tmp_path, "MODEL.name", "tiny", "TRAIN.epochs", "1", "OPTIMIZER.momentum", "0.9",
+                   "TRAIN.mixed_precision", "fp16")  # a gradient scaler with a state of its own
+    main(cfg)
+    saved = checkpoint.load(os.path.join(run_dir(cfg), "last.pt"))
+    env = init_distributed("cpu", 60)
+    try:
+        trainer = Trainer(cfg, env, NullOutput(), None, StopSignals(), resuming=True)
+        trainer.load_state_dict(saved)
+        again = trainer.state_dict()
+    finally:
+        shutdown()
+    assert set(again) == set(saved)
+
+    def same(a, b, where):
+        if isinstance(a, torch.Tensor):
+            assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+        elif isinstance(a, dict):
+            assert set(a) == set(b), where
+            for k in a:
+                same(a[k], b[k], f"{where}.{k}")
+        elif isinstance(a, (list, tuple)):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b)):
+                same(x, y, f"{where}[{i}]")
+        else:
+            assert a == b, where
+    for key in set(saved) - {"seconds"}:
+        same(again[key], saved[key], key)
+    assert again["seconds"] >= saved["seconds"] and saved["scaler"]["scale"] > 0
