@@ -125,6 +125,17 @@ def agree(flags: torch.Tensor, signal: int, out) -> list[float]:
     return values
 
 
+@dataclass
+class _Epoch:
+    """The epoch being trained, as the check points report it."""
+    epoch: int
+    epochs: int
+    steps: int  # optimiser steps in the epoch
+    first_step: int  # the step it started from (a resume starts inside it)
+    started: float
+    tick: float  # when the loss was last read
+
+
 def train_one_epoch(state: TrainState, data, env: DistEnv, out, epoch: int, epochs: int, log_interval: int,
                     progress: EpochProgress | None = None) -> tuple[float, float]:
     """Train one epoch (from `progress` when resuming inside it); return the mean loss and accuracy over
@@ -137,74 +148,91 @@ def train_one_epoch(state: TrainState, data, env: DistEnv, out, epoch: int, epoc
     that check point.
     """
     progress = progress or EpochProgress()
-    model, loader, accum = state.model, data.train, state.grad_accum_steps
-    model.train()
+    loader, accum = data.train, state.grad_accum_steps
+    state.model.train()
     data.train_sampler.set_epoch(epoch)
     data.augment.set_epoch(epoch)
     num_micro = len(loader)
-    steps_per_epoch = -(-num_micro // accum)
     loader.batch_sampler.start = progress.step * accum  # skip what the checkpoint already trained
     tally = DeviceTally(env.device, progress)
-    tick = start = time.perf_counter()
-    first_step = progress.step
-    for i, (images, targets, indices) in enumerate(loader, start=progress.step * accum):
-        group_start = i - i % accum
-        group_size = min(accum, num_micro - group_start)
-        last_of_group = i - group_start == group_size - 1
-        images = images.to(env.device, non_blocking=True)
-        targets = targets.to(env.device, non_blocking=True)
-        inputs = data.augment(images, indices)
-        with no_sync(model, last_of_group):
-            with autocast(env.device, state.amp_dtype):
-                logits = model(inputs)
-            loss = state.criterion(logits, targets)
-            state.scaler.scale(loss / group_size).backward()
-        tally.add(loss, logits, targets)
+    now = time.perf_counter()
+    here = _Epoch(epoch, epochs, -(-num_micro // accum), progress.step, now, now)
+    for i, batch in enumerate(loader, start=progress.step * accum):
+        group_size = min(accum, num_micro - (i - i % accum))  # the last group may be short
+        last_of_group = i % accum == group_size - 1
+        _micro_batch(state, data, env, batch, group_size, last_of_group, tally)
         if not last_of_group:
             continue
-        step_in_epoch = i // accum + 1
-        lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses, logged below
-        if state.scaler.is_enabled():
-            state.scaler.unscale_(state.optimizer)  # the norm of the true gradients; scaler.step knows they are unscaled
-        grads = [p.grad for group in state.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        optimizer_step(state.optimizer, state.scaler, tally.end_step(state.step + 1, torch.nn.utils.get_total_norm(grads)))
-        state.optimizer.zero_grad(set_to_none=True)
-        state.scheduler.step()
-        state.step += 1
-        mid_epoch = step_in_epoch < steps_per_epoch
-        checkpoint_due = mid_epoch and state.checkpoint_every and step_in_epoch % state.checkpoint_every == 0
+        step_in_epoch, lr = i // accum + 1, _optimizer_step(state, tally)
+        mid_epoch = step_in_epoch < here.steps
+        checkpoint_due = bool(mid_epoch and state.checkpoint_every and step_in_epoch % state.checkpoint_every == 0)
         log_due = step_in_epoch % log_interval == 0 or not mid_epoch
-        if not (log_due or checkpoint_due or step_in_epoch % state.check_every == 0):
-            continue
-        bad, first_bad, signum = tally.agree(state.stop_requested(), out)
-        if bad:
-            where = _describe_step(first_bad, steps_per_epoch)
-            if state.nonfinite == "stop":
-                if state.last_checkpoint:
-                    kept = (f"last.pt ({state.last_checkpoint}) is the last good point: continue from it with TRAIN.nonfinite "
-                            "skip and TRAIN.resume auto, or")
-                else:
-                    kept = "no checkpoint was written, so the next attempt starts afresh:"
-                raise BsdistError(f"non-finite loss at {where}, a step that changed no weight; {kept} retry with a lower "
-                                  "OPTIMIZER.lr or TRAIN.mixed_precision no (under another DEFAULT.exp_name if last.pt exists)")
-            out.info(f"{bad} step(s) with a non-finite loss on some rank skipped, the first at {where} (TRAIN.nonfinite skip)")
-        checkpoint_due = checkpoint_due or (signum and mid_epoch)
-        if log_due or checkpoint_due:
-            loss_mean, accuracy, images_seen, grad_norm = tally.read_loss()  # waits for the device: the clock reads after it
-            now = time.perf_counter()
-            rate = images_seen / (now - tick)
-            eta = (now - start) / (step_in_epoch - first_step) * ((epochs - epoch) * steps_per_epoch - step_in_epoch)
-            out.info(f"epoch {epoch + 1}/{epochs} step {step_in_epoch}/{steps_per_epoch} loss {loss_mean:.4f} "
-                     f"lr {lr:.5f} {rate:.0f} img/s eta {_duration(eta)}")
-            out.scalars({"train/loss": loss_mean, "train/acc": accuracy, "train/lr": lr, "train/img_per_s": rate,
-                         "train/grad_norm": grad_norm}, state.step)
-            tick = now
-        if checkpoint_due:
-            state.save(epoch, EpochProgress(step_in_epoch, *tally.epoch.tolist()))
-        if signum and mid_epoch:
-            raise Stopped(f"stopped by signal {signum} at epoch {epoch + 1} step {step_in_epoch}; last.pt holds this point: "
-                          "continue with TRAIN.resume auto", signum)
+        if log_due or checkpoint_due or step_in_epoch % state.check_every == 0:
+            _check_point(state, tally, out, here, step_in_epoch, lr, log_due, checkpoint_due)
     return tally.epoch_means()
+
+
+def _micro_batch(state: TrainState, data, env: DistEnv, batch, group_size: int, last_of_group: bool, tally) -> None:
+    """Forward and backward of one micro-batch; DDP all-reduces only on the last of its group."""
+    images, targets, indices = batch
+    images = images.to(env.device, non_blocking=True)
+    targets = targets.to(env.device, non_blocking=True)
+    inputs = data.augment(images, indices)
+    with no_sync(state.model, last_of_group):
+        with autocast(env.device, state.amp_dtype):
+            logits = state.model(inputs)
+        loss = state.criterion(logits, targets)
+        state.scaler.scale(loss / group_size).backward()
+    tally.add(loss, logits, targets)
+
+
+def _optimizer_step(state: TrainState, tally: DeviceTally) -> float:
+    """The optimiser step closing a group (skipped on the device where any rank's loss was non-finite);
+    returns the learning rate it used."""
+    lr = state.optimizer.param_groups[0]["lr"]
+    if state.scaler.is_enabled():
+        state.scaler.unscale_(state.optimizer)  # the norm of the true gradients; scaler.step knows they are unscaled
+    grads = [p.grad for group in state.optimizer.param_groups for p in group["params"] if p.grad is not None]
+    optimizer_step(state.optimizer, state.scaler, tally.end_step(state.step + 1, torch.nn.utils.get_total_norm(grads)))
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    state.step += 1
+    return lr
+
+
+def _check_point(state: TrainState, tally: DeviceTally, out, here: _Epoch, step_in_epoch: int, lr: float,
+                 log_due: bool, checkpoint_due: bool) -> None:
+    """Where the ranks agree (one read): stop or skip on non-finite losses, log, checkpoint, stop on a signal."""
+    bad, first_bad, signum = tally.agree(state.stop_requested(), out)
+    if bad:
+        where = _describe_step(first_bad, here.steps)
+        if state.nonfinite == "stop":
+            if state.last_checkpoint:
+                kept = (f"last.pt ({state.last_checkpoint}) is the last good point: continue from it with TRAIN.nonfinite "
+                        "skip and TRAIN.resume auto, or")
+            else:
+                kept = "no checkpoint was written, so the next attempt starts afresh:"
+            raise BsdistError(f"non-finite loss at {where}, a step that changed no weight; {kept} retry with a lower "
+                              "OPTIMIZER.lr or TRAIN.mixed_precision no (under another DEFAULT.exp_name if last.pt exists)")
+        out.info(f"{bad} step(s) with a non-finite loss on some rank skipped, the first at {where} (TRAIN.nonfinite skip)")
+    mid_epoch = step_in_epoch < here.steps
+    checkpoint_due = checkpoint_due or bool(signum and mid_epoch)
+    if log_due or checkpoint_due:
+        loss_mean, accuracy, images_seen, grad_norm = tally.read_loss()  # waits for the device: the clock reads after it
+        now = time.perf_counter()
+        rate = images_seen / (now - here.tick)
+        remaining = (here.epochs - here.epoch) * here.steps - step_in_epoch
+        eta = (now - here.started) / (step_in_epoch - here.first_step) * remaining
+        out.info(f"epoch {here.epoch + 1}/{here.epochs} step {step_in_epoch}/{here.steps} loss {loss_mean:.4f} "
+                 f"lr {lr:.5f} {rate:.0f} img/s eta {_duration(eta)}")
+        out.scalars({"train/loss": loss_mean, "train/acc": accuracy, "train/lr": lr, "train/img_per_s": rate,
+                     "train/grad_norm": grad_norm}, state.step)
+        here.tick = now
+    if checkpoint_due:
+        state.save(here.epoch, EpochProgress(step_in_epoch, *tally.epoch.tolist()))
+    if signum and mid_epoch:
+        raise Stopped(f"stopped by signal {signum} at epoch {here.epoch + 1} step {step_in_epoch}; last.pt holds this point: "
+                      "continue with TRAIN.resume auto", signum)
 
 
 def _describe_step(global_step: int, steps_per_epoch: int) -> str:

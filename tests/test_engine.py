@@ -81,6 +81,7 @@ def epoch_of_training(env, batch_size, *overrides, poisoned_call=0):
                        check_every=10**6)
     with counting_host_transfers() as counts:
         train_one_epoch(state, data, env, NullOutput(), 0, 1, log_interval=10**6)
+    epoch_of_training.data = data  # for a test that recomputes a batch
     return counts, state, model
 
 
@@ -112,6 +113,33 @@ def test_a_step_with_a_non_finite_loss_changes_no_weight_and_later_steps_train(e
     _, state, model = epoch_of_training(env, 64, "TRAIN.nonfinite", "skip", "TRAIN.mixed_precision", "no", poisoned_call=3)
     assert steps == [False, False, True] + [False] * (state.step - 3)  # only the poisoned third step left everything as it was
     assert all(torch.isfinite(p).all() for p in model.module.parameters())
+
+
+def test_a_short_last_accumulation_group_averages_over_its_own_micro_batches(env, monkeypatch):
+    """403 images in micro-batches of 80 are 5 micro-batches: groups of 2, 2 and 1. The last step's gradient
+    is that of its one micro-batch's mean loss, not half of it."""
+    import copy
+    import bsdist.engine
+    calls, steps = [], []
+    micro_batch, step = bsdist.engine._micro_batch, bsdist.engine.optimizer_step
+
+    def recording_micro_batch(state, data, env, batch, group_size, last_of_group, tally):
+        calls.append((copy.deepcopy(state.model), [t.clone() for t in batch], group_size))  # the weights it starts from
+        micro_batch(state, data, env, batch, group_size, last_of_group, tally)
+
+    def recording_step(optimizer, scaler, skip):
+        steps.append([p.grad.clone() for g in optimizer.param_groups for p in g["params"]])
+        step(optimizer, scaler, skip)
+    monkeypatch.setattr(bsdist.engine, "_micro_batch", recording_micro_batch)
+    monkeypatch.setattr(bsdist.engine, "optimizer_step", recording_step)
+    _, state, _ = epoch_of_training(env, 80, "TRAIN.grad_accum_steps", "2", "TRAIN.mixed_precision", "no")
+    assert [c[2] for c in calls] == [2, 2, 2, 2, 1] and state.step == len(steps) == 3
+    model, (images, targets, indices), _ = calls[-1]
+    data = epoch_of_training.data
+    loss = state.criterion(model(data.augment(images, indices)), targets)
+    loss.backward()
+    for got, want in zip(steps[-1], [p.grad for p in model.parameters()]):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
 def test_the_other_ranks_output_has_exactly_rank_0_s_methods():
