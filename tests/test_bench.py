@@ -22,6 +22,7 @@ def rate(value):
     return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_compares_both_paths_and_estimates_the_grid(tmp_path):
     out = tmp_path / "bench.json"
     stdout, report = run([sys.executable, "bench/throughput.py", "--device", "cpu", "--batch-size", "16", "--steps", "2",
@@ -42,6 +43,7 @@ def test_throughput_benchmark_compares_both_paths_and_estimates_the_grid(tmp_pat
     assert best["startup_s"] == 18 * side["startup_s"]  # 18 runs, one after another
 
 
+@pytest.mark.slow
 def test_ddp_benchmark_times_every_variant_on_two_processes(tmp_path):
     out = tmp_path / "ddp.json"
     stdout, report = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "bench/ddp.py",

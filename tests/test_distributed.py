@@ -70,6 +70,7 @@ def final_weights(savedir):
     return checkpoint.load(runs[0])["model"]
 
 
+@pytest.mark.slow
 def test_two_processes_end_with_the_weights_of_one_process_with_the_same_global_batch(cifar10_root, tmp_path):
     # three DDP buckets; compiled, dynamo splits the graph at them (DDPOptimizer), with DDP's static graph on
     recipe = ["DATASET.batch_size", "32", "TRAIN.epochs", "2", "OPTIMIZER.momentum", "0.9",
@@ -99,6 +100,7 @@ def initial_weights():
     return tiny_model.wide(10, 3).state_dict()
 
 
+@pytest.mark.slow
 def test_two_processes_with_synchronised_batchnorm_end_with_the_weights_of_one(cifar10_root, tmp_path):
     recipe = ["DATASET.batch_size", "32", "TRAIN.epochs", "2", "OPTIMIZER.momentum", "0.9", "MODEL.name", "tiny_bn",
               "SCHEDULER.params.warmup_epochs", "0"]

@@ -72,6 +72,7 @@ def run_args(savedir):
     return ["configs/demo.yaml", "DEFAULT.savedir", str(savedir), "TRAIN.device", "cpu", *DEMO]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_at_a_safe_point_and_the_resumed_run_matches(tmp_path):
     reference = launch(run_args(tmp_path / "straight"))
     out, err = reference.communicate(timeout=300)  # communicate, not wait: a full pipe would block the child
@@ -92,6 +93,7 @@ def test_sigterm_stops_at_a_safe_point_and_the_resumed_run_matches(tmp_path):
     assert_same_weights(weights(straight_run), weights(run))
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_worker_at_one_safe_point(tmp_path):
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     args = lambda d: [*run_args(d), "DATASET.batch_size", "64"]  # noqa: E731
@@ -128,6 +130,7 @@ def children(pid):
     return found
 
 
+@pytest.mark.slow
 def test_a_worker_killed_under_torchrun_restarts_and_ends_like_an_uninterrupted_run(tmp_path):
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1")
     args = lambda d: [*run_args(d), "DATASET.batch_size", "64"]  # noqa: E731
@@ -231,6 +234,7 @@ def _hanging_peer_worker(raw_cfg):
         return {"error": f"{type(e).__name__}: {e}", "seconds": clock.time() - started}
 
 
+@pytest.mark.slow
 def test_a_hanging_peer_stops_the_others_within_the_timeout(cifar10_root, tmp_path):
     from spawn import run_ranks
     raw = config.load(None, ["DATASET.name", "CIFAR10LT", "DATASET.datadir", cifar10_root, "DEFAULT.savedir", str(tmp_path),

@@ -20,6 +20,7 @@ def launch(args, prefix=(sys.executable,), timeout=300):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_trains_and_writes_tensorboard_once(tmp_path):
     proc = launch(["configs/demo.yaml", "DEFAULT.savedir", str(tmp_path), "TRAIN.epochs", "2", "SCHEDULER.params.warmup_epochs", "0",
                    "TRAIN.log_interval", "2"], prefix=(*TORCHRUN, "--nproc_per_node", "2"))

@@ -36,6 +36,7 @@ def launch(*args, timeout=600):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_a_two_by_two_sweep_runs_resumes_and_is_reported(cifar10_root, tmp_path):
     sweep = write_sweep(tmp_path, cifar10_root)
     first = launch("--sweep", sweep)
@@ -174,6 +175,7 @@ def test_the_reason_a_run_failed_is_its_error_even_inside_torchrun_s_summary(tmp
     assert _last_line(str(log)) == "Killed"
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_sweep_s_runs_at_a_checkpoint_in_one_line(cifar10_root, tmp_path):
     import signal
     import time
@@ -194,6 +196,7 @@ def test_ctrl_c_stops_a_sweep_s_runs_at_a_checkpoint_in_one_line(cifar10_root, t
     assert "stopped by signal 15" in (tmp_path / "runs" / "CIFAR10LT" / "resnet18" / "CrossEntropyLoss-exp-IF_2.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_reported_with_its_error_and_the_rest_still_run(cifar10_root, tmp_path):
     # factor 100 leaves classes of the 20-image test set empty, found only when the run loads its data
     sweep = write_sweep(tmp_path, cifar10_root, axes={"DATASET.imbalance_factor": [100, 2]})
@@ -228,6 +231,7 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
     assert visible_gpus() == ["GPU-a1", "GPU-b2"]
 
 
+@pytest.mark.slow
 def test_runs_at_once_are_spread_over_the_gpus(cifar10_root, tmp_path, monkeypatch, capsys):
     import bsdist.sweep
     # names of GPUs this machine does not have: each run is told its own, finds no CUDA and trains on CPU

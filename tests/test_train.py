@@ -221,6 +221,7 @@ def test_mixed_precision_trains_like_fp32(tmp_path, precision):
     assert ("scale" in scaler) == (precision == "fp16")  # a gradient scaler only for fp16
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_without_recompiling_and_saves_plain_keys(tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
 

@@ -205,6 +205,7 @@ def _evaluate_on_two_ranks(raw_cfg):
         shutdown()
 
 
+@pytest.mark.slow
 def test_two_ranks_evaluate_every_listed_image_exactly_once(lists, tmp_path):
     results, errors = run_ranks(_evaluate_on_two_ranks, 2, cfg_for(lists, tmp_path, "DATASET.num_workers", "1"))
     assert not errors, errors
