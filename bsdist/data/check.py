@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from bsdist.data import imagelist
-from bsdist.data.imagelist import decoder_message
+from bsdist.data.imagelist import decoder_message, read_image
 from bsdist.metrics import shot_groups
 
 MAX_NAMED = 20
@@ -35,9 +35,8 @@ def _stats(labels: np.ndarray, num_classes: int) -> str:
 
 def _decodable(path: str) -> str | None:
     """None, or why the image cannot be decoded."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
     try:
-        decode_image(read_file(path), mode=ImageReadMode.RGB)
+        read_image(path)
         return None
     except Exception as e:  # corrupt, truncated, not an image: the reason in the decoder's words
         return decoder_message(e)

@@ -42,6 +42,12 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning)
 
 
+def read_image(path: str) -> torch.Tensor:
+    """A file decoded as uint8 RGB (3 x H x W): JPEG through libjpeg-turbo, grayscale and CMYK converted, PNG too."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    return decode_image(read_file(path), mode=ImageReadMode.RGB)
+
+
 def decoder_message(error: Exception) -> str:
     """The decoder's reason in its own words, without the C++ source location torchvision puts first."""
     text = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -193,10 +199,9 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def decode(self, i: int) -> torch.Tensor:
         """The image as uint8 RGB (3 x H x W), or one error naming the file."""
-        from torchvision.io import ImageReadMode, decode_image, read_file
         path = os.path.join(self.root, self.paths[i])
         try:
-            return decode_image(read_file(path), mode=ImageReadMode.RGB)
+            return read_image(path)
         except Exception as e:
             reason = "it does not exist" if not os.path.exists(path) else f"it cannot be decoded ({decoder_message(e)})"
             raise BsdistError(f"image {path}: {reason}; {CHECK_DATA_HINT}") from None
