@@ -20,7 +20,10 @@ from bsdist.figures import MAX_HEATMAP_CLASSES, class_figure, reliability_figure
 from bsdist.metrics import CONFUSION_CLASSES, FEW_SHOT, MANY_SHOT, shot_groups
 
 SCALARS = ("acc", "bcr", "loss", "many", "medium", "few", "ece")  # an evaluation's loss is its NLL
-BEST = ("bcr", "acc", "many", "medium", "few", "epoch")  # of the selected model (best.pt), in TensorBoard's best/*
+BEST = ("bcr", "acc", "many", "medium", "few", "epoch")  # of the selected model (best.pt), in TensorBoard's test/best_*
+# TensorBoard's Time Series page opens the first two tag groups (by name) and folds the rest, so every
+# tag sits under test/, train/ or val/: test (the selected model's test figures, test/best_*, among
+# them) and train open, val folded; per-class curves stay inside their split's group.
 # The settings in TensorBoard's hparams table. It sorts them by name and shows the first five unless asked
 # for more, so the five that tell runs apart are the five that sort first; the rest are a click away.
 HPARAMS = ("DATASET.imbalance_factor", "DATASET.name", "DEFAULT.seed", "LOSS.name", "OPTIMIZER.lr",
@@ -114,7 +117,7 @@ class RunOutput:
         if len(self.num_per_cls) <= CONFUSION_CLASSES:  # beyond, one curve per class is noise: the picture shows them
             for c, recall in enumerate(metrics["per_class_recall"]):
                 if recall is not None:
-                    self.writer.add_scalar(f"{split}_recall/{self._label(c)}", recall, step)
+                    self.writer.add_scalar(f"{split}/recall/{self._label(c)}", recall, step)
         figure = class_figure(metrics, self.num_per_cls, self.class_names,
                               f"{split} {'confusion' if len(self.num_per_cls) <= MAX_HEATMAP_CLASSES else 'recall by class'}, step {step}")
         self.writer.add_image(f"{split}/{'confusion' if len(self.num_per_cls) <= MAX_HEATMAP_CLASSES else 'recall_by_class'}", figure, step,
@@ -202,7 +205,7 @@ class RunOutput:
 
     def _hparams(self, cfg: dict) -> None:
         """The settings that tell runs apart (HPARAMS) with their domains, and the metrics of the selected
-        model (best/*) and of the last epoch's splits."""
+        model (test/best_*) and of the last epoch's splits."""
         from torch.utils.tensorboard.summary import hparams
         values, domains = {}, {}
         for key in HPARAMS:
@@ -214,7 +217,7 @@ class RunOutput:
                 domains[key] = [str(c) for c in f.choices] + (["none"] if f.nullable else [])
             values[key] = value if isinstance(value, (int, float, str)) else str(value)
         splits = ["val", "test"] if cfg["DATASET"]["val_per_cls"] else ["test"]
-        metrics = {f"best/{m}": 0.0 for m in BEST}
+        metrics = {f"test/best_{m}": 0.0 for m in BEST}
         metrics.update({f"{split}/{m}": 0.0 for split in splits for m in ("acc", "bcr")})
         for summary in hparams(values, metrics, hparam_domain_discrete=domains):
             self.writer.file_writer.add_summary(summary)

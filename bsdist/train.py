@@ -234,7 +234,7 @@ class Trainer:
             self.best = {"score": score, **self.last}
         for split, metrics in evaluated.items():
             out.eval_metrics(split, metrics, step)
-        out.scalars({f"best/{k}": self.best[k] for k in BEST}, step)
+        out.scalars({f"test/best_{k}": self.best[k] for k in BEST}, step)
         seconds = time.perf_counter() - started
         out.scalars({"train/epoch_acc": train_acc, "train/epoch_seconds": seconds}, step)
         out.epoch_row({"epoch": epoch + 1, "step": step, "train_loss": train_loss, "train_acc": train_acc,

@@ -81,7 +81,7 @@ def test_a_run_writes_checkpoints_metrics_results_and_tensorboard(tmp_path):
     acc = events(cfg)
     scalars = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/img_per_s", "test/acc", "test/bcr", "test/many", "test/medium",
-            "test/few", "test_recall/000", "test_recall/009", "train/acc", "train/epoch_acc",
+            "test/few", "test/recall/000", "test/recall/009", "train/acc", "train/epoch_acc",
             "train/epoch_seconds"} <= scalars
     from tensorboard.plugins.custom_scalar import layout_pb2
     layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
@@ -109,12 +109,15 @@ def assert_hparams(acc, results):
     domains = {h.name: [v.string_value for v in h.domain_discrete.values] for h in experiment.hparam_infos}
     assert domains["LOSS.name"] == ["CrossEntropyLoss", "BalancedSoftmax"] and domains["TRAIN.mixed_precision"][0] == "auto"
     metrics = [m.name.tag for m in experiment.metric_infos]
-    assert metrics[:6] == ["best/bcr", "best/acc", "best/many", "best/medium", "best/few", "best/epoch"]
+    assert metrics[:6] == ["test/best_bcr", "test/best_acc", "test/best_many", "test/best_medium", "test/best_few",
+                           "test/best_epoch"]
     assert not any(m.startswith("val/") for m in metrics)  # no validation split: no empty val columns
     session = data("_hparams_/session_start_info").session_start_info.hparams
     assert session["LOSS.name"].string_value == "BalancedSoftmax" and session["TRAIN.mixed_precision"].string_value == "no"
-    assert acc.Scalars("best/bcr")[-1].value == pytest.approx(results["best"]["bcr"])
-    assert acc.Scalars("best/epoch")[-1].value == results["best"]["epoch"]
+    assert acc.Scalars("test/best_bcr")[-1].value == pytest.approx(results["best"]["bcr"])
+    assert acc.Scalars("test/best_epoch")[-1].value == results["best"]["epoch"]
+    groups = sorted({tag.split("/")[0] for tag in acc.Tags()["scalars"]})
+    assert groups[:2] == ["test", "train"]  # the two groups TensorBoard's Time Series page opens
 
 
 def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
