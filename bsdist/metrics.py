@@ -23,9 +23,15 @@ CALIBRATION_BINS = 15
 CONFUSION_CLASSES = 100  # beyond this, per-class counts instead of the matrix (in results.json too)
 
 
-def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    flat = targets.long() * num_classes + predictions.long()
-    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Counts (float64) of (true class, prediction), added into `out` where given. index_add_ into a
+    tensor of fixed size reads nothing from the device (CUDA's bincount reads the largest index first)."""
+    if out is None:
+        out = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=targets.device)
+    ones = torch.ones(len(targets), dtype=torch.float64, device=targets.device)
+    out.view(-1).index_add_(0, targets.long() * num_classes + predictions.long(), ones)
+    return out
 
 
 def calibration_bins(logits: torch.Tensor, targets: torch.Tensor, bins: int = CALIBRATION_BINS) -> torch.Tensor:
@@ -68,11 +74,10 @@ class EvalTally:
         if not len(targets):
             return
         predictions = logits.argmax(1)
-        ones = torch.ones(len(targets), dtype=torch.float64, device=targets.device)
         if self.full:
-            self.counts.view(-1).index_add_(0, targets * self.num_classes + predictions, ones)
+            confusion_matrix(predictions, targets, self.num_classes, out=self.counts)
         else:
-            self.counts[0].index_add_(0, targets, ones)
+            self.counts[0].index_add_(0, targets, torch.ones(len(targets), dtype=torch.float64, device=targets.device))
             self.counts[1].index_add_(0, targets, (predictions == targets).double())
         self.loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double()
         self.calibration += calibration_bins(logits, targets)

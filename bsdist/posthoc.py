@@ -29,7 +29,7 @@ from bsdist.losses import broadcast_class_prior
 from bsdist.metrics import EvalTally
 from bsdist.models import classifier as classifier_of, create
 from bsdist.output import make_output
-from bsdist.rundir import results_of, saved_config
+from bsdist.rundir import saved_config, selected_checkpoint
 
 TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0, 0.1, ..., 2.0
 METHODS = ("logit-adjust", "tau-norm")
@@ -49,7 +49,7 @@ def tau_normalised(features: torch.Tensor, weight: torch.Tensor, tau: float) -> 
 
 def evaluation_config(run_dir: str, overrides: list[str]) -> dict:
     """The run's saved config with the overrides that may change, validated; one error line for any other."""
-    if results_of(run_dir) is None or not os.path.exists(os.path.join(run_dir, "best.pt")):
+    if selected_checkpoint(run_dir) is None:
         raise BsdistError(f"{run_dir} holds no finished run (results.json and best.pt); finish it first "
                           "(run its config again with TRAIN.resume auto)")
     cfg = saved_config(run_dir)

@@ -20,10 +20,9 @@ import math
 import os
 import sys
 
-import yaml
-
 from bsdist import config
 from bsdist.errors import BsdistError
+from bsdist.rundir import results_of, saved_config
 
 # The reference trainer's published test accuracies (exp imbalance; 50 epochs, batch 32, SGD lr 0.1,
 # cosine, ResNet-18 with the CIFAR stem). Balanced Softmax was not run at factor 1.
@@ -47,11 +46,6 @@ def short(loss: str) -> str:
     return SHORT.get(loss, loss)
 
 
-def _read(directory: str, name: str):
-    with open(os.path.join(directory, name)) as f:
-        return yaml.safe_load(f) if name.endswith(".yaml") else json.load(f)
-
-
 # evaluate.json's variants (bsdist.posthoc) as the report names them
 POSTHOC = {"logit-adjust": "LA", "logit-adjust-tau1": "LA (tau 1)", "tau-norm": "tau-norm"}
 
@@ -62,8 +56,8 @@ def stage1_config(cfg: dict, results: dict) -> dict | None:
     if not stage1:
         return None
     try:
-        return config.upgrade(_read(stage1, "config.yaml"))
-    except OSError:
+        return saved_config(stage1)
+    except BsdistError:
         return {}
 
 
@@ -87,7 +81,7 @@ def setting_values(cfg: dict, stage1: dict | None) -> dict:
 def run_entries(directory: str, runs_dir: str) -> list[dict]:
     """One entry per method a finished run directory holds: the run's selected model, and each post-hoc
     variant of it that `--evaluate --posthoc` wrote (with the tau it tuned on the validation split)."""
-    cfg, results = config.upgrade(_read(directory, "config.yaml")), _read(directory, "results.json")
+    cfg, results = saved_config(directory), results_of(directory)
     d, best = cfg["DATASET"], results["best"]
     factor = d["imbalance_factor"] if d["imbalance_type"] else 1.0
     stage1 = stage1_config(cfg, results)
@@ -107,7 +101,9 @@ def run_entries(directory: str, runs_dir: str) -> list[dict]:
     }
     entries = [entry]
     if os.path.exists(os.path.join(directory, "evaluate.json")):
-        for name, variant in _read(directory, "evaluate.json")["variants"].items():
+        with open(os.path.join(directory, "evaluate.json")) as f:
+            evaluated = json.load(f)
+        for name, variant in evaluated["variants"].items():
             if name in POSTHOC:
                 test = variant["test"]
                 entries.append({**entry, "method": f"{method} + {POSTHOC[name]}", "reference_acc": None,

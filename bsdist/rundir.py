@@ -67,6 +67,12 @@ def results_of(run_dir: str) -> dict | None:
         return json.load(f)
 
 
+def selected_checkpoint(run_dir: str) -> str | None:
+    """best.pt of a finished run (results.json written, best.pt there), else None."""
+    best = os.path.join(run_dir, "best.pt")
+    return best if results_of(run_dir) is not None and os.path.exists(best) else None
+
+
 def finished_results(cfg: dict) -> dict | None:
     return results_of(config.run_dir(cfg))
 
@@ -84,7 +90,8 @@ def stage1_checkpoint(cfg: dict) -> str | None:
     if saved.get("CRT", {}).get("stage1"):
         raise BsdistError(f"CRT.stage1 {stage1} is itself a stage-2 run; name the stage-1 run it came from "
                           f"({saved['CRT']['stage1']})")
-    if results_of(stage1) is None or not os.path.exists(os.path.join(stage1, "best.pt")):
+    best = selected_checkpoint(stage1)
+    if best is None:
         raise BsdistError(f"CRT.stage1 {stage1} has not finished (no results.json and best.pt); finish it first "
                           "(run its config again with TRAIN.resume auto), then start stage 2")
     for key in SAME_AS_STAGE1:
@@ -92,4 +99,4 @@ def stage1_checkpoint(cfg: dict) -> str | None:
             raise BsdistError(f"CRT.stage1 {stage1} was trained with {key} {config.get(saved, key)} and this run has "
                               f"{config.get(cfg, key)}: stage 2 must see stage 1's data and model; set {key} "
                               f"{config.get(saved, key)}")
-    return os.path.join(stage1, "best.pt")
+    return best

@@ -10,13 +10,14 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 
+from bsdist import config
 from bsdist.data import imagelist
 from bsdist.data.augment import BatchAugment
 from bsdist.data.datasets import CIFAR10LT, CIFAR100LT, DATASETS, DigitsLT, LongTailDataset, collate_batch
 from bsdist.distributed import DistEnv, main_process_first
 from bsdist.errors import BsdistError
 
-FILE_DATASETS = ("ImageList", *imagelist.PRESETS)  # DATASET.name values that read image files
+FILE_DATASETS = config.FILE_DATASETS  # DATASET.name values that read image files: ImageList and imagelist.PRESETS
 
 __all__ = ["CIFAR10LT", "CIFAR100LT", "ClassBalancedSampler", "DATASETS", "Data", "DigitsLT", "DeviceLoader", "FILE_DATASETS",
            "ResumableBatchSampler", "ShardSampler", "Splits", "build_data", "check_available", "load_splits", "prepare"]

@@ -92,6 +92,10 @@ def test_a_class_folder_tree_keeps_its_names_and_a_balanced_tree_becomes_long_ta
     assert len(long_tailed.eval["val"]) == 10
 
 
+def test_the_config_names_exactly_the_image_list_datasets_there_are():
+    assert set(config.FILE_DATASETS) == {"ImageList", *PRESETS}
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_a_preset_checks_the_published_profile_of_its_lists(tmp_path, name):
     preset = PRESETS[name]
