@@ -28,8 +28,8 @@ import statistics
 import time
 
 import torch
-
 from throughput import bench_config, bsdist_data, cifar_shaped_digits, images_per_second, sync, train_state
+
 from bsdist import config
 from bsdist.distributed import init_distributed, shutdown, world_size_from_env
 from bsdist.engine import train_one_epoch
@@ -120,17 +120,17 @@ def main():
             assert run["state"].step - before == steps, f"timed {run['state'].step - before} steps, asked for {steps}"
 
         if args.compile:  # each compiled variant is timed right after it was compiled, before the next reset
-            for name, spec in variants(True, cfg["TRAIN"]["ddp_bucket_mb"]).items():
+            for name, spec in variants(True, cfg.TRAIN.ddp_bucket_mb).items():
                 prepare(name, spec)
                 for turn in range(args.repeats):
                     timed_turn(runs[name], turn)
         else:
-            for name, spec in variants(False, cfg["TRAIN"]["ddp_bucket_mb"]).items():
+            for name, spec in variants(False, cfg.TRAIN.ddp_bucket_mb).items():
                 prepare(name, spec)
             for turn in range(args.repeats):
                 for run in runs.values():
                     timed_turn(run, turn)
-        precision = config.resolve_precision(cfg["TRAIN"]["mixed_precision"], env.device.type)
+        precision = config.resolve_precision(cfg.TRAIN.mixed_precision, env.device.type)
         report = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "world_size": env.world_size,
                   "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else platform.processor() or "cpu",
                   "backend": torch.distributed.get_backend(), "threads_per_process": torch.get_num_threads(),

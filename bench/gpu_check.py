@@ -51,8 +51,17 @@ import torch
 import yaml
 
 # throughput first: it puts the repository root on sys.path
-from throughput import (Trainer, bench_bsdist_training, bench_config, duration, matmul_peak_tflops, measure_grid,
-                        sweep_variants, train_flops_per_image)
+from throughput import (
+    Trainer,
+    bench_bsdist_training,
+    bench_config,
+    duration,
+    matmul_peak_tflops,
+    measure_grid,
+    sweep_variants,
+    train_flops_per_image,
+)
+
 import bsdist.engine as engine
 from bsdist import checkpoint
 from bsdist.config import resolve_device
@@ -512,8 +521,7 @@ def check_throughput(ctx: Context):
 
 
 def check_checkpoint_cost(ctx: Context):
-    cfg = bench_config(32, "no", ctx.env)
-    cfg["OPTIMIZER"]["momentum"] = 0.9
+    cfg = bench_config(32, "no", ctx.env, overrides=["OPTIMIZER.momentum", "0.9"])
     model = create(cfg, 10, 3, ctx.env.device, sync_bn=False)
     optimizer = build_optimizer(cfg, model)  # momentum buffers: a second model's worth
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 0}

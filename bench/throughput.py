@@ -148,22 +148,23 @@ def bench_reference_training(batch_size, device, steps):
     return images_per_second(steps * batch_size, time.perf_counter() - t0)
 
 
-def bench_config(batch_size: int, precision: str, env, sync_bn: bool = False) -> dict:
-    """The default config at a per-process batch, precision and SyncBatchNorm setting."""
+def bench_config(batch_size: int, precision: str, env, sync_bn: bool = False, overrides=()) -> config.Config:
+    """The default config at a per-process batch, precision and SyncBatchNorm setting (and `KEY.SUB value`
+    overrides)."""
     return config.validate(config.load(None, [
         "DATASET.batch_size", str(batch_size * env.world_size), "TRAIN.mixed_precision", precision,
-        "TRAIN.device", env.device.type, "MODEL.sync_bn", str(sync_bn).lower()]), env.world_size)
+        "TRAIN.device", env.device.type, "MODEL.sync_bn", str(sync_bn).lower(), *overrides]), env.world_size)
 
 
 def train_state(cfg, module, runnable, data, env, steps_per_epoch, check_every=20):
     """What train_one_epoch needs, as bsdist's run builds it: the config's optimiser and schedule, Balanced Softmax.
     `module` is the plain model (the optimiser's parameters), `runnable` what training calls."""
     optimizer = build_optimizer(cfg, module)
-    amp = AMP_DTYPES[config.resolve_precision(cfg["TRAIN"]["mixed_precision"], env.device.type)]
+    amp = AMP_DTYPES[config.resolve_precision(cfg.TRAIN.mixed_precision, env.device.type)]
     return TrainState(runnable, BalancedSoftmax(list(data.num_per_cls.values())).to(env.device), optimizer,
                       build_scheduler(cfg, optimizer, steps_per_epoch),
                       torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16), amp,
-                      cfg["TRAIN"]["grad_accum_steps"], check_every=check_every)
+                      cfg.TRAIN.grad_accum_steps, check_every=check_every)
 
 
 class Trainer:

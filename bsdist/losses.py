@@ -35,7 +35,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         return super().forward(logits.float(), target)
 
 
-LOSSES = {"BalancedSoftmax": BalancedSoftmax, "CrossEntropyLoss": CrossEntropyLoss}
+LOSSES = {"CrossEntropyLoss": CrossEntropyLoss, "BalancedSoftmax": BalancedSoftmax}  # LOSS.name
 
 
 def broadcast_class_prior(num_per_cls: dict, env: DistEnv) -> list[int]:

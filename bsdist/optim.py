@@ -11,17 +11,19 @@ import math
 
 import torch
 
+from bsdist.config import Config
+
 
 class LRFactor:
     """Multiplier of the peak learning rate at a given optimiser step (picklable, so resumable)."""
 
-    def __init__(self, cfg: dict, steps_per_epoch: int):
-        s, p = cfg["SCHEDULER"], cfg["SCHEDULER"]["params"]
-        self.name, self.steps_per_epoch = s["sched_name"], steps_per_epoch
-        self.warmup = p["warmup_epochs"]
-        self.t_initial = p["t_initial"] or (cfg["TRAIN"]["epochs"] - self.warmup)
-        self.t_mult, self.min_factor = p["t_mult"], p["eta_min"] / cfg["OPTIMIZER"]["lr"]
-        self.milestones, self.gamma = p["milestones"], p["gamma"]
+    def __init__(self, cfg: Config, steps_per_epoch: int):
+        s, p = cfg.SCHEDULER, cfg.SCHEDULER.params
+        self.name, self.steps_per_epoch = s.sched_name, steps_per_epoch
+        self.warmup = p.warmup_epochs
+        self.t_initial = p.t_initial or (cfg.TRAIN.epochs - self.warmup)
+        self.t_mult, self.min_factor = p.t_mult, p.eta_min / cfg.OPTIMIZER.lr
+        self.milestones, self.gamma = p.milestones, p.gamma
 
     def __call__(self, step: int) -> float:
         warmup_steps = self.warmup * self.steps_per_epoch
@@ -40,18 +42,18 @@ class LRFactor:
         return self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * t_cur / t_i))
 
 
-def build_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Fused SGD (one kernel for all parameters, CPU and CUDA), which can skip a step on the device.
 
     Momentum buffers start as zeros, which is SGD's first step exactly (buffer = gradient): torch's
     fused SGD otherwise allocates them uninitialised on the first step and, when that step is skipped
     through `found_inf`, keeps the uninitialised memory as momentum.
     """
-    o = cfg["OPTIMIZER"]
+    o = cfg.OPTIMIZER
     trained = [p for p in model.parameters() if p.requires_grad]  # a frozen backbone (CRT.stage1) is left out
-    optimizer = torch.optim.SGD(trained, lr=o["lr"], momentum=o["momentum"],
-                                weight_decay=o["weight_decay"], nesterov=o["nesterov"], fused=True)
-    if o["momentum"]:
+    optimizer = torch.optim.SGD(trained, lr=o.lr, momentum=o.momentum,
+                                weight_decay=o.weight_decay, nesterov=o.nesterov, fused=True)
+    if o.momentum:
         for group in optimizer.param_groups:
             for p in group["params"]:
                 optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -77,5 +79,5 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
         del optimizer.found_inf
 
 
-def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(cfg, steps_per_epoch))

@@ -11,9 +11,8 @@ import os
 import shutil
 import time
 
-from bsdist import checkpoint
-from bsdist import config
-from bsdist.config import dump
+from bsdist import checkpoint, config
+from bsdist.config import Config, dump
 from bsdist.distributed import DistEnv
 from bsdist.errors import BsdistError
 from bsdist.figures import MAX_HEATMAP_CLASSES, class_figure, reliability_figure
@@ -48,7 +47,7 @@ class RunOutput:
     def path(self, name: str) -> str:
         return os.path.join(self.run_dir, name)
 
-    def start(self, cfg: dict, resumed_step: int | None, resumed_epoch: int, checkpoint_bytes: int) -> None:
+    def start(self, cfg: Config, resumed_step: int | None, resumed_epoch: int, checkpoint_bytes: int) -> None:
         """Create the run directory and its writers; on resume drop what came after the checkpoint.
 
         Stops first if the directory cannot be written or lacks room for two checkpoints (the atomic
@@ -76,7 +75,7 @@ class RunOutput:
         self.writer = SummaryWriter(self.run_dir, purge_step=0 if resumed_step is None else resumed_step + 1)
         if resumed_step is None:
             self._hparams(cfg)
-            self._layout(["val", "test"] if cfg["DATASET"]["val_per_cls"] else ["test"])
+            self._layout(["val", "test"] if cfg.DATASET.val_per_cls else ["test"])
 
     def info(self, message: str, console: bool = True) -> None:
         """A line for the console and the run's log.txt (console=False: the launcher prints it itself)."""
@@ -203,7 +202,7 @@ class RunOutput:
         charts["expected calibration error"] = ["Multiline", [f"{s}/ece" for s in splits]]
         self.writer.add_custom_scalars({"bsdist": charts})
 
-    def _hparams(self, cfg: dict) -> None:
+    def _hparams(self, cfg: Config) -> None:
         """The settings that tell runs apart (HPARAMS) with their domains, and the metrics of the selected
         model (test/best_*) and of the last epoch's splits."""
         from torch.utils.tensorboard.summary import hparams
@@ -214,9 +213,9 @@ class RunOutput:
                 value = str(value).lower()  # true / false / auto / none, not 1 / 0
                 domains[key] = ["false", "true"] + (["auto"] if f.kind == "auto_bool" else [])
             elif f.kind == "choice":
-                domains[key] = [str(c) for c in f.choices] + (["none"] if f.nullable else [])
+                domains[key] = [str(c) for c in f.allowed] + (["none"] if f.nullable else [])
             values[key] = value if isinstance(value, (int, float, str)) else str(value)
-        splits = ["val", "test"] if cfg["DATASET"]["val_per_cls"] else ["test"]
+        splits = ["val", "test"] if cfg.DATASET.val_per_cls else ["test"]
         metrics = {f"test/best_{m}": 0.0 for m in BEST}
         metrics.update({f"{split}/{m}": 0.0 for split in splits for m in ("acc", "bcr")})
         for summary in hparams(values, metrics, hparam_domain_discrete=domains):

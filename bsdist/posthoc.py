@@ -15,7 +15,6 @@ tau and the metrics of every split (acc, bcr, many / medium / few, ECE, NLL, con
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -27,7 +26,8 @@ from bsdist.engine import AMP_DTYPES, autocast
 from bsdist.errors import BsdistError
 from bsdist.losses import broadcast_class_prior
 from bsdist.metrics import EvalTally
-from bsdist.models import classifier as classifier_of, create
+from bsdist.models import classifier as classifier_of
+from bsdist.models import create
 from bsdist.output import make_output
 from bsdist.rundir import saved_config, selected_checkpoint
 
@@ -47,7 +47,7 @@ def tau_normalised(features: torch.Tensor, weight: torch.Tensor, tau: float) -> 
     return features @ (weight / weight.norm(dim=1, keepdim=True).pow(tau)).T
 
 
-def evaluation_config(run_dir: str, overrides: list[str]) -> dict:
+def evaluation_config(run_dir: str, overrides: list[str]) -> config.Config:
     """The run's saved config with the overrides that may change, validated; one error line for any other."""
     if selected_checkpoint(run_dir) is None:
         raise BsdistError(f"{run_dir} holds no finished run (results.json and best.pt); finish it first "
@@ -57,16 +57,15 @@ def evaluation_config(run_dir: str, overrides: list[str]) -> dict:
         if key not in EVALUATE_CHANGES:
             raise BsdistError(f"--evaluate takes the run's own config; {key} would change what is measured. "
                               f"Overrides may set {', '.join(sorted(EVALUATE_CHANGES))}")
-    flat = [t for key in config.FIELDS for t in (key, json.dumps(config.get(cfg, key)))]
     # world size 1: evaluation splits its test batches, and the training batch need not divide by this world size
-    return config.validate(config.load(None, flat + list(overrides)), 1)
+    return config.validate(config.load(None, list(overrides), base=config.to_dict(cfg)), 1)
 
 
 def evaluate_run(run_dir: str, methods: list[str], overrides: list[str] = ()) -> dict:
     """Every rank: evaluate the run's best.pt plainly and with `methods`; rank 0 writes evaluate.json."""
     cfg = evaluation_config(run_dir, list(overrides))
     device = config.check_device(cfg)
-    env = init_distributed(device, cfg["TRAIN"]["dist_startup_timeout_s"], cfg["TRAIN"]["dist_backend"])
+    env = init_distributed(device, cfg.TRAIN.dist_startup_timeout_s, cfg.TRAIN.dist_backend)
     out = make_output(env, run_dir)
     try:
         return _evaluate(cfg, env, out, run_dir, methods)
@@ -76,7 +75,7 @@ def evaluate_run(run_dir: str, methods: list[str], overrides: list[str] = ()) ->
 
 
 @torch.no_grad()
-def _evaluate(cfg: dict, env: DistEnv, out, run_dir: str, methods: list[str]) -> dict:
+def _evaluate(cfg: config.Config, env: DistEnv, out, run_dir: str, methods: list[str]) -> dict:
     data = build_data(cfg, env)
     if methods and "val" not in data.eval:  # the same answer on every rank: they all stop here
         raise BsdistError(f"{run_dir} has no validation split (DATASET.val_per_cls 0 and no validation list): tuning tau on "
@@ -86,7 +85,7 @@ def _evaluate(cfg: dict, env: DistEnv, out, run_dir: str, methods: list[str]) ->
     model = create(cfg, data.num_classes, data.in_channels, env.device, sync_bn=False, pretrained=False)
     model.load_state_dict(checkpoint.load(os.path.join(run_dir, "best.pt"))["model"])
     model.eval()
-    amp_dtype = AMP_DTYPES[config.resolve_precision(cfg["TRAIN"]["mixed_precision"], env.device.type)]
+    amp_dtype = AMP_DTYPES[config.resolve_precision(cfg.TRAIN.mixed_precision, env.device.type)]
     classifier = classifier_of(model)
     features = {split: _features(model, classifier, loader, data.augment.normalize, env, amp_dtype)
                 for split, loader in data.eval.items()}

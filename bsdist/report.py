@@ -21,6 +21,8 @@ import os
 import sys
 
 from bsdist import config
+from bsdist.config import Config
+from bsdist.data import is_file_list
 from bsdist.errors import BsdistError
 from bsdist.rundir import results_of, saved_config
 
@@ -39,7 +41,8 @@ SHORT = {"CrossEntropyLoss": "CE", "BalancedSoftmax": "BS"}
 METRICS = ("acc", "bcr", "many", "medium", "few", "ece", "nll", "best_epoch", "last_acc", "minutes", "tau")
 # Keys that tell cells apart in their own columns, or that never change a result (seed: the spread a cell averages).
 NOT_SETTINGS = {"DEFAULT.seed", "DEFAULT.exp_name", "DEFAULT.savedir", "DATASET.name", "DATASET.imbalance_type",
-                "DATASET.imbalance_factor", "LOSS.name", "CRT.stage1", *config.RESUMABLE_CHANGES}
+                "DATASET.imbalance_factor", "LOSS.name", "CRT.stage1",
+                *(k for k, f in config.FIELDS.items() if f.resumable)}
 
 
 def short(loss: str) -> str:
@@ -50,9 +53,9 @@ def short(loss: str) -> str:
 POSTHOC = {"logit-adjust": "LA", "logit-adjust-tau1": "LA (tau 1)", "tau-norm": "tau-norm"}
 
 
-def stage1_config(cfg: dict, results: dict) -> dict | None:
+def stage1_config(cfg: Config, results: dict) -> Config | dict | None:
     """The config of the stage-1 run a stage 2 came from ({} if that run has moved); None for a run of its own."""
-    stage1 = results.get("stage1") or cfg["CRT"]["stage1"]
+    stage1 = results.get("stage1") or cfg.CRT.stage1
     if not stage1:
         return None
     try:
@@ -61,20 +64,20 @@ def stage1_config(cfg: dict, results: dict) -> dict | None:
         return {}
 
 
-def method_of(cfg: dict, stage1: dict | None) -> str:
+def method_of(cfg: Config, stage1: Config | dict | None) -> str:
     """CE, BS; a stage 2 (cRT) adds to its stage-1 run's method: BS + cRT (with CE, as cRT has it), BS + cRT (BS)."""
-    name = short(cfg["LOSS"]["name"])
+    name = short(cfg.LOSS.name)
     if stage1 is None:
         return name
-    first = short(stage1["LOSS"]["name"]) if stage1 else "?"  # "?": the stage-1 run has moved
+    first = short(stage1.LOSS.name) if stage1 else "?"  # "?": the stage-1 run has moved
     return f"{first} + cRT" + ("" if name == "CE" else f" ({name})")
 
 
-def setting_values(cfg: dict, stage1: dict | None) -> dict:
+def setting_values(cfg: Config, stage1: Config | dict | None) -> dict:
     """What a run's cell may differ in: its settings, and for a stage 2 its stage-1 run's ("stage 1 KEY")."""
-    values = {k: _value(cfg, k) for k in config.FIELDS if k not in NOT_SETTINGS}
+    values = {k: config.get(cfg, k) for k in config.FIELDS if k not in NOT_SETTINGS}
     if stage1:
-        values.update({f"stage 1 {k}": _value(stage1, k) for k in config.FIELDS if k not in NOT_SETTINGS})
+        values.update({f"stage 1 {k}": config.get(stage1, k) for k in config.FIELDS if k not in NOT_SETTINGS})
     return values
 
 
@@ -82,17 +85,17 @@ def run_entries(directory: str, runs_dir: str) -> list[dict]:
     """One entry per method a finished run directory holds: the run's selected model, and each post-hoc
     variant of it that `--evaluate --posthoc` wrote (with the tau it tuned on the validation split)."""
     cfg, results = saved_config(directory), results_of(directory)
-    d, best = cfg["DATASET"], results["best"]
-    factor = d["imbalance_factor"] if d["imbalance_type"] else 1.0
+    d, best = cfg.DATASET, results["best"]
+    factor = d.imbalance_factor if d.imbalance_type else 1.0
     stage1 = stage1_config(cfg, results)
     method = method_of(cfg, stage1)
     reference = None
-    if d["imbalance_type"] in ("exp", None) and all(_value(cfg, k) == v for k, v in REFERENCE_RECIPE.items()):
-        reference = REFERENCE_ACC.get((d["name"], method), {}).get(factor)
+    if d.imbalance_type in ("exp", None) and all(config.get(cfg, k) == v for k, v in REFERENCE_RECIPE.items()):
+        reference = REFERENCE_ACC.get((d.name, method), {}).get(factor)
     entry = {
-        "dataset": d["name"], "imbalance_type": d["imbalance_type"] or ("as listed" if d["name"] in config.FILE_DATASETS else "balanced"),
+        "dataset": d.name, "imbalance_type": d.imbalance_type or ("as listed" if is_file_list(d.name) else "balanced"),
         "imbalance_factor": int(factor) if float(factor).is_integer() else factor, "method": method,
-        "seed": cfg["DEFAULT"]["seed"], "selected_on": best["selected_on"], "cfg": cfg, "reference_acc": reference,
+        "seed": cfg.DEFAULT.seed, "selected_on": best["selected_on"], "cfg": cfg, "reference_acc": reference,
         "settings": setting_values(cfg, stage1),
         "num_per_cls": results["num_per_cls"], "per_class_recall": best["per_class_recall"],
         "run_dir": os.path.relpath(directory, runs_dir),
@@ -110,13 +113,6 @@ def run_entries(directory: str, runs_dir: str) -> list[dict]:
                                 "per_class_recall": test["per_class_recall"], "last_acc": None, "tau": variant["tau"],
                                 **{m: test.get(m) for m in ("acc", "bcr", "many", "medium", "few", "ece", "nll")}})
     return entries
-
-
-def _value(cfg: dict, key: str):
-    try:
-        return config.get(cfg, key)
-    except (KeyError, TypeError):
-        return None
 
 
 def collect(runs_dir: str) -> tuple[list[dict], list[str]]:
@@ -159,7 +155,7 @@ def aggregate(entries: list[dict]) -> list[dict]:
         first = members[0]
         row = {k: first[k] for k in ("dataset", "imbalance_type", "imbalance_factor", "method", "selected_on", "reference_acc")}
         row["setting"] = ", ".join(f"{k} {first['settings'].get(k)}" for k in settings)
-        row.update(n=len(members), seeds=" ".join(str(s) for s in sorted(seeds)), epochs=first["cfg"]["TRAIN"]["epochs"],
+        row.update(n=len(members), seeds=" ".join(str(s) for s in sorted(seeds)), epochs=first["cfg"].TRAIN.epochs,
                    run_dirs=" ".join(e["run_dir"] for e in members), num_per_cls=first["num_per_cls"])
         for m in METRICS:
             row[f"{m}_mean"], row[f"{m}_std"] = mean_std([e[m] for e in members])

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import os
 
-import yaml
-
 from bsdist import config
+from bsdist.config import Config
 from bsdist.errors import BsdistError
 
 RUN_FILES = ("last.pt", "results.json")  # what makes a run directory hold a run: trained weights, or a finished run
@@ -21,17 +20,21 @@ SAME_AS_STAGE1 = ("DATASET.name", "DATASET.imbalance_type", "DATASET.imbalance_f
                   "DATASET.image_size", "MODEL.name", "MODEL.stem")
 
 
-def saved_config(run_dir: str) -> dict:
-    """The config.yaml of a run directory (with keys added since it was written filled in), or one error."""
+def saved_config(run_dir: str) -> Config:
+    """The config.yaml of a run directory (with keys added since it was written filled in), validated as
+    it was when the run started (all but the device, which is the business of whoever trains), or one error."""
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         raise BsdistError(f"{run_dir} holds no config.yaml, so it is not a bsdist run directory; "
                           "name a directory <savedir>/<dataset>/<model>/<exp_name> that a run wrote")
-    with open(path) as f:
-        return config.upgrade(yaml.safe_load(f))
+    try:
+        return config.validate(config.upgrade(config.read_yaml(path, "saved config", "config.yaml")),
+                               device_here=False)
+    except BsdistError as e:
+        raise BsdistError(f"{path}: {e}") from None
 
 
-def resume_checkpoint(cfg: dict) -> str | None:
+def resume_checkpoint(cfg: Config) -> str | None:
     """The checkpoint to continue from, or None for a fresh run; refuses to overwrite another run.
 
     A directory without last.pt or results.json holds no trained work (an attempt that stopped before
@@ -39,7 +42,7 @@ def resume_checkpoint(cfg: dict) -> str | None:
     settings.
     """
     from bsdist.distributed import restarted_by_launcher
-    run_dir, resume = config.run_dir(cfg), cfg["TRAIN"]["resume"]
+    run_dir, resume = config.run_dir(cfg), cfg.TRAIN.resume
     held = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
     if not held:
         if resume is True:
@@ -73,23 +76,23 @@ def selected_checkpoint(run_dir: str) -> str | None:
     return best if results_of(run_dir) is not None and os.path.exists(best) else None
 
 
-def finished_results(cfg: dict) -> dict | None:
+def finished_results(cfg: Config) -> dict | None:
     return results_of(config.run_dir(cfg))
 
 
-def stage1_checkpoint(cfg: dict) -> str | None:
+def stage1_checkpoint(cfg: Config) -> str | None:
     """best.pt of the finished stage-1 run that CRT.stage1 names, once it is known to fit this run; None
     for a run of its own."""
-    stage1 = cfg["CRT"]["stage1"]
+    stage1 = cfg.CRT.stage1
     if stage1 is None:
         return None
     if not os.path.isdir(stage1):
         raise BsdistError(f"CRT.stage1 {stage1} is not a directory; name the run directory of a finished stage-1 run "
                           "(<savedir>/<dataset>/<model>/<exp_name>, holding results.json and best.pt)")
     saved = saved_config(stage1)
-    if saved.get("CRT", {}).get("stage1"):
+    if saved.CRT.stage1:
         raise BsdistError(f"CRT.stage1 {stage1} is itself a stage-2 run; name the stage-1 run it came from "
-                          f"({saved['CRT']['stage1']})")
+                          f"({saved.CRT.stage1})")
     best = selected_checkpoint(stage1)
     if best is None:
         raise BsdistError(f"CRT.stage1 {stage1} has not finished (no results.json and best.pt); finish it first "

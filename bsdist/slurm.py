@@ -27,6 +27,7 @@ import sys
 import time
 
 from bsdist import config
+from bsdist.config import Config
 from bsdist.errors import BsdistError, Stopped
 
 PREEMPT_SIGNAL = signal.SIGUSR2  # submitit's signal for "checkpoint and requeue" (NCCL may use USR1)
@@ -58,22 +59,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> list[str]:
     return [action.dest for action in flags]
 
 
-def tasks_per_node(args, cfg: dict) -> int:
+def tasks_per_node(args, cfg: Config) -> int:
     gpus = _gpus_per_node(args, cfg)
     if gpus and args.ntasks_per_node not in (None, gpus):
         if args.gpus_per_node is None:  # the default: one GPU, as TRAIN.device is not cpu
             raise BsdistError(f"--ntasks-per-node {args.ntasks_per_node} asks for CPU tasks, but TRAIN.device "
-                              f"{cfg['TRAIN']['device']} gives each task a GPU (one by default): set TRAIN.device cpu (or "
+                              f"{cfg.TRAIN.device} gives each task a GPU (one by default): set TRAIN.device cpu (or "
                               f"--gpus-per-node 0) for CPU tasks, or --gpus-per-node {args.ntasks_per_node} for GPU tasks")
         raise BsdistError(f"--ntasks-per-node {args.ntasks_per_node} disagrees with --gpus-per-node {gpus}: bsdist runs one task "
                           "per GPU; drop --ntasks-per-node")
     return gpus or args.ntasks_per_node or 1
 
 
-def _gpus_per_node(args, cfg: dict) -> int:
+def _gpus_per_node(args, cfg: Config) -> int:
     if args.gpus_per_node is not None:
         return args.gpus_per_node
-    return 0 if cfg["TRAIN"]["device"] == "cpu" else 1
+    return 0 if cfg.TRAIN.device == "cpu" else 1
 
 
 def check_arguments(args) -> None:
@@ -93,15 +94,15 @@ def check_arguments(args) -> None:
                               "e.g. --slurm-extra reservation=mine")
 
 
-def world_size(args, cfg: dict) -> int:
+def world_size(args, cfg: Config) -> int:
     return args.nodes * tasks_per_node(args, cfg)
 
 
-def executor_parameters(args, cfg: dict, job_name: str) -> dict:
+def executor_parameters(args, cfg: Config, job_name: str) -> dict:
     """submitit.SlurmExecutor parameters (sbatch's options) for these flags."""
     gpus = _gpus_per_node(args, cfg)
     params = {"job_name": args.job_name or job_name, "nodes": args.nodes, "ntasks_per_node": tasks_per_node(args, cfg),
-              "cpus_per_task": args.cpus_per_task or cfg["DATASET"]["num_workers"] + 1, "time": args.timeout_min,
+              "cpus_per_task": args.cpus_per_task or cfg.DATASET.num_workers + 1, "time": args.timeout_min,
               "signal_delay_s": args.signal_delay_s,
               "additional_parameters": dict(extra.split("=", 1) for extra in args.slurm_extra)}
     if gpus:
@@ -124,7 +125,7 @@ class SlurmTask:
     """What every SLURM task runs. submitit pickles it; on USR2 its checkpoint() hands submitit a
     fresh copy to requeue, which resumes from the run directory's latest checkpoint when it starts."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
 
     def __call__(self) -> dict:
@@ -186,7 +187,7 @@ def _logs(job) -> str:
     return f"{job.paths.stdout} and {job.paths.stderr}"
 
 
-def submit(args, cfg: dict) -> int:
+def submit(args, cfg: Config) -> int:
     """Submit one run; return at once (0), or with --wait once it ended (0 on success)."""
     from bsdist.metrics import describe_best
     from bsdist.rundir import finished_results, resume_checkpoint

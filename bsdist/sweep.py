@@ -29,10 +29,11 @@ import time
 from dataclasses import dataclass
 
 from bsdist import config
+from bsdist.config import Config
 from bsdist.data import prepare
+from bsdist.distributed import LAUNCH_VARIABLES
 from bsdist.errors import BsdistError
 from bsdist.metrics import describe_best
-from bsdist.distributed import LAUNCH_VARIABLES
 from bsdist.rundir import finished_results, resume_checkpoint, stage1_checkpoint
 
 SWEEP_KEYS = {"base", "overrides", "axes", "exclude"}
@@ -42,7 +43,7 @@ SWEEP_KEYS = {"base", "overrides", "axes", "exclude"}
 class Run:
     label: str
     tokens: list[str]  # KEY.SUB value pairs after the base config
-    cfg: dict  # validated
+    cfg: Config  # validated
 
     @property
     def run_dir(self) -> str:
@@ -50,7 +51,7 @@ class Run:
 
     @property
     def uses_gpus(self) -> bool:
-        return self.cfg["TRAIN"]["device"] != "cpu"  # auto trains on the GPUs it is given, if any
+        return self.cfg.TRAIN.device != "cpu"  # auto trains on the GPUs it is given, if any
 
     @property
     def log_path(self) -> str:
@@ -120,11 +121,11 @@ def expand(spec: dict, path: str, world_size: int, device_here: bool, overrides:
         label = "/".join(str(v) for v in point.values()) or "base"
         try:
             tokens = _tokens({**file_overrides, **point, "TRAIN.resume": "auto"}, overrides)
-            named = config.load(base, tokens)["DEFAULT"]["exp_name"] is not None
+            named = config.load(base, tokens)["DEFAULT"]["exp_name"] is not None  # raw: as the user wrote it
             cfg = config.validate(config.load(base, tokens), world_size, device_here)
-            suffix = _name_suffix(point, named, cfg["DEFAULT"]["exp_name"])
+            suffix = _name_suffix(point, named, cfg.DEFAULT.exp_name)
             if suffix:
-                tokens += ["DEFAULT.exp_name", cfg["DEFAULT"]["exp_name"] + suffix]
+                tokens += ["DEFAULT.exp_name", cfg.DEFAULT.exp_name + suffix]
                 cfg = config.validate(config.load(base, tokens), world_size, device_here)
         except BsdistError as e:
             raise BsdistError(f"{path}: run {label}: {e}") from None
@@ -193,7 +194,7 @@ def command(base: str, run: Run, nproc_per_node: int) -> list[str]:
 def check_runs(runs: list[Run]) -> None:
     """Stop the sweep before anything starts: data missing (downloaded here, once, where the config allows
     it), a run directory that holds another run, or a stage 2 whose stage-1 run is unfinished or unfit."""
-    for cfg in {(r.cfg["DATASET"]["name"], r.cfg["DATASET"]["datadir"]): r.cfg for r in runs}.values():
+    for cfg in {(r.cfg.DATASET.name, r.cfg.DATASET.datadir): r.cfg for r in runs}.values():
         prepare(cfg)
     for run in runs:
         resume_checkpoint(run.cfg)
@@ -213,7 +214,7 @@ def unfinished(runs: list[Run]) -> list[tuple[int, Run]]:
 
 def savedir(runs: list[Run]) -> str:
     """The directory that holds every run of the sweep."""
-    return os.path.commonpath([r.cfg["DEFAULT"]["savedir"] for r in runs])
+    return os.path.commonpath([r.cfg.DEFAULT.savedir for r in runs])
 
 
 def _last_line(path: str) -> str:

@@ -13,10 +13,17 @@ import torch
 import torch.distributed as dist
 
 from bsdist import checkpoint, config
-from bsdist.rundir import finished_results, resume_checkpoint, stage1_checkpoint
+from bsdist.config import Config
 from bsdist.data import build_data
-from bsdist.distributed import (DistEnv, all_gather_objects, init_distributed, main_process_first, set_collective_timeout,
-                                shutdown, sync_buffers_from_main)
+from bsdist.distributed import (
+    DistEnv,
+    all_gather_objects,
+    init_distributed,
+    main_process_first,
+    set_collective_timeout,
+    shutdown,
+    sync_buffers_from_main,
+)
 from bsdist.engine import AMP_DTYPES, EpochProgress, TrainState, agree, evaluate, train_one_epoch
 from bsdist.errors import BsdistError, PeerFailure, Stopped
 from bsdist.losses import broadcast_class_prior, build_loss
@@ -24,15 +31,15 @@ from bsdist.metrics import describe_best
 from bsdist.models import build_model
 from bsdist.optim import build_optimizer, build_scheduler
 from bsdist.output import BEST, make_output
+from bsdist.rundir import finished_results, resume_checkpoint, stage1_checkpoint
 
 
-
-def main(cfg: dict) -> dict:
+def main(cfg: Config) -> dict:
     """Train and evaluate as the validated cfg says; return the results written to results.json."""
     resume_from = resume_checkpoint(cfg)  # refuses a directory holding another run before anything happens
     stage1 = stage1_checkpoint(cfg)  # a stage 2's stage-1 run, finished and fitting this one
     device = config.check_device(cfg)  # on the machine that trains, SLURM nodes included
-    env = init_distributed(device, cfg["TRAIN"]["dist_startup_timeout_s"], cfg["TRAIN"]["dist_backend"])
+    env = init_distributed(device, cfg.TRAIN.dist_startup_timeout_s, cfg.TRAIN.dist_backend)
     out = make_output(env, config.run_dir(cfg))
     orderly = False  # every rank is alive and at the same point: leave together
     try:
@@ -107,26 +114,26 @@ class Trainer:
     load_state_dict() the one definition of what a checkpoint holds, so that saving and resuming cannot
     drift apart (tests/test_train.py round-trips them)."""
 
-    def __init__(self, cfg: dict, env: DistEnv, out, stage1: str | None, signals: StopSignals, resuming: bool):
-        t = cfg["TRAIN"]
+    def __init__(self, cfg: Config, env: DistEnv, out, stage1: str | None, signals: StopSignals, resuming: bool):
+        t = cfg.TRAIN
         self.cfg, self.env, self.out, self.stage1 = cfg, env, out, stage1
-        torch.manual_seed(cfg["DEFAULT"]["seed"])  # the same initial weights on every rank and for every world size
+        torch.manual_seed(cfg.DEFAULT.seed)  # the same initial weights on every rank and for every world size
         if env.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every training and evaluation batch has one fixed shape
         self.data = build_data(cfg, env)
         self.num_per_cls = broadcast_class_prior(self.data.num_per_cls, env)
-        self.compiled = t["compile"] is True or (t["compile"] == "auto" and env.device.type == "cuda")
+        self.compiled = t.compile is True or (t.compile == "auto" and env.device.type == "cuda")
         self.sync_bn, self.sync_bn_reason = config.resolve_sync_bn(cfg, env.world_size)
         backbone = checkpoint.load(stage1)["model"] if stage1 and not resuming else None  # a resume has its own weights
         self.model = build_model(cfg, self.data.num_classes, self.data.in_channels, env.device, self.compiled, self.sync_bn,
                                  backbone, pretrained=not resuming)
-        self.amp_dtype = AMP_DTYPES[config.resolve_precision(t["mixed_precision"], env.device.type)]
+        self.amp_dtype = AMP_DTYPES[config.resolve_precision(t.mixed_precision, env.device.type)]
         optimizer = build_optimizer(cfg, self.model.module)
-        steps_per_epoch = -(-len(self.data.train) // t["grad_accum_steps"])
-        self.state = TrainState(self.model.train, build_loss(cfg["LOSS"]["name"], self.num_per_cls).to(env.device), optimizer,
+        steps_per_epoch = -(-len(self.data.train) // t.grad_accum_steps)
+        self.state = TrainState(self.model.train, build_loss(cfg.LOSS.name, self.num_per_cls).to(env.device), optimizer,
                                 build_scheduler(cfg, optimizer, steps_per_epoch),
                                 torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16), self.amp_dtype,
-                                t["grad_accum_steps"], t["nonfinite"], t["ckpt_every_steps"], t["check_every_steps"],
+                                t.grad_accum_steps, t.nonfinite, t.ckpt_every_steps, t.check_every_steps,
                                 save=self.save, stop_requested=lambda: signals.received)
         self.signals = signals
         self.select_on = "val" if "val" in self.data.eval else "test"
@@ -143,7 +150,7 @@ class Trainer:
                 "epoch": self.epochs_done, "progress": vars(self.progress), "step": s.step, "best": self.best, "last": self.last,
                 "rng": all_gather_objects(checkpoint.rng_state(self.env.device)),
                 "seconds": self.seconds_before + time.perf_counter() - self.started_at,
-                "config": self.cfg, "num_per_cls": self.num_per_cls, "world_size": self.env.world_size}
+                "config": config.to_dict(self.cfg), "num_per_cls": self.num_per_cls, "world_size": self.env.world_size}
 
     def load_state_dict(self, ckpt: dict, source: str = "the checkpoint") -> None:
         """The mirror of state_dict: this trainer continues where the one that saved ckpt stood."""
@@ -170,7 +177,7 @@ class Trainer:
 
     def run(self, resume_from: str | None) -> dict:
         """Train from the start, or from resume_from, to the last epoch; return the results."""
-        cfg, env, out, t = self.cfg, self.env, self.out, self.cfg["TRAIN"]
+        cfg, env, out, t = self.cfg, self.env, self.out, self.cfg.TRAIN
         if resume_from:
             self.load_state_dict(checkpoint.load(resume_from), f"checkpoint {resume_from}")
         checkpoint_bytes = 3 * sum(p.numel() * p.element_size() for p in self.model.module.parameters())  # model, momentum, slack
@@ -179,21 +186,21 @@ class Trainer:
         out.classes(self.num_per_cls, self.data.class_names, self.state.step)
         self._announce(resume_from)
         first_epoch = self.epochs_done
-        for epoch in range(first_epoch, t["epochs"]):
+        for epoch in range(first_epoch, t.epochs):
             started = time.perf_counter()
-            train_loss, train_acc = train_one_epoch(self.state, self.data, env, out, epoch, t["epochs"], t["log_interval"],
+            train_loss, train_acc = train_one_epoch(self.state, self.data, env, out, epoch, t.epochs, t.log_interval,
                                                     self.progress)
             improved = self._evaluate(epoch, train_loss, train_acc, started)
             self.save(epoch + 1, EpochProgress(), ["last.pt", "best.pt"] if improved else ["last.pt"])
             if epoch == first_epoch:
-                set_collective_timeout(t["dist_timeout_s"])  # start-up (downloads, compilation) is over
-            if epoch + 1 == t["epochs"]:
+                set_collective_timeout(t.dist_timeout_s)  # start-up (downloads, compilation) is over
+            if epoch + 1 == t.epochs:
                 out.wait_for_checkpoints(raise_error=False)  # results.json only once the last checkpoint is on disk
             signum = int(agree(torch.zeros(0, dtype=torch.float64, device=env.device), self.signals.received, out)[-1])
-            if signum and epoch + 1 < t["epochs"]:
+            if signum and epoch + 1 < t.epochs:
                 raise Stopped(f"stopped by signal {signum} after epoch {epoch + 1}; last.pt holds this point: "
                               "continue with TRAIN.resume auto", signum)
-        results = {"best": self.best, "last": self.last, "num_per_cls": self.num_per_cls, "ckp_metric": t["ckp_metric"],
+        results = {"best": self.best, "last": self.last, "num_per_cls": self.num_per_cls, "ckp_metric": t.ckp_metric,
                    "seconds": self.seconds_before + time.perf_counter() - self.started_at,
                    "stage1": os.path.abspath(os.path.dirname(self.stage1)) if self.stage1 else None}
         out.results(results)
@@ -207,8 +214,8 @@ class Trainer:
                  f"images {list(self.num_per_cls)}; run directory {config.run_dir(cfg)}")
         if self.stage1:
             out.info(f"stage 2 (cRT) of {os.path.dirname(self.stage1)}: its selected model's backbone frozen, BatchNorm "
-                     f"included; the classifier re-initialised and trained with {cfg['LOSS']['name']} and "
-                     f"{cfg['DATASET']['sampler'].replace('_', '-')} sampling")
+                     f"included; the classifier re-initialised and trained with {cfg.LOSS.name} and "
+                     f"{cfg.DATASET.sampler.replace('_', '-')} sampling")
         else:
             out.info(f"BatchNorm {'synchronised across processes' if self.sync_bn else 'per process'}: {self.sync_bn_reason}")
         if self.select_on == "test":
@@ -220,15 +227,15 @@ class Trainer:
 
     def _evaluate(self, epoch: int, train_loss: float, train_acc: float, started: float) -> bool:
         """Evaluate every split after an epoch, select, log; whether the selected model improved."""
-        t, out, step = self.cfg["TRAIN"], self.out, self.state.step
+        t, out, step = self.cfg.TRAIN, self.out, self.state.step
         sync_buffers_from_main(self.model.module)  # ranks' BatchNorm statistics drift apart; evaluate and save rank 0's
         evaluated = {split: evaluate(self.model.compiled, loader, self.data.augment.normalize, self.data.num_classes,
                                      self.num_per_cls, self.env, self.amp_dtype,
                                      fixed_batch=loader.batch_sampler.batch_size if self.compiled else None)
                      for split, loader in self.data.eval.items()}
         self.last = {"epoch": epoch + 1, "selected_on": self.select_on, **evaluated["test"]}
-        score = evaluated[self.select_on][t["ckp_metric"]]
-        higher_is_better = t["ckp_metric"] != "loss"
+        score = evaluated[self.select_on][t.ckp_metric]
+        higher_is_better = t.ckp_metric != "loss"
         improved = self.best is None or (score > self.best["score"] if higher_is_better else score < self.best["score"])
         if improved:
             self.best = {"score": score, **self.last}
@@ -242,7 +249,7 @@ class Trainer:
                        **{f"{split}_{k}": m[k] for split, m in evaluated.items()
                           for k in ("loss", "acc", "bcr", "many", "medium", "few", "ece")}})
         out.info(f"epoch {epoch + 1}: " + "  ".join(f"{split} acc {m['acc']:.4f} bcr {m['bcr']:.4f}" for split, m in evaluated.items())
-                 + f"  best {self.select_on} {t['ckp_metric']} {self.best['score']:.4f} (epoch {self.best['epoch']})")
+                 + f"  best {self.select_on} {t.ckp_metric} {self.best['score']:.4f} (epoch {self.best['epoch']})")
         return improved
 
 

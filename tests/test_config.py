@@ -36,10 +36,10 @@ def fails(overrides=(), path=None, world_size=1, cfg=None):
 
 def test_defaults_validate():
     cfg = ok()
-    assert cfg["DATASET"]["name"] == "CIFAR10LT"
-    assert cfg["DATASET"]["imbalance_factor"] == 100.0
-    assert cfg["OPTIMIZER"]["lr"] == 0.1
-    assert cfg["DEFAULT"]["exp_name"] == "BalancedSoftmax-exp-IF_100"
+    assert cfg.DATASET.name == "CIFAR10LT"
+    assert cfg.DATASET.imbalance_factor == 100.0
+    assert cfg.OPTIMIZER.lr == 0.1
+    assert cfg.DEFAULT.exp_name == "BalancedSoftmax-exp-IF_100"
 
 
 def test_load_yaml_then_overrides(tmp_path):
@@ -57,12 +57,12 @@ def test_load_yaml_then_overrides(tmp_path):
     assert raw["SCHEDULER"]["params"]["t_mult"] == 2
 
     cfg = validate(raw)
-    assert cfg["OPTIMIZER"]["lr"] == 0.001 and type(cfg["OPTIMIZER"]["lr"]) is float
-    assert cfg["SCHEDULER"]["params"]["t_mult"] == 2.0 and type(cfg["SCHEDULER"]["params"]["t_mult"]) is float
-    assert cfg["DATASET"]["batch_size"] == 128 and type(cfg["DATASET"]["batch_size"]) is int
-    assert cfg["DATASET"]["datadir"] == "/datasets"
-    assert cfg["DATASET"]["aug_info"] == ["RandomCrop"]
-    assert cfg["DEFAULT"]["exp_name"] == "BalancedSoftmax-exp-IF_100"
+    assert cfg.OPTIMIZER.lr == 0.001 and type(cfg.OPTIMIZER.lr) is float
+    assert cfg.SCHEDULER.params.t_mult == 2.0 and type(cfg.SCHEDULER.params.t_mult) is float
+    assert cfg.DATASET.batch_size == 128 and type(cfg.DATASET.batch_size) is int
+    assert cfg.DATASET.datadir == "/datasets"
+    assert cfg.DATASET.aug_info == ("RandomCrop",)  # a tuple: the validated config is immutable
+    assert cfg.DEFAULT.exp_name == "BalancedSoftmax-exp-IF_100"
     # validate works on a copy
     assert raw["OPTIMIZER"]["lr"] == "1e-3" and raw["DEFAULT"]["exp_name"] is None
 
@@ -207,20 +207,20 @@ def test_resume_quoted_yes_in_yaml_rejected(tmp_path):
 
 @pytest.mark.parametrize("value, expected", [("auto", "auto"), ("true", True), ("false", False)])
 def test_resume_values(value, expected):
-    assert ok(["TRAIN.resume", value])["TRAIN"]["resume"] == expected
+    assert ok(["TRAIN.resume", value]).TRAIN.resume == expected
 
 
 @pytest.mark.parametrize("text", ["no", "'no'", "fp16", "bf16"])
 def test_mixed_precision_override_values(text):
     # YAML 1.1 reads a bare `no` as false; the choice still means the string "no"
-    assert ok(["TRAIN.mixed_precision", text])["TRAIN"]["mixed_precision"] == text.strip("'")
+    assert ok(["TRAIN.mixed_precision", text]).TRAIN.mixed_precision == text.strip("'")
 
 
 def test_batch_size_must_divide_by_world_size():
     msg = fails(["DATASET.batch_size", "32"], world_size=3)
     assert "DATASET.batch_size 32" in msg and "3" in msg
-    assert ok(["DATASET.batch_size", "33"], world_size=3)["DATASET"]["batch_size"] == 33
-    assert ok(["DATASET.batch_size", "32"], world_size=4)["DATASET"]["batch_size"] == 32
+    assert ok(["DATASET.batch_size", "33"], world_size=3).DATASET.batch_size == 33
+    assert ok(["DATASET.batch_size", "32"], world_size=4).DATASET.batch_size == 32
 
 
 def test_valid_cross_key_settings():
@@ -228,9 +228,9 @@ def test_valid_cross_key_settings():
               "SCHEDULER.sched_name", "multistep", "SCHEDULER.params.milestones", "[10, 40]",
               "SCHEDULER.params.warmup_epochs", "49.5", "DATASET.imbalance_type", "null", "DATASET.imbalance_factor", "1",
               "TRAIN.mixed_precision", "'no'"])
-    assert cfg["SCHEDULER"]["params"]["milestones"] == [10, 40]
-    assert cfg["TRAIN"]["mixed_precision"] == "no"
-    assert cfg["DEFAULT"]["exp_name"] == "BalancedSoftmax-balanced-IF_1"
+    assert cfg.SCHEDULER.params.milestones == (10, 40)
+    assert cfg.TRAIN.mixed_precision == "no"
+    assert cfg.DEFAULT.exp_name == "BalancedSoftmax-balanced-IF_1"
 
 
 # -------------------------------------------------------------------------------- generated/shipped files
@@ -249,16 +249,16 @@ def test_shipped_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_shipped_configs_validate(path):
     cfg = validate(load(path))
-    assert cfg["DATASET"]["name"] in config.DATASETS
-    assert cfg["DEFAULT"]["exp_name"]
+    assert cfg.DATASET.name in config.FIELDS["DATASET.name"].allowed
+    assert cfg.DEFAULT.exp_name
 
 
 def test_demo_config_values():
     cfg = validate(load(os.path.join(ROOT, "configs", "demo.yaml")))
-    assert cfg["DATASET"]["name"] == "DigitsLT"
-    assert cfg["DATASET"]["aug_info"] == ["RandomCrop"]
-    assert cfg["TRAIN"]["mixed_precision"] == "no"
-    assert cfg["DEFAULT"]["exp_name"] == "BalancedSoftmax-exp-IF_10"
+    assert cfg.DATASET.name == "DigitsLT"
+    assert cfg.DATASET.aug_info == ("RandomCrop",)
+    assert cfg.TRAIN.mixed_precision == "no"
+    assert cfg.DEFAULT.exp_name == "BalancedSoftmax-exp-IF_10"
 
 
 # -------------------------------------------------------------------------------------------- naming
@@ -271,7 +271,7 @@ def test_demo_config_values():
     (["DEFAULT.exp_name", "mine"], "mine"),
 ])
 def test_default_exp_name(overrides, name):
-    assert ok(overrides)["DEFAULT"]["exp_name"] == name
+    assert ok(overrides).DEFAULT.exp_name == name
 
 
 def test_run_dir():
@@ -299,19 +299,21 @@ def test_changed_keys():
 
 
 def test_a_config_saved_before_split_seed_existed_drew_its_split_with_its_seed():
-    old = ok(["DEFAULT.exp_name", "run", "DEFAULT.seed", "3"])
+    old = config.to_dict(ok(["DEFAULT.exp_name", "run", "DEFAULT.seed", "3"]))
     del old["DATASET"]["split_seed"]
-    upgraded = config.upgrade(old)
-    assert upgraded["DATASET"]["split_seed"] == 3 and "split_seed" not in old["DATASET"]
+    upgraded = validate(config.upgrade(old))
+    assert upgraded.DATASET.split_seed == 3 and "split_seed" not in old["DATASET"]
     assert changed_keys(upgraded, ok(["DEFAULT.exp_name", "run", "DEFAULT.seed", "3"])) == ["DATASET.split_seed"]
     assert changed_keys(upgraded, ok(["DEFAULT.exp_name", "run", "DEFAULT.seed", "3", "DATASET.split_seed", "3"])) == []
 
 
-def test_changed_keys_reports_a_key_missing_from_the_old_config():
-    base = ok(["DEFAULT.exp_name", "run"])
-    old = ok(["DEFAULT.exp_name", "run"])
-    del old["SCHEDULER"]["params"]["warmup_epochs"]
-    assert changed_keys(old, base) == ["SCHEDULER.params.warmup_epochs"]
+def test_a_key_missing_from_a_saved_config_takes_its_default_or_what_was_done_before_it():
+    old = config.to_dict(ok(["DEFAULT.exp_name", "run", "OPTIMIZER.lr", "0.2"]))
+    del old["SCHEDULER"]["params"]["warmup_epochs"], old["MODEL"]["stem"], old["MODEL"]["sync_bn"], old["CRT"]
+    upgraded = config.upgrade(old)
+    assert upgraded["SCHEDULER"]["params"]["warmup_epochs"] == 0.0 and upgraded["CRT"] == {"stage1": None}
+    assert upgraded["MODEL"]["stem"] == "cifar" and upgraded["MODEL"]["sync_bn"] is False  # not today's auto
+    assert upgraded["OPTIMIZER"]["lr"] == 0.2
 
 
 @pytest.mark.parametrize("overrides, world_size, expected, reason", [
@@ -343,5 +345,5 @@ def test_a_node_with_gpus_that_cuda_cannot_see_refuses_to_train_on_cpu(tmp_path,
         config.resolve_device("auto")
     assert config.resolve_device("cpu") == "cpu"
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "0")
-    monkeypatch.setattr(config, "gpus_expected", lambda dev="/dev": None)
+    monkeypatch.setattr(config.device, "gpus_expected", lambda dev="/dev": None)
     assert config.resolve_device("auto") == "cpu"

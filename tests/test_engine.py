@@ -69,15 +69,15 @@ def epoch_of_training(env, batch_size, *overrides, poisoned_call=0):
     cfg = config.validate(config.load("configs/demo.yaml", [
         "DATASET.batch_size", str(batch_size), "MODEL.name", "tiny", "TRAIN.device", "cpu", "TRAIN.compile", "false",
         "OPTIMIZER.momentum", "0.9", *overrides]))
-    t = cfg["TRAIN"]
+    t = cfg.TRAIN
     torch.manual_seed(0)
     data = build_data(cfg, env)
     model = build_model(cfg, data.num_classes, data.in_channels, env.device, False)
     optimizer = build_optimizer(cfg, model.module)
-    amp = AMP_DTYPES[t["mixed_precision"]]
+    amp = AMP_DTYPES[t.mixed_precision]
     criterion = PoisonedLoss(list(data.num_per_cls.values()), poisoned_call)
     state = TrainState(model.train, criterion, optimizer, build_scheduler(cfg, optimizer, len(data.train)),
-                       torch.amp.GradScaler("cpu", enabled=amp == torch.float16), amp, t["grad_accum_steps"], t["nonfinite"],
+                       torch.amp.GradScaler("cpu", enabled=amp == torch.float16), amp, t.grad_accum_steps, t.nonfinite,
                        check_every=10**6)
     with counting_host_transfers() as counts:
         train_one_epoch(state, data, env, NullOutput(), 0, 1, log_interval=10**6)

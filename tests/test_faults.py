@@ -184,7 +184,7 @@ def test_a_non_finite_loss_before_any_checkpoint_leaves_the_run_name_free(tmp_pa
     retry = demo_cfg(tmp_path, "MODEL.name", "tiny", "TRAIN.ckpt_every_steps", "0", "TRAIN.resume", "false",
                      "OPTIMIZER.lr", "0.01")
     assert main(retry)["last"]["epoch"] == 3  # same name, another lr: nothing to resume, nothing refused
-    assert config.load(os.path.join(config.run_dir(retry), "config.yaml")) == retry
+    assert config.validate(config.load(os.path.join(config.run_dir(retry), "config.yaml"))) == retry
 
 
 def test_a_non_finite_loss_can_skip_the_step(tmp_path, monkeypatch):

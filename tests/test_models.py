@@ -83,10 +83,10 @@ def test_resnet10_is_one_basic_block_per_stage_and_the_stem_follows_the_image_si
     assert [len(getattr(net, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
     def resolved(*overrides):
         return config.validate(config.load(None, ["MODEL.name", "resnet10", *overrides]))
-    assert resolved()["MODEL"]["stem"] == "cifar"  # CIFAR's 32 px
-    assert resolved("DATASET.name", "ImageList", "DATASET.image_size", "32")["MODEL"]["stem"] == "cifar"
-    assert resolved("DATASET.name", "ImageList")["MODEL"]["stem"] == "imagenet"  # 224 px
-    assert resolved("DATASET.name", "ImageList", "MODEL.stem", "cifar")["MODEL"]["stem"] == "cifar"  # forced
+    assert resolved().MODEL.stem == "cifar"  # CIFAR's 32 px
+    assert resolved("DATASET.name", "ImageList", "DATASET.image_size", "32").MODEL.stem == "cifar"
+    assert resolved("DATASET.name", "ImageList").MODEL.stem == "imagenet"  # 224 px
+    assert resolved("DATASET.name", "ImageList", "MODEL.stem", "cifar").MODEL.stem == "cifar"  # forced
     small = create(resolved(), 10, 3, torch.device("cpu"), False)
     large = create(resolved("DATASET.name", "ImageList"), 10, 3, torch.device("cpu"), False)
     assert small.conv1.kernel_size == (3, 3) and isinstance(small.maxpool, nn.Identity)

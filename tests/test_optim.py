@@ -17,7 +17,7 @@ def lrs(cfg, steps_per_epoch):
     opt = build_optimizer(cfg, model)
     sched = build_scheduler(cfg, opt, steps_per_epoch)
     out = []
-    for _ in range(cfg["TRAIN"]["epochs"] * steps_per_epoch):
+    for _ in range(cfg.TRAIN.epochs * steps_per_epoch):
         out.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()

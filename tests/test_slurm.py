@@ -73,7 +73,7 @@ def test_the_config_is_checked_for_the_job_s_world_size_before_submitting(tmp_pa
 
 def test_device_checks_belong_to_the_nodes_not_the_login_node():
     # a login node without a GPU may submit TRAIN.device cuda; the nodes check it when the job starts
-    assert demo("TRAIN.device", "cuda")["TRAIN"]["device"] == "cuda"
+    assert demo("TRAIN.device", "cuda").TRAIN.device == "cuda"
 
 
 def test_without_sbatch_the_error_says_where_to_submit_from(tmp_path, capsys, monkeypatch):

@@ -81,7 +81,7 @@ def test_exclusions_and_run_count(cifar10_root, tmp_path):
     sweep = write_sweep(tmp_path, cifar10_root, exclude=[{"DATASET.imbalance_factor": 1, "LOSS.name": "BalancedSoftmax"}])
     base, runs = load_sweep(sweep)
     assert base.endswith("cifar10lt_ce.yaml") and len(runs) == 3
-    assert all(r.cfg["TRAIN"]["resume"] == "auto" for r in runs)
+    assert all(r.cfg.TRAIN.resume == "auto" for r in runs)
     assert [r.label for r in runs] == ["1/CrossEntropyLoss", "2/CrossEntropyLoss", "2/BalancedSoftmax"]
 
 
@@ -113,7 +113,7 @@ def test_every_axis_names_its_runs_so_that_none_collide(cifar10_root, tmp_path):
     _, runs = load_sweep(sweep, seeds=[0, 1])
     names = [os.path.basename(r.run_dir) for r in runs]
     assert names == [f"CrossEntropyLoss-exp-IF_100-aug_info_RandomCrop-lr_{lr}-seed_{s}" for lr in (0.1, 0.2) for s in (0, 1)]
-    assert [r.cfg["DEFAULT"]["seed"] for r in runs] == [0, 1, 0, 1] and len(runs) == 4
+    assert [r.cfg.DEFAULT.seed for r in runs] == [0, 1, 0, 1] and len(runs) == 4
     # a fixed exp_name: every axis is named, the loss too
     _, runs = load_sweep(sweep, overrides=["DEFAULT.exp_name", "mine"])
     assert [os.path.basename(r.run_dir) for r in runs] == ["mine-aug_info_RandomCrop-name_CrossEntropyLoss-lr_0.1",
@@ -126,7 +126,7 @@ def test_seeds_turn_one_config_into_a_sweep_and_braces_fill_in_each_run_s_values
     overrides = ["DEFAULT.savedir", str(tmp_path), "DATASET.datadir", cifar10_root, "TRAIN.device", "cpu"]
     base, runs = load_runs(None, os.path.join(ROOT, "configs", "cifar10lt_ce.yaml"), [3, 5], overrides=overrides)
     assert [os.path.basename(r.run_dir) for r in runs] == ["CrossEntropyLoss-exp-IF_100-seed_3", "CrossEntropyLoss-exp-IF_100-seed_5"]
-    assert [r.cfg["DEFAULT"]["seed"] for r in runs] == [3, 5] and base.endswith("cifar10lt_ce.yaml")
+    assert [r.cfg.DEFAULT.seed for r in runs] == [3, 5] and base.endswith("cifar10lt_ce.yaml")
     sweep = write_sweep(tmp_path, cifar10_root, axes={"DEFAULT.seed": [0, 1]})
     spec = yaml.safe_load(open(sweep))
     spec["overrides"]["DEFAULT.exp_name"] = "copy-of-{DEFAULT.seed}-at-{DATASET.batch_size}"
@@ -138,7 +138,7 @@ def test_seeds_turn_one_config_into_a_sweep_and_braces_fill_in_each_run_s_values
 
 def test_command_line_overrides_apply_to_every_run_of_a_sweep(cifar10_root, tmp_path):
     _, runs = load_sweep(write_sweep(tmp_path, cifar10_root), overrides=["TRAIN.epochs", "3", "OPTIMIZER.lr", "0.02"])
-    assert len(runs) == 4 and all(r.cfg["TRAIN"]["epochs"] == 3 and r.cfg["OPTIMIZER"]["lr"] == 0.02 for r in runs)
+    assert len(runs) == 4 and all(r.cfg.TRAIN.epochs == 3 and r.cfg.OPTIMIZER.lr == 0.02 for r in runs)
     with pytest.raises(BsdistError, match="unknown config key TRAIN.epoch; did you mean TRAIN.epochs"):
         load_sweep(write_sweep(tmp_path, cifar10_root), overrides=["TRAIN.epoch", "3"])
     proc = launch("--report", "results", "extra", timeout=60)

@@ -51,7 +51,7 @@ def test_a_run_writes_checkpoints_metrics_results_and_tensorboard(tmp_path):
     for name in ("config.yaml", "metrics.csv", "results.json", "last.pt", "best.pt", "log.txt", "reliability.png"):
         assert os.path.isfile(os.path.join(d, name)), name
     assert len(glob.glob(os.path.join(d, "events.out.tfevents.*"))) == 1
-    assert config.load(os.path.join(d, "config.yaml")) == cfg  # the merged config round-trips
+    assert config.validate(config.load(os.path.join(d, "config.yaml"))) == cfg  # the merged config round-trips
 
     with open(os.path.join(d, "results.json")) as f:
         saved = json.load(f)

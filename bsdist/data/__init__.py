@@ -10,17 +10,19 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 
-from bsdist import config
+from bsdist.config import Config
 from bsdist.data import imagelist
-from bsdist.data.augment import BatchAugment
-from bsdist.data.datasets import CIFAR10LT, CIFAR100LT, DATASETS, DigitsLT, LongTailDataset, collate_batch
+from bsdist.data.augment import AUGMENTATIONS, BatchAugment
+from bsdist.data.datasets import ARRAY_DATASETS, CIFAR10LT, CIFAR100LT, DigitsLT, LongTailDataset, collate_batch
 from bsdist.distributed import DistEnv, main_process_first
 from bsdist.errors import BsdistError
 
-FILE_DATASETS = config.FILE_DATASETS  # DATASET.name values that read image files: ImageList and imagelist.PRESETS
+# The DATASET.name registry: datasets held in memory as one uint8 array, then those that read image files.
+DATASETS = (*ARRAY_DATASETS, *imagelist.FILE_DATASETS)
 
-__all__ = ["CIFAR10LT", "CIFAR100LT", "ClassBalancedSampler", "DATASETS", "Data", "DigitsLT", "DeviceLoader", "FILE_DATASETS",
-           "ResumableBatchSampler", "ShardSampler", "Splits", "build_data", "check_available", "load_splits", "prepare"]
+__all__ = ["AUGMENTATIONS", "CIFAR10LT", "CIFAR100LT", "ClassBalancedSampler", "DATASETS", "Data", "DigitsLT",
+           "DeviceLoader", "ResumableBatchSampler", "ShardSampler", "Splits", "build_data", "check_available",
+           "is_file_list", "load_splits", "prepare"]
 
 
 class ShardSampler(Sampler):
@@ -129,26 +131,27 @@ class Data:
 
 def is_file_list(name: str) -> bool:
     """Whether DATASET.name reads image files through lists or folders (decoded as loaded)."""
-    return name in FILE_DATASETS
+    return name in imagelist.FILE_DATASETS
 
 
-def check_available(cfg: dict) -> None:
-    d = cfg["DATASET"]
-    if is_file_list(d["name"]):
-        if not os.path.isdir(d["datadir"]):
-            raise BsdistError(f"DATASET.datadir {d['datadir']} is not a directory; set it to the folder that holds the "
-                              f"images (and the split lists) of {d['name']}")
+def check_available(cfg: Config, download: bool | None = None) -> None:
+    """The dataset's files are there (or will be downloaded: DATASET.download, unless `download` says)."""
+    d = cfg.DATASET
+    if is_file_list(d.name):
+        if not os.path.isdir(d.datadir):
+            raise BsdistError(f"DATASET.datadir {d.datadir} is not a directory; set it to the folder that holds the "
+                              f"images (and the split lists) of {d.name}")
         return
-    DATASETS[d["name"]].check_available(d["datadir"], d["download"])
+    ARRAY_DATASETS[d.name].check_available(d.datadir, d.download if download is None else download)
 
 
-def prepare(cfg: dict) -> None:
+def prepare(cfg: Config) -> None:
     """The data on disk now: downloaded once if missing and allowed, else one clear error (for a sweep,
     before its first run, rather than every run failing on its own)."""
-    d = cfg["DATASET"]
-    if d["download"] and not is_file_list(d["name"]):
-        DATASETS[d["name"]].download(d["datadir"])
-    check_available({**cfg, "DATASET": {**d, "download": False}})
+    d = cfg.DATASET
+    if d.download and not is_file_list(d.name):
+        ARRAY_DATASETS[d.name].download(d.datadir)
+    check_available(cfg, download=False)
 
 
 @dataclass
@@ -164,27 +167,27 @@ class Splits:
     files: bool  # decoded from files as loaded (else held in memory as one uint8 array)
 
 
-def load_splits(cfg: dict) -> Splits:
-    d = cfg["DATASET"]
-    if is_file_list(d["name"]):
-        train, splits, num_classes, names = imagelist.load_splits(d, cfg["DEFAULT"]["seed"])
+def load_splits(cfg: Config) -> Splits:
+    d = cfg.DATASET
+    if is_file_list(d.name):
+        train, splits, num_classes, names = imagelist.load_splits(d, cfg.DEFAULT.seed)
         return Splits(train, splits, num_classes, names, imagelist.IMAGENET_MEAN, imagelist.IMAGENET_STD, 3, True)
-    cls: type[LongTailDataset] = DATASETS[d["name"]]
-    train = cls(d["datadir"], train=True, download=d["download"], imbalance_type=d["imbalance_type"],
-                imbalance_factor=d["imbalance_factor"], seed=d["split_seed"], val_per_cls=d["val_per_cls"])
-    test = cls(d["datadir"], train=False)
+    cls: type[LongTailDataset] = ARRAY_DATASETS[d.name]
+    train = cls(d.datadir, train=True, download=d.download, imbalance_type=d.imbalance_type,
+                imbalance_factor=d.imbalance_factor, seed=d.split_seed, val_per_cls=d.val_per_cls)
+    test = cls(d.datadir, train=False)
     splits = {"val": train.val, "test": test} if train.val is not None else {"test": test}
     return Splits(train, splits, cls.num_classes, train.class_names, cls.mean, cls.std, train.data.shape[-1], False)
 
 
-def build_data(cfg: dict, env: DistEnv) -> Data:
-    d, seed = cfg["DATASET"], cfg["DEFAULT"]["seed"]
+def build_data(cfg: Config, env: DistEnv) -> Data:
+    d, seed = cfg.DATASET, cfg.DEFAULT.seed
     with main_process_first(env):  # rank 0 downloads; the others then find the files
         loaded = load_splits(cfg)
     train, splits = loaded.train, loaded.eval
     num_per_cls = {c: int(n) for c, n in enumerate(np.bincount(train.targets, minlength=loaded.num_classes))}
-    local_batch = d["batch_size"] // env.world_size
-    if d["sampler"] == "class_balanced":
+    local_batch = d.batch_size // env.world_size
+    if d.sampler == "class_balanced":
         sampler = ClassBalancedSampler(train, env.world_size, env.rank, seed)
     else:
         sampler = DistributedSampler(train, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed, drop_last=True)
@@ -192,10 +195,10 @@ def build_data(cfg: dict, env: DistEnv) -> Data:
         raise BsdistError(f"the {len(train)} training images give each of {env.world_size} processes {len(sampler)}, fewer than "
                           f"one batch of {local_batch}; lower DATASET.batch_size")
     eval_samplers = {name: ShardSampler(len(ds), env.rank, env.world_size) for name, ds in splits.items()}
-    on_device = not loaded.files and (d["loader"] == "device" or
-                                      (d["loader"] == "auto" and fits_on_device([train, *splits.values()], env.device)))
-    if loaded.files and d["loader"] == "device":
-        raise BsdistError(f"DATASET.loader device holds decoded images in device memory, which {d['name']} (image files) "
+    on_device = not loaded.files and (d.loader == "device" or
+                                      (d.loader == "auto" and fits_on_device([train, *splits.values()], env.device)))
+    if loaded.files and d.loader == "device":
+        raise BsdistError(f"DATASET.loader device holds decoded images in device memory, which {d.name} (image files) "
                           "is not; use DATASET.loader auto or dataloader")
 
     def loader(dataset, sampler, batch_size: int, drop_last: bool, workers: int):
@@ -208,9 +211,9 @@ def build_data(cfg: dict, env: DistEnv) -> Data:
                           pin_memory=env.device.type == "cuda", persistent_workers=workers > 0,
                           prefetch_factor=4 if workers > 0 and loaded.files else None)
 
-    train_loader = loader(train, sampler, local_batch, True, d["num_workers"])
-    eval_workers = d["num_workers"] if loaded.files else 0  # decoding files is work; slicing an array is not
-    eval_loaders = {name: loader(ds, eval_samplers[name], d["test_batch_size"], False, eval_workers) for name, ds in splits.items()}
-    augment = BatchAugment(len(train), loaded.mean, loaded.std, d["aug_info"], d["crop_padding"], seed, env.device)
+    train_loader = loader(train, sampler, local_batch, True, d.num_workers)
+    eval_workers = d.num_workers if loaded.files else 0  # decoding files is work; slicing an array is not
+    eval_loaders = {name: loader(ds, eval_samplers[name], d.test_batch_size, False, eval_workers) for name, ds in splits.items()}
+    augment = BatchAugment(len(train), loaded.mean, loaded.std, d.aug_info, d.crop_padding, seed, env.device)
     return Data(train_loader, sampler, eval_loaders, augment, num_per_cls, loaded.num_classes, loaded.in_channels,
                 loaded.class_names)

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from bsdist.config import Config
 from bsdist.data import imagelist
 from bsdist.data.imagelist import decoder_message, read_image
 from bsdist.metrics import shot_groups
@@ -42,22 +43,22 @@ def _decodable(path: str) -> str | None:
         return decoder_message(e)
 
 
-def check_data(cfg: dict, decode: bool = False, stream=None) -> int:
+def check_data(cfg: Config, decode: bool = False, stream=None) -> int:
     """Print the report (to stdout unless a stream is given); return the exit status (0: no problem)."""
     from bsdist.data import is_file_list, load_splits
-    d = cfg["DATASET"]
+    d = cfg.DATASET
     say = lambda line: print(line, file=stream or sys.stdout, flush=True)  # noqa: E731
-    if not is_file_list(d["name"]):
+    if not is_file_list(d.name):
         loaded = load_splits(cfg)
-        say(f"{d['name']} in {d['datadir']}: {loaded.num_classes} classes, held in memory ({d['imbalance_type'] or 'balanced'} "
-            f"profile, factor {d['imbalance_factor']:g})")
+        say(f"{d.name} in {d.datadir}: {loaded.num_classes} classes, held in memory ({d.imbalance_type or 'balanced'} "
+            f"profile, factor {d.imbalance_factor:g})")
         for split, dataset in {"train": loaded.train, **loaded.eval}.items():
             say(f"{split}: {_stats(dataset.targets, loaded.num_classes)}")
         say("problems: none")
         return 0
     splits, num_classes, names = imagelist.listings(d)
     sources = ", ".join(f"{split} {listing.source}" for split, listing in splits.items())
-    say(f"{d['name']} in {d['datadir']}: {num_classes} classes ({sources})")
+    say(f"{d.name} in {d.datadir}: {num_classes} classes ({sources})")
     problems = [p for listing in splits.values() for p in listing.problems] + imagelist.profile_problems(d, splits)
     for split, listing in splits.items():
         line = f"{split}: {_stats(listing.labels, num_classes)}"
@@ -68,7 +69,7 @@ def check_data(cfg: dict, decode: bool = False, stream=None) -> int:
         absent = sorted(set(range(num_classes)) - set(listing.labels.tolist()))
         if absent and listing.paths:
             problems.append(f"{split}: {len(absent)} of {num_classes} classes have no image (e.g. {', '.join(map(str, absent[:5]))})")
-    paths = [os.path.join(d["datadir"], p) for listing in splits.values() for p in listing.paths]
+    paths = [os.path.join(d.datadir, p) for listing in splits.values() for p in listing.paths]
     with ThreadPoolExecutor(16) as pool:
         exists = list(pool.map(os.path.isfile, paths, chunksize=256))
     missing = [p for p, ok in zip(paths, exists) if not ok]

@@ -207,4 +207,4 @@ class DigitsLT(LongTailDataset):
         return images[chosen], digits.target[chosen].astype(np.int64)
 
 
-DATASETS = {cls.__name__: cls for cls in (CIFAR10LT, CIFAR100LT, DigitsLT)}
+ARRAY_DATASETS = {cls.__name__: cls for cls in (CIFAR10LT, CIFAR100LT, DigitsLT)}  # held in memory

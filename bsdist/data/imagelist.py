@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bsdist.config.schema import Dataset
 from bsdist.errors import BsdistError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -70,6 +71,8 @@ PRESETS = {
     "iNat2018": Preset({"train": "iNaturalist18_train.txt", "test": "iNaturalist18_val.txt"},
                        8142, {"train": 437513, "test": 24426}),
 }
+# The DATASET.name values that read image files: any list or folder tree, and the presets.
+FILE_DATASETS = ("ImageList", *PRESETS)
 
 
 @dataclass
@@ -133,10 +136,10 @@ def list_path(root: str, name: str) -> str:
     return name if os.path.isabs(name) else os.path.join(root, name)
 
 
-def listings(d: dict) -> tuple[dict[str, Listing], int, list[str] | None]:
+def listings(d: Dataset) -> tuple[dict[str, Listing], int, list[str] | None]:
     """Every split of an image-list dataset config: ({split: listing}, classes, class names or None)."""
-    root, preset = d["datadir"], PRESETS.get(d["name"])
-    names = {split: d[f"{split}_list"] or (preset.lists.get(split) if preset else None) for split in ("train", "val", "test")}
+    root, preset = d.datadir, PRESETS.get(d.name)
+    names = {split: getattr(d, f"{split}_list") or (preset.lists.get(split) if preset else None) for split in ("train", "val", "test")}
     if names["train"] is None:  # class-per-folder
         train, classes = read_folders(root, "train")
         result = {"train": train}
@@ -155,15 +158,15 @@ def listings(d: dict) -> tuple[dict[str, Listing], int, list[str] | None]:
     return result, num_classes, None
 
 
-def profile_problems(d: dict, splits: dict[str, Listing]) -> list[str]:
+def profile_problems(d: Dataset, splits: dict[str, Listing]) -> list[str]:
     """How the lists differ from the preset's published profile (nothing for other datasets)."""
-    preset = PRESETS.get(d["name"])
+    preset = PRESETS.get(d.name)
     if preset is None or "train" not in splits:
         return []
     counts = np.bincount(splits["train"].labels, minlength=preset.num_classes)
     found = {split: len(listing.paths) for split, listing in splits.items()}
     found.update(largest=int(counts.max()) if len(counts) else 0, smallest=int(counts.min()) if len(counts) else 0)
-    return [f"{d['name']} {key}: expected {value:,}, found {found.get(key, 0):,}"
+    return [f"{d.name} {key}: expected {value:,}, found {found.get(key, 0):,}"
             for key, value in preset.profile.items() if found.get(key) != value]
 
 
@@ -251,7 +254,7 @@ class KeyedSampler(torch.utils.data.Sampler):
         return len(self.sampler)
 
 
-def load_splits(d: dict, seed: int) -> tuple[ImageFiles, dict[str, ImageFiles], int, list[str] | None]:
+def load_splits(d: Dataset, seed: int) -> tuple[ImageFiles, dict[str, ImageFiles], int, list[str] | None]:
     """(training images, {"val", "test": evaluation images}, classes, class names) of an image-list
     config, made long-tailed (DATASET.imbalance_type) and with a validation hold-out (val_per_cls) as
     CIFAR is. Any problem of the lists stops here, in one line pointing at --check-data."""
@@ -259,11 +262,11 @@ def load_splits(d: dict, seed: int) -> tuple[ImageFiles, dict[str, ImageFiles], 
     splits, num_classes, class_names = listings(d)
     for listing in splits.values():
         if not os.path.exists(listing.source):
-            raise BsdistError(f"{listing.problems[0]}; set DATASET.datadir to the folder that holds {d['name']}'s images and "
+            raise BsdistError(f"{listing.problems[0]}; set DATASET.datadir to the folder that holds {d.name}'s images and "
                               "lists, or the DATASET.*_list keys to the lists' paths")
     problems = [p for listing in splits.values() for p in listing.problems] + profile_problems(d, splits)
     if "test" not in splits:
-        problems.append(f"no test split: set DATASET.test_list, or add {os.path.join(d['datadir'], 'test')}/<class>/ folders")
+        problems.append(f"no test split: set DATASET.test_list, or add {os.path.join(d.datadir, 'test')}/<class>/ folders")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise BsdistError(f"{problems[0]}{more}; {CHECK_DATA_HINT}")
@@ -272,17 +275,17 @@ def load_splits(d: dict, seed: int) -> tuple[ImageFiles, dict[str, ImageFiles], 
     if absent:
         raise BsdistError(f"{train.source}: {len(absent)} of {num_classes} classes have no training image (e.g. class {absent[0]}); "
                           f"{CHECK_DATA_HINT}")
-    if "val" in splits and d["val_per_cls"]:
+    if "val" in splits and d.val_per_cls:
         raise BsdistError(f"{splits['val'].source} is a validation split already; set DATASET.val_per_cls 0, or drop the "
                           "validation list to hold images out of training instead")
-    keep, val_idx, _ = long_tail_split(train.labels, num_classes, d["imbalance_type"], d["imbalance_factor"], d["split_seed"],
-                                       d["val_per_cls"])
-    root, size = d["datadir"], d["image_size"]
-    random_crop = "RandomResizedCrop" in d["aug_info"]
+    keep, val_idx, _ = long_tail_split(train.labels, num_classes, d.imbalance_type, d.imbalance_factor, d.split_seed,
+                                       d.val_per_cls)
+    root, size = d.datadir, d.image_size
+    random_crop = "RandomResizedCrop" in d.aug_info
 
     def files(listing: Listing, index=None, train_crop=False) -> ImageFiles:
         index = np.arange(len(listing.paths)) if index is None else index
         return ImageFiles(root, [listing.paths[i] for i in index], listing.labels[index], size, train_crop, seed)
 
-    held = {"val": files(train, val_idx)} if d["val_per_cls"] else {"val": files(splits["val"])} if "val" in splits else {}
+    held = {"val": files(train, val_idx)} if d.val_per_cls else {"val": files(splits["val"])} if "val" in splits else {}
     return files(train, keep, random_crop), {**held, "test": files(splits["test"])}, num_classes, class_names

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bsdist.config import Config
 from bsdist.errors import BsdistError
 from bsdist.models.syncbn import SyncBatchNorm, _GlobalBatchStats, convert_sync_batchnorm
 from bsdist.models.zoo import MODELS, Float32Linear, load_pretrained, resnet18
@@ -68,17 +69,17 @@ def freeze_backbone(model: nn.Module, backbone: dict | None) -> nn.Module:
     return model
 
 
-def create(cfg: dict, num_classes: int, in_channels: int, device: torch.device, sync_bn: bool,
+def create(cfg: Config, num_classes: int, in_channels: int, device: torch.device, sync_bn: bool,
            backbone: dict | None = None, pretrained: bool = True) -> nn.Module:
     """The plain model on the device, channels_last: its stem as MODEL.stem says (resolved by validation),
     initialised from MODEL.pretrained where set (pretrained=False: a checkpoint's weights follow),
     SyncBatchNorm if asked for; for a stage 2 (CRT.stage1) with its backbone frozen, loaded from
     `backbone` where given."""
-    m = cfg["MODEL"]
-    model = MODELS[m["name"]](num_classes, in_channels, stem=m["stem"])
-    if m["pretrained"] and pretrained and backbone is None:
-        load_pretrained(model, m["pretrained"], CLASSIFIER)
-    if cfg["CRT"]["stage1"]:
+    m = cfg.MODEL
+    model = MODELS[m.name](num_classes, in_channels, stem=m.stem)
+    if m.pretrained and pretrained and backbone is None:
+        load_pretrained(model, m.pretrained, CLASSIFIER)
+    if cfg.CRT.stage1:
         model = freeze_backbone(model, backbone)
     if sync_bn:
         model = convert_sync_batchnorm(model)
@@ -110,7 +111,7 @@ class Built:
     train: nn.Module  # what training runs: compiled, DDP-wrapped where there are several processes
 
 
-def build_model(cfg: dict, num_classes: int, in_channels: int, device: torch.device, compile_model: bool,
+def build_model(cfg: Config, num_classes: int, in_channels: int, device: torch.device, compile_model: bool,
                 sync_bn: bool = False, backbone: dict | None = None, pretrained: bool = True) -> Built:
     """The model as a run uses it.
 
@@ -120,8 +121,8 @@ def build_model(cfg: dict, num_classes: int, in_channels: int, device: torch.dev
     """
     model = create(cfg, num_classes, in_channels, device, sync_bn, backbone, pretrained)
     compiled = torch.compile(model) if compile_model else model
-    t = cfg["TRAIN"]
-    return Built(model, compiled, distribute(compiled, device, t["ddp_bucket_mb"], static_graph=t["grad_accum_steps"] == 1))
+    t = cfg.TRAIN
+    return Built(model, compiled, distribute(compiled, device, t.ddp_bucket_mb, static_graph=t.grad_accum_steps == 1))
 
 
 def no_sync(model: nn.Module, last_micro_batch: bool):

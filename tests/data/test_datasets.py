@@ -11,7 +11,7 @@ import torchvision
 from cifar_files import write_cifar
 
 from bsdist.data import ShardSampler
-from bsdist.data.datasets import CIFAR10LT, CIFAR100LT, DATASETS, DigitsLT
+from bsdist.data.datasets import ARRAY_DATASETS, CIFAR10LT, CIFAR100LT, DigitsLT
 from bsdist.data.longtail import long_tail_counts, long_tail_split
 from bsdist.errors import BsdistError
 
@@ -40,7 +40,7 @@ def to_hwc(row):
 # ---------------------------------------------------------------------------------------------- CIFAR-10
 
 def test_registry():
-    assert DATASETS == {"CIFAR10LT": CIFAR10LT, "CIFAR100LT": CIFAR100LT, "DigitsLT": DigitsLT}
+    assert ARRAY_DATASETS == {"CIFAR10LT": CIFAR10LT, "CIFAR100LT": CIFAR100LT, "DigitsLT": DigitsLT}
 
 
 def test_cifar10_train_reads_generated_files(cifar10_root):

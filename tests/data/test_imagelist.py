@@ -11,7 +11,7 @@ from PIL import Image
 
 import tiny_model
 from bsdist import BsdistError, checkpoint, config
-from bsdist.data import build_data, load_splits
+from bsdist.data import build_data, is_file_list, load_splits
 from bsdist.data.check import check_data
 from bsdist.data.imagelist import PRESETS, listings, profile_problems
 from bsdist.data.longtail import long_tail_counts
@@ -45,7 +45,7 @@ def cfg_for(root, savedir, *overrides, lists_named=True):
 
 def test_a_list_dataset_is_used_as_listed_with_its_validation_split(lists, tmp_path):
     cfg = cfg_for(lists, tmp_path)
-    assert cfg["DATASET"]["imbalance_type"] is None and cfg["DEFAULT"]["exp_name"] == "BalancedSoftmax-as_listed"
+    assert cfg.DATASET.imbalance_type is None and cfg.DEFAULT.exp_name == "BalancedSoftmax-as_listed"
     loaded = load_splits(cfg)
     assert np.bincount(loaded.train.targets).tolist() == TRAIN_COUNTS  # CRLF lines read, nothing subsampled
     assert {k: len(v) for k, v in loaded.eval.items()} == {"val": 18, "test": 30}
@@ -92,8 +92,10 @@ def test_a_class_folder_tree_keeps_its_names_and_a_balanced_tree_becomes_long_ta
     assert len(long_tailed.eval["val"]) == 10
 
 
-def test_the_config_names_exactly_the_image_list_datasets_there_are():
-    assert set(config.FILE_DATASETS) == {"ImageList", *PRESETS}
+def test_the_config_accepts_exactly_the_datasets_of_the_data_registry():
+    names = config.FIELDS["DATASET.name"].allowed
+    assert names == ("CIFAR10LT", "CIFAR100LT", "DigitsLT", "ImageList", "ImageNetLT", "PlacesLT", "iNat2018")
+    assert [n for n in names if is_file_list(n)] == ["ImageList", *PRESETS]
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -109,7 +111,7 @@ def test_a_preset_checks_the_published_profile_of_its_lists(tmp_path, name):
         per_class[: profile[split] - per_class.sum()] += 1
         labels = np.repeat(np.arange(c), per_class)
         (tmp_path / list_name).write_text("".join(f"{split}/{label}/{i}.jpg {label}\n" for i, label in enumerate(labels)))
-    d = config.validate(config.load(None, ["DATASET.name", name, "DATASET.datadir", str(tmp_path)]))["DATASET"]
+    d = config.validate(config.load(None, ["DATASET.name", name, "DATASET.datadir", str(tmp_path)])).DATASET
     splits, num_classes, _ = listings(d)
     assert num_classes == c and profile_problems(d, splits) == []
     train = tmp_path / preset.lists["train"]
