@@ -15,11 +15,13 @@ line on stderr (a traceback with --debug), printed by rank 0 alone.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
 
 def parse_args(argv):
+    from bsdist.posthoc import METHODS
     parser = argparse.ArgumentParser(
         prog="launch.py", usage="launch.py CONFIG [KEY.SUB value ...] | --sweep SWEEP.yaml | --report RUNS_DIR | --evaluate RUN_DIR "
               "[--posthoc METHOD]  [--seeds S ...] [--slurm ...] [--debug]",
@@ -33,7 +35,7 @@ def parse_args(argv):
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per sweep run, started with torchrun")
     parser.add_argument("--report", metavar="RUNS_DIR", help="tabulate and plot every finished run under RUNS_DIR")
     parser.add_argument("--evaluate", metavar="RUN_DIR", help="evaluate a finished run's selected model (best.pt) again")
-    parser.add_argument("--posthoc", choices=("logit-adjust", "tau-norm", "all"),
+    parser.add_argument("--posthoc", choices=(*METHODS, "all"),
                         help="with --evaluate: post-hoc adjustment(s), tau tuned on the validation split")
     parser.add_argument("--check-data", action="store_true",
                         help="with CONFIG: report each split's images and classes and every problem of the data; exit 1 on any")
@@ -80,6 +82,8 @@ def run(argv=None) -> int:
     from bsdist import BsdistError, config
     from bsdist.data import check_available
     from bsdist.distributed import launched_as_main, world_size_from_env
+    from bsdist.output import console
+    console(int(os.environ.get("RANK", "0")))  # a launcher's RANK, known before any process group exists
     from bsdist.rundir import stage1_checkpoint
     try:
         if args.slurm:
@@ -118,7 +122,6 @@ def run(argv=None) -> int:
 def tell_launcher(message: str) -> None:
     """Under torchrun, put the message where its failure summary (the last lines a user sees) shows it."""
     import json
-    import os
     import time
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:

@@ -1,15 +1,20 @@
 """Rank 0's side effects in one place: run directory, console and log.txt, TensorBoard, metrics.csv,
 config.yaml, checkpoints and results.json. Other ranks get `NullOutput`, which does nothing, so the
 training code never asks which rank it is on.
+
+Console lines go through the `bsdist` logger: `console(rank)` lets rank 0's through (the others would
+repeat them), and a run's log.txt is a handler on the same logger, so the file holds what the console
+showed.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
-import time
+import sys
 
 from bsdist import checkpoint, config
 from bsdist.config import Config, dump
@@ -29,6 +34,44 @@ HPARAMS = ("DATASET.imbalance_factor", "DATASET.name", "DEFAULT.seed", "LOSS.nam
            "OPTIMIZER.weight_decay", "SCHEDULER.sched_name", "TRAIN.epochs", "TRAIN.mixed_precision")
 
 
+LOG = logging.getLogger("bsdist")
+LINE = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
+
+
+class RankFilter(logging.Filter):
+    """Rank 0's lines, except those the launcher prints itself (logged with console=False: log.txt only)."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.rank == 0 and getattr(record, "console", True)
+
+
+class _Console(logging.Handler):
+    """Lines to sys.stdout, warnings to sys.stderr: the streams there are when a line is logged (pytest and
+    redirections swap them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        stream.write(self.format(record) + "\n")
+        stream.flush()
+
+
+def console(rank: int = 0) -> logging.Logger:
+    """The `bsdist` logger, with this process's console handler (one, whatever the calls) filtered for `rank`."""
+    handler = next((h for h in LOG.handlers if isinstance(h, _Console)), None)
+    if handler is None:
+        handler = _Console()
+        handler.setFormatter(LINE)
+        LOG.addHandler(handler)
+        LOG.setLevel(logging.INFO)
+        LOG.propagate = False  # the root logger (a user's, or pytest's) does not print them twice
+    handler.filters = [RankFilter(rank)]
+    return LOG
+
+
 class NullOutput:
     """What every rank but 0 writes: nothing. It has exactly RunOutput's public methods (filled in below
     RunOutput), so a misspelt call fails on every rank, not only on rank 0."""
@@ -41,7 +84,7 @@ class RunOutput:
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
         self.writer = None
-        self.log_file = None
+        self.log_file: logging.Handler | None = None
         self.checkpoints = checkpoint.CheckpointWriter()
 
     def path(self, name: str) -> str:
@@ -56,10 +99,12 @@ class RunOutput:
         from torch.utils.tensorboard import SummaryWriter
         try:
             os.makedirs(self.run_dir, exist_ok=True)
-            self.log_file = open(self.path("log.txt"), "a")
+            self.log_file = logging.FileHandler(self.path("log.txt"), "a")
         except OSError as e:
             raise BsdistError(f"run directory {self.run_dir} cannot be written ({e.strerror}); "
                               "set DEFAULT.savedir to a writable directory") from None
+        self.log_file.setFormatter(LINE)
+        LOG.addHandler(self.log_file)
         orphans = checkpoint.remove_orphans(self.run_dir)
         if orphans:
             self.info(f"removed {', '.join(orphans)}: what remained of a checkpoint write cut short")
@@ -79,12 +124,7 @@ class RunOutput:
 
     def info(self, message: str, console: bool = True) -> None:
         """A line for the console and the run's log.txt (console=False: the launcher prints it itself)."""
-        line = f"[{time.strftime('%H:%M:%S')}] {message}"
-        if console:
-            print(line, flush=True)
-        if self.log_file:
-            self.log_file.write(line + "\n")
-            self.log_file.flush()
+        LOG.info(message, extra={"console": console})
 
     def scalars(self, values: dict, step: int) -> None:
         for tag, value in values.items():
@@ -172,6 +212,7 @@ class RunOutput:
         if self.writer:
             self.writer.close()
         if self.log_file:
+            LOG.removeHandler(self.log_file)
             self.log_file.close()
 
     def _truncate_csv(self, keep_epochs: int) -> None:
@@ -233,5 +274,6 @@ for _name, _member in vars(RunOutput).items():
 
 
 def make_output(env: DistEnv, run_dir: str):
+    console(env.rank)
     return RunOutput(run_dir) if env.is_main else NullOutput()
 

@@ -23,12 +23,12 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 from bsdist import config
 from bsdist.config import Config
 from bsdist.errors import BsdistError, Stopped
+from bsdist.output import LOG
 
 PREEMPT_SIGNAL = signal.SIGUSR2  # submitit's signal for "checkpoint and requeue" (NCCL may use USR1)
 
@@ -194,18 +194,18 @@ def submit(args, cfg: Config) -> int:
     resume_checkpoint(cfg)  # a directory that holds another run refuses before anything is submitted
     run_dir = config.run_dir(cfg)
     if finished_results(cfg) is not None:
-        print(f"run already finished; results in {run_dir}/results.json (nothing submitted)", flush=True)
+        LOG.info(f"run already finished; results in {run_dir}/results.json (nothing submitted)")
         return 0
     folder = submission_folder(run_dir)
     params = executor_parameters(args, cfg, "bsdist-" + os.path.basename(run_dir))
     job = _submitted(folder, params, lambda executor: executor.submit(SlurmTask(cfg)))
-    print(f"submitted job {job.job_id}: {args.nodes} node(s) x {tasks_per_node(args, cfg)} task(s); "
-          f"run directory {run_dir}; logs {_logs(job)}", flush=True)
+    LOG.info(f"submitted job {job.job_id}: {args.nodes} node(s) x {tasks_per_node(args, cfg)} task(s); "
+          f"run directory {run_dir}; logs {_logs(job)}")
     if not args.wait:
-        print(f"follow it with: squeue -j {job.job_id}; tensorboard --logdir {run_dir}", flush=True)
+        LOG.info(f"follow it with: squeue -j {job.job_id}; tensorboard --logdir {run_dir}")
         return 0
     results = wait_for(job, run_dir)
-    print(f"job {job.job_id} done: {describe_best(results['best'])}; results in {run_dir}/results.json", flush=True)
+    LOG.info(f"job {job.job_id} done: {describe_best(results['best'])}; results in {run_dir}/results.json")
     return 0
 
 
@@ -263,25 +263,24 @@ def submit_sweep(args, runs: list) -> int:
     from bsdist.sweep import savedir, unfinished
     pending = unfinished(runs)
     if not pending:
-        print(f"all {len(runs)} runs finished before; nothing submitted", flush=True)
+        LOG.info(f"all {len(runs)} runs finished before; nothing submitted")
         return 0
     folder = submission_folder(savedir(runs))
     params = executor_parameters(args, pending[0][1].cfg, "bsdist-sweep")
     params["array_parallelism"] = args.jobs or len(pending)
     jobs = _submitted(folder, params, lambda executor: executor.submit_array([SlurmTask(run.cfg) for _, run in pending]))
     for (i, run), job in zip(pending, jobs):
-        print(f"[{i}/{len(runs)}] {run.label}: job {job.job_id}, run directory {run.run_dir}, logs {_logs(job)}", flush=True)
+        LOG.info(f"[{i}/{len(runs)}] {run.label}: job {job.job_id}, run directory {run.run_dir}, logs {_logs(job)}")
     if not args.wait:
         return 0
     failed = []
     for (i, run), job in zip(pending, jobs):
         try:
-            print(f"[{i}/{len(runs)}] {run.label}: done, {describe_best(wait_for(job, run.run_dir)['best'])}", flush=True)
+            LOG.info(f"[{i}/{len(runs)}] {run.label}: done, {describe_best(wait_for(job, run.run_dir)['best'])}")
         except BsdistError as e:
             failed.append(run.label)
-            print(f"[{i}/{len(runs)}] {run.label}: FAILED: {e}", flush=True)
+            LOG.info(f"[{i}/{len(runs)}] {run.label}: FAILED: {e}")
     if failed:
-        print(f"{len(failed)} of {len(pending)} runs failed: {', '.join(failed)}; submit the same sweep again to resume them",
-              file=sys.stderr, flush=True)
+        LOG.warning(f"{len(failed)} of {len(pending)} runs failed: {', '.join(failed)}; submit the same sweep again to resume them")
         return 1
     return 0

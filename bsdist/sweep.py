@@ -34,6 +34,7 @@ from bsdist.data import prepare
 from bsdist.distributed import LAUNCH_VARIABLES
 from bsdist.errors import BsdistError
 from bsdist.metrics import describe_best
+from bsdist.output import LOG
 from bsdist.rundir import finished_results, resume_checkpoint, stage1_checkpoint
 
 SWEEP_KEYS = {"base", "overrides", "axes", "exclude"}
@@ -206,7 +207,7 @@ def unfinished(runs: list[Run]) -> list[tuple[int, Run]]:
     pending = []
     for i, run in enumerate(runs, 1):
         if finished_results(run.cfg) is not None:
-            print(f"[{i}/{len(runs)}] {run.label}: finished before, skipped ({run.run_dir})", flush=True)
+            LOG.info(f"[{i}/{len(runs)}] {run.label}: finished before, skipped ({run.run_dir})")
         else:
             pending.append((i, run))
     return pending
@@ -285,18 +286,17 @@ def run_sweep(path: str | None, jobs: int = 1, nproc_per_node: int = 1, override
     except KeyboardInterrupt:
         return _interrupt(running)
     if failed:
-        print(f"{len(failed)} of {total} runs failed: {', '.join(r.label for r in failed)}; "
-              "run the same command again to resume them", file=sys.stderr, flush=True)
+        LOG.warning(f"{len(failed)} of {total} runs failed: {', '.join(r.label for r in failed)}; "
+              "run the same command again to resume them")
         return 1
-    print(f"all {total} runs finished; tabulate them with: python launch.py --report {savedir(runs)}", flush=True)
+    LOG.info(f"all {total} runs finished; tabulate them with: python launch.py --report {savedir(runs)}")
     return 0
 
 
 def _interrupt(running: list) -> int:
     """Ctrl-C: every running run stops at its next check point with a checkpoint (SIGTERM); a second
     Ctrl-C stops them at once (SIGINT), their last checkpoint kept. One line, no traceback."""
-    print(f"sweep interrupted: stopping {len(running)} run(s) at their next checkpoint (Ctrl-C again: at once)",
-          file=sys.stderr, flush=True)
+    LOG.warning(f"sweep interrupted: stopping {len(running)} run(s) at their next checkpoint (Ctrl-C again: at once)")
     signum = signal.SIGTERM
     while True:
         for entry in running:
@@ -309,8 +309,8 @@ def _interrupt(running: list) -> int:
             break
         except KeyboardInterrupt:
             signum = signal.SIGINT
-    print(f"sweep stopped; {', '.join(e[1].label for e in running) or 'no run was running'} kept their last checkpoint: "
-          "run the same command again to resume", file=sys.stderr, flush=True)
+    LOG.warning(f"sweep stopped; {', '.join(e[1].label for e in running) or 'no run was running'} kept their last checkpoint: "
+          "run the same command again to resume")
     return 130
 
 
@@ -324,12 +324,11 @@ def _run_all(base, runs, pending, running, failed, jobs, nproc_per_node, slots, 
             slots.give_back(gpus_of_run)
             minutes = (time.perf_counter() - started) / 60
             if proc.returncode == 0:
-                print(f"[{i}/{total}] {run.label}: done in {minutes:.1f} min, {describe_best(finished_results(run.cfg)['best'])}",
-                      flush=True)
+                LOG.info(f"[{i}/{total}] {run.label}: done in {minutes:.1f} min, {describe_best(finished_results(run.cfg)['best'])}")
             else:
                 failed.append(run)
-                print(f"[{i}/{total}] {run.label}: FAILED (exit {proc.returncode}) after {minutes:.1f} min: "
-                      f"{_last_line(run.log_path)!r}; see {run.log_path}", flush=True)
+                LOG.info(f"[{i}/{total}] {run.label}: FAILED (exit {proc.returncode}) after {minutes:.1f} min: "
+                      f"{_last_line(run.log_path)!r}; see {run.log_path}")
         while pending and len(running) < jobs and (slots.available() or not pending[0][1].uses_gpus):
             i, run = pending.pop(0)
             os.makedirs(os.path.dirname(run.log_path), exist_ok=True)
@@ -337,7 +336,7 @@ def _run_all(base, runs, pending, running, failed, jobs, nproc_per_node, slots, 
             gpus_of_run = slots.take() if run.uses_gpus else None
             run_env = env if gpus_of_run is None else {**env, "CUDA_VISIBLE_DEVICES": gpus_of_run}
             on = "" if gpus_of_run is None else f" on GPU {gpus_of_run}"
-            print(f"[{i}/{total}] {run.label}: started{on}, log {run.log_path}", flush=True)
+            LOG.info(f"[{i}/{total}] {run.label}: started{on}, log {run.log_path}")
             proc = subprocess.Popen(command(base, run, nproc_per_node), stdout=log, stderr=subprocess.STDOUT, env=run_env)
             running.append((i, run, proc, log, time.perf_counter(), gpus_of_run))
         time.sleep(0.2)
