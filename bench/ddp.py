@@ -41,7 +41,8 @@ DEFAULT_BUCKET_MB = 25.0  # DDP's own default
 
 def variants(compile_model: bool, bucket_mb: float) -> dict[str, dict]:
     """name -> how the model is run: ddp (None: no wrapper) with its options, and where compile goes."""
-    ddp = lambda mb, view, static: {"bucket_mb": mb, "gradient_as_bucket_view": view, "static_graph": static}  # noqa: E731
+    ddp = lambda mb, view, static: {"bucket_mb": mb, "gradient_as_bucket_view": view,  # noqa: E731
+                                    "static_graph": static}
     eager = {
         "no DDP (upper bound)": {"ddp": None},
         "DDP defaults": {"ddp": ddp(DEFAULT_BUCKET_MB, False, False)},
@@ -95,16 +96,19 @@ def main():
 
         def prepare(name, spec):
             if spec.get("compile"):
-                torch._dynamo.reset()  # else a later model reuses the first one's graphs and dynamo's DDP split never runs
+                # else a later model reuses the first one's graphs and dynamo's DDP split never runs
+                torch._dynamo.reset()
             torch.manual_seed(0)
             graphs_before = torch._dynamo.utils.counters["aot_autograd"]["total"]
             started = time.perf_counter()
             model, runnable = build(cfg, spec, env)
             state = train_state(cfg, model, runnable, shard, env, steps)
-            train_one_epoch(state, shard, env, NullOutput(), 0, 1, 10**9)  # warm: compilation, bucket rebuild, allocator
+            # warm: compilation, bucket rebuild, allocator
+            train_one_epoch(state, shard, env, NullOutput(), 0, 1, 10**9)
             sync(env.device)
             graphs = torch._dynamo.utils.counters["aot_autograd"]["total"] - graphs_before
-            runs[name] = {"spec": spec, "state": state, "warm_s": time.perf_counter() - started, "graphs": graphs, "rates": []}
+            runs[name] = {"spec": spec, "state": state, "warm_s": time.perf_counter() - started, "graphs": graphs,
+                          "rates": []}
             if rank0:
                 print(f"built and warmed {name.strip()} in {runs[name]['warm_s']:.1f} s"
                       + (f" ({graphs} graph(s) compiled)" if spec.get("compile") else ""), flush=True)
@@ -132,7 +136,8 @@ def main():
                     timed_turn(run, turn)
         precision = config.resolve_precision(cfg.TRAIN.mixed_precision, env.device.type)
         report = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "world_size": env.world_size,
-                  "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else platform.processor() or "cpu",
+                  "device": (torch.cuda.get_device_name(env.device) if env.device.type == "cuda"
+                             else platform.processor() or "cpu"),
                   "backend": torch.distributed.get_backend(), "threads_per_process": torch.get_num_threads(),
                   "batch_size_per_process": bs, "steps_per_turn": steps, "precision": precision, "variants": []}
         baseline = statistics.median(runs["DDP defaults"]["rates"]) if "DDP defaults" in runs else None
@@ -147,7 +152,8 @@ def main():
                                        "compiled_graphs": run["graphs"]})
             if rank0:
                 spread = f"{min(run['rates']):,.0f}-{max(run['rates']):,.0f}"
-                print(f"  {name:42s} {rate:9,.1f} img/s  (turns {spread})" + (f"  {ratio:.3f}x DDP defaults" if ratio else ""))
+                print(f"  {name:42s} {rate:9,.1f} img/s  (turns {spread})"
+                      + (f"  {ratio:.3f}x DDP defaults" if ratio else ""))
     finally:
         shutdown()
     if rank0:

@@ -208,7 +208,8 @@ class Run:
             self.proc.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
         self.wait()
         said = [line for line in self.err.splitlines() if "stopped by signal 15" in line]
-        require(self.rc != 0 and bool(said), f"{self.what} did not stop on SIGTERM at a safe point (exit {self.rc}; the run "
+        require(self.rc != 0 and bool(said),
+                f"{self.what} did not stop on SIGTERM at a safe point (exit {self.rc}; the run "
                 f"may have ended before the signal: give it more steps): {last_lines(self.err)}")
         return said[-1].split("stopped by signal 15 ", 1)[1].split(";")[0]  # "at epoch 1 step 4" / "after epoch 1"
 
@@ -243,7 +244,8 @@ def torchrun_worker(ctx: Context, role: str, nproc: int = 2, args=(), env: dict 
         kill_group(proc)
         raise CheckFailed(f"worker {role} on {nproc} processes did not finish within {RUN_TIMEOUT_S} s") from None
     with open(logs + ".err") as err:
-        require(proc.returncode == 0, f"worker {role} on {nproc} processes exited {proc.returncode}: {last_lines(err.read())}")
+        require(proc.returncode == 0,
+                f"worker {role} on {nproc} processes exited {proc.returncode}: {last_lines(err.read())}")
     with open(result) as f:
         return json.load(f)
 
@@ -260,12 +262,14 @@ def check_environment(ctx: Context):
     facts = versions()
     described = (f"{ctx.gpus} GPU(s) ({', '.join(sorted(set(names)))}), torch {facts['torch']}, CUDA {facts['cuda']}, "
                  f"driver {facts['driver']}")
-    require(figures["native_bf16"], f"{described}: no native bf16, so TRAIN.mixed_precision auto trains in fp16", figures)
+    require(figures["native_bf16"], f"{described}: no native bf16, so TRAIN.mixed_precision auto trains in fp16",
+            figures)
     return described + ", native bf16", figures
 
 
 def check_stop_and_resume(ctx: Context):
-    precision = ["TRAIN.compile", "true", "TRAIN.mixed_precision", "bf16"] if ctx.cuda else ["TRAIN.mixed_precision", "no"]
+    precision = (["TRAIN.compile", "true", "TRAIN.mixed_precision", "bf16"] if ctx.cuda
+                 else ["TRAIN.mixed_precision", "no"])
     overrides = ["TRAIN.epochs", "2", "TRAIN.ckpt_every_steps", "2", *precision]
     # On CUDA a second uninterrupted run measures how far two runs drift apart anyway (non-deterministic kernels).
     straight = [ctx.launch(name, overrides) for name in (["straight", "straight-again"] if ctx.cuda else ["straight"])]
@@ -280,17 +284,19 @@ def check_stop_and_resume(ctx: Context):
     what = f"stopped {stopped_at} by SIGTERM and resumed"
     if not ctx.cuda:
         same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        require(same and ours == theirs, f"{what}, but it ended with other weights or metrics than the uninterrupted run "
+        require(same and ours == theirs,
+                f"{what}, but it ended with other weights or metrics than the uninterrupted run "
                 f"(relative weight distance {figures['weight_distance']:.2e})", figures)
-        return f"{what}: eager fp32, 2 epochs; weights and final metrics exactly those of the uninterrupted run", figures
+        return (f"{what}: eager fp32, 2 epochs; weights and final metrics exactly those of the uninterrupted run",
+                figures)
     again = straight[1].succeeded()
     noise = relative_distance(a, again.weights())
     acc_noise = abs(again.results()["last"]["acc"] - theirs["acc"])
     tolerance, acc_tolerance = max(4 * noise, RESUME_TOLERANCE), max(4 * acc_noise, 0.01)
     figures.update(noise_distance=noise, tolerance=tolerance, acc_tolerance=acc_tolerance)
     within = (f"relative weight distance {figures['weight_distance']:.2e} (tolerance max(4 x {noise:.2e} between two "
-              f"uninterrupted runs, {RESUME_TOLERANCE:g}) = {tolerance:.2e}); test acc {ours['acc']:.4f} vs {theirs['acc']:.4f} "
-              f"(tolerance {acc_tolerance:.3f})")
+              f"uninterrupted runs, {RESUME_TOLERANCE:g}) = {tolerance:.2e}); "
+              f"test acc {ours['acc']:.4f} vs {theirs['acc']:.4f} (tolerance {acc_tolerance:.3f})")
     require(figures["weight_distance"] <= tolerance and abs(ours["acc"] - theirs["acc"]) <= acc_tolerance,
             f"{what}: outside the tolerance: {within}", figures)
     return f"{what}: compiled bf16, 2 epochs; {within}", figures
@@ -304,7 +310,8 @@ def check_resume_elsewhere(ctx: Context):
     if ctx.gpus >= 2:
         what, before, after = "2 GPUs -> 1 GPU", dict(nproc=2), dict(env={"CUDA_VISIBLE_DEVICES": first_visible_gpu()})
     elif ctx.cuda:
-        what, before, after = "1 GPU -> CPU", dict(overrides=["TRAIN.device", "cuda"]), dict(overrides=["TRAIN.device", "cpu"])
+        what, before, after = ("1 GPU -> CPU", dict(overrides=["TRAIN.device", "cuda"]),
+                               dict(overrides=["TRAIN.device", "cpu"]))
     else:
         what, before, after = "2 CPU processes -> 1", dict(nproc=2), {}
     common = ["TRAIN.epochs", "1", "TRAIN.ckpt_every_steps", "2"]
@@ -312,7 +319,8 @@ def check_resume_elsewhere(ctx: Context):
     resumed = Run(ctx, "elsewhere", [*common, *after.pop("overrides", [])], **after).succeeded()
     require("resumed from" in resumed.out, f"{what}: the second run did not resume: {last_lines(resumed.out)}")
     acc = resumed.results()["last"]["acc"]
-    return f"{what}: stopped {stopped_at}, resumed and finished (test acc {acc:.4f})", {"stopped": stopped_at, "acc": acc}
+    return (f"{what}: stopped {stopped_at}, resumed and finished (test acc {acc:.4f})",
+            {"stopped": stopped_at, "acc": acc})
 
 
 def check_device_binding(ctx: Context):
@@ -334,10 +342,12 @@ def check_device_binding(ctx: Context):
     naming = [line for line in refused.err.splitlines() if "share one GPU" in line]
     figures = {"uuid": uuid, "refused_exit": refused.rc, "refusal": naming}
     require(refused.rc != 0 and len(naming) == 1 and uuid in naming[0],
-            f"2 NCCL ranks on one GPU were not refused in one line naming {uuid} (exit {refused.rc}): {last_lines(refused.err)}",
+            f"2 NCCL ranks on one GPU were not refused in one line naming {uuid} (exit {refused.rc}): "
+            f"{last_lines(refused.err)}",
             figures)
     shared.succeeded()
-    require("2 process(es) on cuda" in shared.out, f"the gloo run did not train 2 processes on the GPU: {last_lines(shared.out)}")
+    require("2 process(es) on cuda" in shared.out,
+            f"the gloo run did not train 2 processes on the GPU: {last_lines(shared.out)}")
     return (f"one GPU: NCCL refused in one line ({naming[0].strip()[:120]}...); TRAIN.dist_backend gloo trained "
             "2 processes on it", figures)
 
@@ -350,7 +360,8 @@ def check_fp16_scaler(ctx: Context):
         losses = [float(line.split(",")[2]) for line in f.read().splitlines()[1:]]
     test_loss = run.results()["last"]["loss"]
     figures = {"train_loss": losses, "test_loss": test_loss}
-    require(bool(losses) and all(math.isfinite(x) for x in [*losses, test_loss]), f"non-finite loss: {figures}", figures)
+    require(bool(losses) and all(math.isfinite(x) for x in [*losses, test_loss]), f"non-finite loss: {figures}",
+            figures)
     return f"compiled fp16 with GradScaler, 1 epoch: train loss {losses[-1]:.4f}, test loss {test_loss:.4f}", figures
 
 
@@ -374,7 +385,8 @@ class SyncGuard:
 
     @contextlib.contextmanager
     def installed(self):
-        step, agree, read_loss, augment = engine.optimizer_step, engine.agree, engine.DeviceTally.read_loss, BatchAugment.__call__
+        step, agree, read_loss, augment = (engine.optimizer_step, engine.agree, engine.DeviceTally.read_loss,
+                                           BatchAugment.__call__)
         guard = self
 
         def guarded_step(*args, **kwargs):
@@ -397,7 +409,8 @@ class SyncGuard:
             if guard.armed:
                 guard.switch(True)
             return augment(self_, *args)
-        engine.optimizer_step, engine.agree, engine.DeviceTally.read_loss = guarded_step, guarded_agree, guarded_read_loss
+        engine.optimizer_step, engine.agree, engine.DeviceTally.read_loss = (guarded_step, guarded_agree,
+                                                                             guarded_read_loss)
         BatchAugment.__call__ = guarded_augment
         try:
             yield self
@@ -427,15 +440,18 @@ def steps_without_sync(ctx: Context, precision: str, compiled: bool, batch: int,
 
 
 def check_no_host_sync(ctx: Context):
-    variants = {"compiled bf16": ("bf16", True), "compiled fp16": ("fp16", True)} if ctx.cuda else {"eager fp32": ("no", False)}
+    variants = ({"compiled bf16": ("bf16", True), "compiled fp16": ("fp16", True)} if ctx.cuda
+                else {"eager fp32": ("no", False)})
     size = dict(batch=32, steps=60, check_every=20) if ctx.cuda else dict(batch=8, steps=6, check_every=2)
-    results = {name: steps_without_sync(ctx, precision, compiled, **size) for name, (precision, compiled) in variants.items()}
+    results = {name: steps_without_sync(ctx, precision, compiled, **size)
+               for name, (precision, compiled) in variants.items()}
     counted = "; ".join(f"{name}: {r['steps_checked']} of {r['steps']} steps checked, {r['agree']} agreement and "
                         f"{r['read_loss']} loss reads with the mode off" for name, r in results.items())
     hooks_hit = all(r["steps_checked"] > 0 and r["agree"] > 0 and r["read_loss"] > 0 for r in results.values())
     require(hooks_hit, f"the guard's wrappers were not all called (engine's names changed?): {counted}", results)
     if not ctx.cuda:
-        raise Skip(f"torch.cuda.set_sync_debug_mode needs CUDA; the same code path rehearsed on CPU ({counted})", results)
+        raise Skip(f"torch.cuda.set_sync_debug_mode needs CUDA; the same code path rehearsed on CPU ({counted})",
+                   results)
     failed = {name: r["error"] for name, r in results.items() if r["error"]}
     require(not failed, f"a steady-state step synchronised with the host: {failed}", results)
     return f"no synchronising call inside the steps ({counted})", results
@@ -445,8 +461,10 @@ def check_sync_bn(ctx: Context):
     backend = "auto" if ctx.gpus >= 2 else "gloo"  # one GPU: 2 processes share it through gloo
     fp32 = {"NVIDIA_TF32_OVERRIDE": "0"} if ctx.cuda else None  # fp32 means fp32: no TF32 convolutions or matmuls
     common = ["TRAIN.mixed_precision", "no", "TRAIN.compile", "false", "TRAIN.dist_backend", backend,
-              "OPTIMIZER.lr", "0.01", "OPTIMIZER.momentum", "0.0"]  # a small step keeps ResNet-18's fp32 noise from growing
-    runs = {name: ctx.launch(f"bn-{name.replace(' ', '-')}", [*common, *extra], nproc=nproc, env=fp32, config=ctx.small_config)
+              # a small step keeps ResNet-18's fp32 noise from growing
+              "OPTIMIZER.lr", "0.01", "OPTIMIZER.momentum", "0.0"]
+    runs = {name: ctx.launch(f"bn-{name.replace(' ', '-')}", [*common, *extra], nproc=nproc, env=fp32,
+                             config=ctx.small_config)
             for name, nproc, extra in [("one process", 1, []), ("synchronised", 2, ["MODEL.sync_bn", "true"]),
                                        ("per process", 2, ["MODEL.sync_bn", "false"])]}
     weights = {name: run.succeeded().weights() for name, run in runs.items()}
@@ -456,10 +474,11 @@ def check_sync_bn(ctx: Context):
     figures = {"distance_synchronised": synced, "distance_per_process": per_process, "tolerance": SYNC_BN_TOLERANCE,
                "backend": backend if ctx.gpus < 2 else "nccl", **measured}
     graphs, steps = measured["graphs"], measured["step_ms"]
-    detail = (f"2 processes ({figures['backend']}) vs 1, resnet18 fp32 eager, global batch 32: relative weight distance "
-              f"{synced:.1e} with SyncBatchNorm, {per_process:.1e} without (tolerance {SYNC_BN_TOLERANCE:g} and below a tenth "
-              f"of the latter); graphs compiled {graphs['off']} without, {graphs['on']} with "
-              f"({graphs['breaks_on']} graph breaks); eager step {steps['off']:.0f} ms without, {steps['on']:.0f} ms with "
+    detail = (f"2 processes ({figures['backend']}) vs 1, resnet18 fp32 eager, global batch 32: "
+              f"relative weight distance {synced:.1e} with SyncBatchNorm, {per_process:.1e} without "
+              f"(tolerance {SYNC_BN_TOLERANCE:g} and below a tenth of the latter); "
+              f"graphs compiled {graphs['off']} without, {graphs['on']} with ({graphs['breaks_on']} graph breaks); "
+              f"eager step {steps['off']:.0f} ms without, {steps['on']:.0f} ms with "
               f"({ctx.device}, batch {measured['batch_per_process']} per process)")
     require(synced <= SYNC_BN_TOLERANCE and synced < 0.1 * per_process, detail, figures)
     return detail, figures
@@ -504,8 +523,8 @@ def check_throughput(ctx: Context):
              f"{v['timed_steps']} timed steps" for v in rates[:1]]
     big = [v["share_of_peak"] for v in rates if v["batch_size"] >= 512]
     if peak and big:
-        parts.append(f"best share of the measured {peak:.0f} TFLOP/s bf16 matmul peak at batch >= 512: {100 * max(big):.1f}% "
-                     "(target 40%)")
+        parts.append(f"best share of the measured {peak:.0f} TFLOP/s bf16 matmul peak at batch >= 512: "
+                     f"{100 * max(big):.1f}% (target 40%)")
     if figures["grid"]:
         grid = figures["grid"]
         parts.append(f"evaluation {grid['side_by_side'][0]['eval_img_per_s']:,.0f} img/s (batch {grid_args[3]})")
@@ -536,11 +555,13 @@ def check_checkpoint_cost(ctx: Context):
     loaded = checkpoint.load(path)
     figures = {"host_copy_s": statistics.median(copies), "full_write_s": statistics.median(writes),
                "megabytes": os.path.getsize(path) / 2**20}
-    require(all(torch.equal(loaded["model"][k], v.cpu()) for k, v in state["model"].items()), "the written checkpoint differs")
+    require(all(torch.equal(loaded["model"][k], v.cpu()) for k, v in state["model"].items()),
+            "the written checkpoint differs")
     detail = (f"ResNet-18 with momentum ({figures['megabytes']:.0f} MB on {ctx.device}): training waits "
               f"{1000 * figures['host_copy_s']:.0f} ms for the host copy; the background write takes "
               f"{1000 * figures['full_write_s']:.0f} ms in all (median of 3)")
-    require(figures["host_copy_s"] < figures["full_write_s"], f"{detail}: the copy is not cheaper than the write", figures)
+    require(figures["host_copy_s"] < figures["full_write_s"], f"{detail}: the copy is not cheaper than the write",
+            figures)
     return detail, figures
 
 
@@ -616,8 +637,8 @@ def versions() -> dict:
              "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
     if shutil.which("nvidia-smi"):
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                                 text=True, timeout=30)
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30)
             facts["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
     return facts
 
@@ -650,8 +671,8 @@ def main() -> int:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--out", default="gpu_check.json")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="wall time the script aims to stay within: the throughput sweep shrinks to fit (default 450 on "
-                             "CUDA, none on CPU)")
+                        help="wall time the script aims to stay within: the throughput sweep shrinks to fit "
+                             "(default 450 on CUDA, none on CPU)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--backend", default="auto", help=argparse.SUPPRESS)
@@ -668,15 +689,16 @@ def main() -> int:
     try:
         device = resolve_device(args.device)
     except BsdistError as e:
-        report["checks"].append({"name": "environment", "status": "FAIL", "detail": str(e), "figures": {}, "seconds": 0})
+        report["checks"].append({"name": "environment", "status": "FAIL", "detail": str(e), "figures": {},
+                                 "seconds": 0})
         print(f"FAIL environment: {e}")
         write()
         return 1
     report["device"] = device
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as workdir:
         budget = args.budget_s or (450 if device == "cuda" else math.inf)
-        ctx = Context(device, torch.cuda.device_count() if device == "cuda" else 0, workdir, init_distributed(device, 600),
-                      started + budget)
+        ctx = Context(device, torch.cuda.device_count() if device == "cuda" else 0, workdir,
+                      init_distributed(device, 600), started + budget)
         try:
             ctx.config = write_run_config(workdir, "cifar", TRAIN_PER_CLASS[device], TEST_PER_CLASS[device])
             ctx.small_config = write_run_config(workdir, "cifar-small", TRAIN_PER_CLASS["cpu"], TEST_PER_CLASS["cpu"])
@@ -694,13 +716,14 @@ def main() -> int:
 
 def write_run_config(workdir: str, name: str, train_per_class: int, test_per_class: int) -> str:
     """Generated CIFAR-10 files and the YAML the check runs start from (their overrides come on top)."""
-    root = write_cifar(os.path.join(workdir, name), 10, train_per_class=train_per_class, test_counts=[test_per_class] * 10)
+    root = write_cifar(os.path.join(workdir, name), 10, train_per_class=train_per_class,
+                       test_counts=[test_per_class] * 10)
     cfg = {"DEFAULT": {"exp_name": "check"},
            "DATASET": {"name": "CIFAR10LT", "datadir": root, "batch_size": 32, "num_workers": 0, "imbalance_factor": 1},
            "OPTIMIZER": {"lr": 0.1, "momentum": 0.9},
            "SCHEDULER": {"params": {"warmup_epochs": 0}},
-           "TRAIN": {"epochs": 1, "log_interval": 1000, "check_every_steps": 1, "compile": False, "mixed_precision": "auto",
-                     "resume": "auto"}}
+           "TRAIN": {"epochs": 1, "log_interval": 1000, "check_every_steps": 1, "compile": False,
+                     "mixed_precision": "auto", "resume": "auto"}}
     path = os.path.join(workdir, f"{name}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)

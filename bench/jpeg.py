@@ -56,7 +56,8 @@ def time_bsdist(root: str, paths: list[str], size: int) -> float:
 def time_reference(root: str, size: int) -> float:
     import torchvision
     from torchvision import transforms
-    transform = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+    transform = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                    transforms.ToTensor(),
                                     transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     dataset = torchvision.datasets.ImageFolder(os.path.join(root, "train"), transform=transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=0)
@@ -98,7 +99,8 @@ def main() -> None:
             rates["bsdist"].append(time_bsdist(root, paths, args.size))
             rates["reference"].append(time_reference(root, args.size))
         report = {"images": args.images, "image_bytes_mean": int(np.mean([os.path.getsize(p) for p in paths])),
-                  "bsdist_img_per_s_per_core": max(rates["bsdist"]), "reference_img_per_s_per_core": max(rates["reference"]),
+                  "bsdist_img_per_s_per_core": max(rates["bsdist"]),
+                  "reference_img_per_s_per_core": max(rates["reference"]),
                   "rounds": rates, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                   "date": time.strftime("%Y-%m-%d")}
         report["ratio"] = report["bsdist_img_per_s_per_core"] / report["reference_img_per_s_per_core"]

@@ -72,7 +72,8 @@ def reference_loader(data, targets, batch_size):
     """The reference trainer's input pipeline: torchvision PIL transforms, one image at a time."""
     from PIL import Image
     from torchvision import transforms
-    tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+    tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(),
                              transforms.Normalize(CIFAR10LT.mean, CIFAR10LT.std)])
 
     class PILDataset(torch.utils.data.Dataset):
@@ -87,8 +88,10 @@ def reference_loader(data, targets, batch_size):
 def bsdist_data(data, targets, batch_size, device, seed=0, world_size=1, rank=0):
     """bsdist's default training data (device loader, batch augmentation); batch_size is per process."""
     ds = ImageArrays(data, targets)
-    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    augment = BatchAugment(len(ds), CIFAR10LT.mean, CIFAR10LT.std, ["RandomCrop", "RandomHorizontalFlip"], 4, seed, device)
+    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                                  drop_last=True)
+    augment = BatchAugment(len(ds), CIFAR10LT.mean, CIFAR10LT.std, ["RandomCrop", "RandomHorizontalFlip"], 4, seed,
+                           device)
     loader = DeviceLoader(ds, ResumableBatchSampler(sampler, batch_size, True), device)
     return Data(loader, sampler, {}, augment, {c: int((targets == c).sum()) for c in range(10)}, 10, 3)
 
@@ -183,7 +186,8 @@ class Trainer:
         images = batch_size * env.world_size
         data, targets = cifar_shaped_digits(images * steps)
         if len(set(targets.tolist())) < 10:
-            raise ValueError(f"{images * steps} images do not hold every digit class; raise the batch size or the steps")
+            raise ValueError(f"{images * steps} images do not hold every digit class; "
+                             "raise the batch size or the steps")
         shard = dict(world_size=env.world_size, rank=env.rank)
         self.data = bsdist_data(data, targets, batch_size, env.device, **shard)
         self.one_step = bsdist_data(data[:images], targets[:images], batch_size, env.device, **shard)
@@ -194,7 +198,8 @@ class Trainer:
         """Train one epoch (of `data`, else the `steps`-step one); return its seconds and optimiser steps."""
         sync(self.env.device)
         before, t0 = self.state.step, time.perf_counter()
-        train_one_epoch(self.state, data or self.data, self.env, NullOutput(), self.epochs_run, self.epochs_run + 1, 10**9)
+        train_one_epoch(self.state, data or self.data, self.env, NullOutput(), self.epochs_run, self.epochs_run + 1,
+                        10**9)
         sync(self.env.device)
         self.epochs_run += 1
         return time.perf_counter() - t0, self.state.step - before
@@ -215,7 +220,8 @@ class Trainer:
         """Seconds and images of one evaluation of `batches` x `test_batch` images through the real evaluate."""
         n = batches * test_batch
         data, targets = cifar_shaped_digits(n)
-        loader = DeviceLoader(ImageArrays(data, targets), ResumableBatchSampler(range(n), test_batch, False), self.env.device)
+        loader = DeviceLoader(ImageArrays(data, targets), ResumableBatchSampler(range(n), test_batch, False),
+                              self.env.device)
         sync(self.env.device)
         t0 = time.perf_counter()
         evaluate(self.built.compiled, loader, self.data.augment.normalize, 10, [1] * 10, self.env, self.state.amp_dtype,
@@ -284,7 +290,8 @@ def grid_work() -> tuple[int, int, int]:
 
 
 def file_barrier(directory: str, name: str, index: int, count: int, timeout: float = 600) -> None:
-    """Wait until all `count` processes have reached this point (each leaves a file), so that their timed parts overlap."""
+    """Wait until all `count` processes have reached this point (each leaves a file), so that their timed
+    parts overlap."""
     open(os.path.join(directory, f"{name}.{index}"), "w").close()
     deadline = time.time() + timeout
     while len(glob.glob(os.path.join(directory, f"{name}.*"))) < count:
@@ -331,8 +338,8 @@ def runs_side_by_side(device_type: str, k: int, steps: int, eval_batches: int, t
     for i in range(k):
         with open(os.path.join(directory, f"{i}.log"), "w") as log:
             procs.append(subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--grid-worker", directory, "--index", str(i), "--count", str(k),
-                 "--launched-at", repr(launched_at), "--device", device_type, "--steps", str(steps),
+                [sys.executable, os.path.abspath(__file__), "--grid-worker", directory, "--index", str(i),
+                 "--count", str(k), "--launched-at", repr(launched_at), "--device", device_type, "--steps", str(steps),
                  "--eval-batches", str(eval_batches), "--test-batch", str(test_batch)],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.time() + timeout
@@ -396,8 +403,8 @@ def duration(seconds: float) -> str:
 def describe_grid(grid: dict) -> str:
     b = grid["best"]
     return (f"reference grid (18 runs x 50 epochs, batch 32, {b['processes']} run(s) side by side): about "
-            f"{duration(b['minutes'] * 60)} = training {duration(b['training_s'])} + evaluation {duration(b['evaluation_s'])} "
-            f"+ start-up {duration(b['startup_s'])}")
+            f"{duration(b['minutes'] * 60)} = training {duration(b['training_s'])} "
+            f"+ evaluation {duration(b['evaluation_s'])} + start-up {duration(b['startup_s'])}")
 
 
 def main():
@@ -429,13 +436,14 @@ def main():
     steps = args.steps or (20 if on_cuda else 2)
     bs = args.batch_size
     torch.manual_seed(0)
-    report = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": bs}
+    report = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "batch_size": bs}
     env = init_distributed(device_type, 600)
     report["device"] = torch.cuda.get_device_name(env.device) if on_cuda else platform.processor() or "cpu"
     try:
         ref_data, our_data = bench_data_path(bs, env.device, args.data_batches)
-        report["data_path"] = {"reference_img_per_s": ref_data, "bsdist_img_per_s": our_data, "ratio": our_data / ref_data,
-                               "batches": args.data_batches}
+        report["data_path"] = {"reference_img_per_s": ref_data, "bsdist_img_per_s": our_data,
+                               "ratio": our_data / ref_data, "batches": args.data_batches}
         print(f"data path alone (batch {bs}): reference {ref_data:,.0f} img/s | bsdist {our_data:,.0f} img/s | "
               f"{our_data / ref_data:.1f}x", flush=True)
 
@@ -443,9 +451,11 @@ def main():
         ref_train = bench_reference_training(bs, env.device, steps)
         ours = bench_bsdist_training(bs, env, steps, on_cuda, precision)
         report["training"] = {"reference_img_per_s": ref_train, "bsdist_img_per_s": ours.img_per_s,
-                              "ratio": ours.img_per_s / ref_train, "bsdist_precision": precision, "bsdist_compiled": on_cuda,
-                              "time_to_first_step_s": ours.time_to_first_step_s, "timed_steps": ours.timed_steps}
-        print(f"training (batch {bs}, {ours.timed_steps} timed steps): reference-style eager fp32 {ref_train:,.0f} img/s | "
+                              "ratio": ours.img_per_s / ref_train, "bsdist_precision": precision,
+                              "bsdist_compiled": on_cuda, "time_to_first_step_s": ours.time_to_first_step_s,
+                              "timed_steps": ours.timed_steps}
+        print(f"training (batch {bs}, {ours.timed_steps} timed steps): "
+              f"reference-style eager fp32 {ref_train:,.0f} img/s | "
               f"bsdist default ({precision}, {'compiled' if on_cuda else 'eager'}) {ours.img_per_s:,.0f} img/s | "
               f"{ours.img_per_s / ref_train:.2f}x | first step after {ours.time_to_first_step_s:.1f} s", flush=True)
         flops = train_flops_per_image()
@@ -474,8 +484,8 @@ def main():
                                       args.grid_test_batch or (TEST_BATCH if on_cuda else 64), workdir)
     report["grid_minutes_estimate"] = report["grid"]["best"]["minutes"]
     for m, e in zip(report["grid"]["side_by_side"], report["grid"]["estimates"]):
-        print(f"  {m['processes']} batch-32 run(s) side by side: training {m['train_img_per_s']:,.0f} img/s, evaluation "
-              f"{m['eval_img_per_s']:,.0f} img/s in all, start-up {m['startup_s']:.1f} s each -> grid "
+        print(f"  {m['processes']} batch-32 run(s) side by side: training {m['train_img_per_s']:,.0f} img/s, "
+              f"evaluation {m['eval_img_per_s']:,.0f} img/s in all, start-up {m['startup_s']:.1f} s each -> grid "
               f"{duration(e['minutes'] * 60)}")
     print(describe_grid(report["grid"]) + (" (one process already uses every CPU core: runs side by side not measured)"
                                             if not on_cuda else ""))

@@ -92,9 +92,9 @@ class CheckpointWriter:
                 link_atomic(paths[0], path)
         except OSError as e:
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-            self.error = BsdistError(f"checkpoint {path} could not be written ({e.strerror or e}; {free / 2**20:.0f} MiB free "
-                                     "there); the previous checkpoint is kept: free space, then continue with "
-                                     "TRAIN.resume auto")
+            self.error = BsdistError(f"checkpoint {path} could not be written ({e.strerror or e}; "
+                                     f"{free / 2**20:.0f} MiB free there); the previous checkpoint is kept: free "
+                                     "space, then continue with TRAIN.resume auto")
         except BaseException as e:  # noqa: BLE001 - reported by the run at its next agreement point
             self.error = e
 
@@ -112,7 +112,8 @@ def load(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise BsdistError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).strip().splitlines()[0][:80]}); "
+        first_line = str(e).strip().splitlines()[0][:80]
+        raise BsdistError(f"checkpoint {path} cannot be read ({type(e).__name__}: {first_line}); "
                           "remove it to start the run again, or restore it from a copy") from None
 
 

@@ -43,7 +43,8 @@ def launched_as_main() -> bool:
 
 
 def restarted_by_launcher() -> bool:
-    """Whether torchrun restarted this worker group after a failure, or SLURM requeued this job (so the run must resume)."""
+    """Whether torchrun restarted this worker group after a failure, or SLURM requeued this job (so the run
+    must resume)."""
     return any(int(os.environ.get(v) or 0) > 0 for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
 
 
@@ -80,10 +81,11 @@ def init_distributed(device_type: str, timeout_s: float, backend: str = "auto") 
                                     timeout=timeout, store=dist.PrefixStore(f"bsdist/attempt-{attempt}", store))
         else:
             # the same backends as several processes: a CUDA tensor through gloo is copied to the host (a sync)
-            dist.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo", store=dist.HashStore(), rank=0, world_size=1,
-                                    timeout=timeout)
+            dist.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo", store=dist.HashStore(), rank=0,
+                                    world_size=1, timeout=timeout)
     if nccl:
-        check_distinct_gpus(all_gather_objects((socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid))))
+        gpu_uuid = str(torch.cuda.get_device_properties(device).uuid)
+        check_distinct_gpus(all_gather_objects((socket.gethostname(), gpu_uuid)))
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
@@ -92,9 +94,9 @@ def check_distinct_gpus(gpus: list[tuple[str, str]]) -> None:
     first = {}
     for rank, gpu in enumerate(gpus):
         if gpu in first:
-            raise BsdistError(f"ranks {first[gpu]} and {rank} share one GPU ({gpu[1]} on {gpu[0]}), which NCCL cannot do: "
-                              "start at most one process per visible GPU (torchrun --nproc_per_node, CUDA_VISIBLE_DEVICES), "
-                              "or set TRAIN.dist_backend gloo to share it slowly")
+            raise BsdistError(f"ranks {first[gpu]} and {rank} share one GPU ({gpu[1]} on {gpu[0]}), which NCCL "
+                              "cannot do: start at most one process per visible GPU (torchrun --nproc_per_node, "
+                              "CUDA_VISIBLE_DEVICES), or set TRAIN.dist_backend gloo to share it slowly")
         first[gpu] = rank
 
 

@@ -69,7 +69,8 @@ class DeviceTally:
         # the same for finite steps since the last log point, this rank, with their gradient norms and count
         self.pending = torch.zeros(5, **f64)
         self.epoch = torch.tensor([progress.loss_sum, progress.images, progress.correct], **f64)  # all ranks, logged
-        self.flags = torch.tensor([0.0, math.inf], **f64)  # non-finite steps since the last check point, the first of them
+        # non-finite steps since the last check point, the first of them
+        self.flags = torch.tensor([0.0, math.inf], **f64)
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         self.group[0] += loss.detach().double() * len(targets)
@@ -208,17 +209,20 @@ def _check_point(state: TrainState, tally: DeviceTally, out, here: _Epoch, step_
         where = _describe_step(first_bad, here.steps)
         if state.nonfinite == "stop":
             if state.last_checkpoint:
-                kept = (f"last.pt ({state.last_checkpoint}) is the last good point: continue from it with TRAIN.nonfinite "
-                        "skip and TRAIN.resume auto, or")
+                kept = (f"last.pt ({state.last_checkpoint}) is the last good point: continue from it with "
+                        "TRAIN.nonfinite skip and TRAIN.resume auto, or")
             else:
                 kept = "no checkpoint was written, so the next attempt starts afresh:"
             raise BsdistError(f"non-finite loss at {where}, a step that changed no weight; {kept} retry with a lower "
-                              "OPTIMIZER.lr or TRAIN.mixed_precision no (under another DEFAULT.exp_name if last.pt exists)")
-        out.info(f"{bad} step(s) with a non-finite loss on some rank skipped, the first at {where} (TRAIN.nonfinite skip)")
+                              "OPTIMIZER.lr or TRAIN.mixed_precision no (under another DEFAULT.exp_name if last.pt "
+                              "exists)")
+        out.info(f"{bad} step(s) with a non-finite loss on some rank skipped, the first at {where} "
+                 "(TRAIN.nonfinite skip)")
     mid_epoch = step_in_epoch < here.steps
     checkpoint_due = checkpoint_due or bool(signum and mid_epoch)
     if log_due or checkpoint_due:
-        loss_mean, accuracy, images_seen, grad_norm = tally.read_loss()  # waits for the device: the clock reads after it
+        # waits for the device: the clock reads after it
+        loss_mean, accuracy, images_seen, grad_norm = tally.read_loss()
         now = time.perf_counter()
         rate = images_seen / (now - here.tick)
         remaining = (here.epochs - here.epoch) * here.steps - step_in_epoch
@@ -231,8 +235,8 @@ def _check_point(state: TrainState, tally: DeviceTally, out, here: _Epoch, step_
     if checkpoint_due:
         state.save(here.epoch, EpochProgress(step_in_epoch, *tally.epoch.tolist()))
     if signum and mid_epoch:
-        raise Stopped(f"stopped by signal {signum} at epoch {here.epoch + 1} step {step_in_epoch}; last.pt holds this point: "
-                      "continue with TRAIN.resume auto", signum)
+        raise Stopped(f"stopped by signal {signum} at epoch {here.epoch + 1} step {step_in_epoch}; last.pt holds "
+                      "this point: continue with TRAIN.resume auto", signum)
 
 
 def _describe_step(global_step: int, steps_per_epoch: int) -> str:

@@ -56,8 +56,8 @@ def confusion_figure(confusion: list[list[int]], class_names: list[str], title: 
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     _text(draw, (10, 8), title, 15)
-    _text(draw, (10, 30), "rows: true class, normalised to recall; columns: predicted class; colour: log share of the row",
-          11, (80, 80, 80))
+    _text(draw, (10, 30), "rows: true class, normalised to recall; columns: predicted class; colour: log share of "
+          "the row", 11, (80, 80, 80))
     for r in range(n):
         for c in range(n):
             x, y = left + c * cell, top + r * cell
@@ -65,7 +65,8 @@ def confusion_figure(confusion: list[list[int]], class_names: list[str], title: 
             if m[r, c]:  # the share in percent, in black or white, whichever the cell's colour shows better
                 value = f"{100 * shares[r, c]:.0f}" if shares[r, c] >= 0.01 else "<1"
                 bright = np.dot(colour(shares[r, c]), (0.299, 0.587, 0.114)) > 140
-                _text(draw, (x + cell / 2, y + cell / 2), value, max(9, cell // 3), (0, 0, 0) if bright else (255, 255, 255), "mm")
+                _text(draw, (x + cell / 2, y + cell / 2), value, max(9, cell // 3),
+                      (0, 0, 0) if bright else (255, 255, 255), "mm")
         _text(draw, (left - 6, top + r * cell + cell / 2), class_names[r], 12, anchor="rm")
     for c in range(n):  # column names written downwards
         label = Image.new("RGBA", (label_w, 16), (255, 255, 255, 0))
@@ -103,16 +104,18 @@ def recall_by_count_figure(per_class_recall: list[float | None], num_per_cls: li
     image = Image.new("RGB", (left + plot_w + 50, top + plot_h + 70), "white")
     draw = ImageDraw.Draw(image)
     _text(draw, (10, 8), title, 15)
-    _text(draw, (10, 30), f"per-class recall (bars) of {n} classes, sorted by training images (grey line, log scale)", 11,
-          (80, 80, 80))
+    _text(draw, (10, 30), f"per-class recall (bars) of {n} classes, sorted by training images (grey line, log "
+          "scale)", 11, (80, 80, 80))
     draw.rectangle([left, top, left + plot_w, top + plot_h], outline=(120, 120, 120))
     bar = plot_w / n
     for i, c in enumerate(order):
         if not math.isnan(recall[c]):
             x0 = left + i * bar
-            draw.rectangle([x0, top + plot_h * (1 - recall[c]), x0 + max(bar - 1, 1), top + plot_h], fill=colour(recall[c]))
+            draw.rectangle([x0, top + plot_h * (1 - recall[c]), x0 + max(bar - 1, 1), top + plot_h],
+                           fill=colour(recall[c]))
     log_max = math.log10(max(counts.max(), 1)) or 1
-    points = [(left + (i + 0.5) * bar, top + plot_h * (1 - math.log10(max(v, 1)) / log_max)) for i, v in enumerate(counts)]
+    points = [(left + (i + 0.5) * bar, top + plot_h * (1 - math.log10(max(v, 1)) / log_max))
+              for i, v in enumerate(counts)]
     draw.line(points, fill=(90, 90, 90), width=2)
     for value in sorted({int(counts.max()), 1000, 100, 20, 1}):  # the training-count axis, on the right
         if 1 <= value <= counts.max():
@@ -144,8 +147,8 @@ def reliability_figure(bins: list[list[float]], title: str) -> np.ndarray:
     image = Image.new("RGB", (left + size + 150, top + size + strip + 60), "white")
     draw = ImageDraw.Draw(image)
     _text(draw, (10, 8), title, 15)
-    _text(draw, (10, 30), f"ECE {expected_calibration_error(table):.4f} over {int(total)} images; blue: accuracy of a bin, "
-          "red: its gap to the bin's mean confidence", 11, (80, 80, 80))
+    _text(draw, (10, 30), f"ECE {expected_calibration_error(table):.4f} over {int(total)} images; blue: accuracy of a "
+          "bin, red: its gap to the bin's mean confidence", 11, (80, 80, 80))
     gaps = Image.new("RGBA", image.size, (255, 255, 255, 0))
     gap_draw = ImageDraw.Draw(gaps)
     width = size / k

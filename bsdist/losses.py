@@ -47,8 +47,8 @@ def broadcast_class_prior(num_per_cls: dict, env: DistEnv) -> list[int]:
     prior = broadcast_from_main(local.clone())
     mismatch = all_reduce_max(torch.tensor([float(not torch.equal(prior, local))], device=env.device))
     if mismatch.item():
-        raise BsdistError("the processes built different long-tailed training sets (class counts differ from rank 0's); "
-                          "make sure every node reads the same DATASET.datadir files with the same config")
+        raise BsdistError("the processes built different long-tailed training sets (class counts differ from "
+                          "rank 0's); make sure every node reads the same DATASET.datadir files with the same config")
     return [int(n) for n in prior.tolist()]
 
 

@@ -94,7 +94,8 @@ class EvalTally:
         return summarize_counts(support, correct, num_per_cls, loss_sum, self.calibration)
 
 
-def summarize(confusion: torch.Tensor, num_per_cls: list[int], loss_sum: float, calibration: torch.Tensor | None = None) -> dict:
+def summarize(confusion: torch.Tensor, num_per_cls: list[int], loss_sum: float,
+              calibration: torch.Tensor | None = None) -> dict:
     """summarize_counts from a confusion matrix, which the result holds as well."""
     confusion = confusion.double().cpu()
     result = summarize_counts(confusion.sum(1), confusion.diagonal(), num_per_cls, loss_sum, calibration)

@@ -78,9 +78,9 @@ def evaluate_run(run_dir: str, methods: list[str], overrides: list[str] = ()) ->
 def _evaluate(cfg: config.Config, env: DistEnv, out, run_dir: str, methods: list[str]) -> dict:
     data = build_data(cfg, env)
     if methods and "val" not in data.eval:  # the same answer on every rank: they all stop here
-        raise BsdistError(f"{run_dir} has no validation split (DATASET.val_per_cls 0 and no validation list): tuning tau on "
-                          "the test set would select on it; train with DATASET.val_per_cls > 0 (or a validation list) to "
-                          "use --posthoc")
+        raise BsdistError(f"{run_dir} has no validation split (DATASET.val_per_cls 0 and no validation list): tuning "
+                          "tau on the test set would select on it; train with DATASET.val_per_cls > 0 (or a validation "
+                          "list) to use --posthoc")
     num_per_cls = broadcast_class_prior(data.num_per_cls, env)
     model = create(cfg, data.num_classes, data.in_channels, env.device, sync_bn=False, pretrained=False)
     model.load_state_dict(checkpoint.load(os.path.join(run_dir, "best.pt"))["model"])

@@ -46,8 +46,9 @@ def resume_checkpoint(cfg: Config) -> str | None:
     held = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
     if not held:
         if resume is True:
-            raise BsdistError(f"TRAIN.resume true but {run_dir} holds no checkpoint to continue from; check DEFAULT.savedir "
-                              "and DEFAULT.exp_name, or use TRAIN.resume auto to start the run when there is none")
+            raise BsdistError(f"TRAIN.resume true but {run_dir} holds no checkpoint to continue from; check "
+                              "DEFAULT.savedir and DEFAULT.exp_name, or use TRAIN.resume auto to start the run when "
+                              "there is none")
         return None
     if resume is False and not restarted_by_launcher():  # torchrun's restart continues the run
         raise BsdistError(f"run directory {run_dir} already holds a run ({', '.join(held)}); continue it with "

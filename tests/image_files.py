@@ -46,7 +46,8 @@ def write_list_dataset(root: str, train_counts: list[int], test_per_class: int, 
     return lists
 
 
-def write_folder_dataset(root: str, train_counts: list[int], test_per_class: int, names: list[str], size: int = 24) -> None:
+def write_folder_dataset(root: str, train_counts: list[int], test_per_class: int, names: list[str],
+                         size: int = 24) -> None:
     """ImageFolder layout: root/train/<name>/*.jpg and root/test/<name>/*.jpg."""
     for k, (split, counts) in enumerate({"train": train_counts, "test": [test_per_class] * len(train_counts)}.items()):
         for j, (image, label) in enumerate(digit_images(counts, size, seed=k)):

@@ -32,7 +32,8 @@ def broken_cifar(tmp_path, damage):
     else:
         with open(path, "wb") as f:
             f.write(os.urandom(4000))
-    return ["DATASET.name", "CIFAR10LT", "DATASET.datadir", root, "DATASET.imbalance_factor", "1", "DATASET.crop_padding", "4"]
+    return ["DATASET.name", "CIFAR10LT", "DATASET.datadir", root, "DATASET.imbalance_factor", "1",
+            "DATASET.crop_padding", "4"]
 
 
 def write(tmp_path, name, text):
@@ -48,7 +49,9 @@ CASES = {
     "wrong type": (None, ["TRAIN.epochs", "ten"], "TRAIN.epochs must be an int, got 'ten'"),
     "negative learning rate": (None, ["OPTIMIZER.lr", "-0.1"], "OPTIMIZER.lr must be > 0"),
     "imbalance factor below 1": (None, ["DATASET.imbalance_factor", "0.5"], "DATASET.imbalance_factor must be >= 1"),
-    "unknown dataset": (None, ["DATASET.name", "CIFAR10"], "DATASET.name must be one of CIFAR10LT, CIFAR100LT, DigitsLT, ImageList, ImageNetLT, PlacesLT, iNat2018, got 'CIFAR10'; did you mean CIFAR10LT?"),
+    "unknown dataset": (None, ["DATASET.name", "CIFAR10"],
+                        "DATASET.name must be one of CIFAR10LT, CIFAR100LT, DigitsLT, ImageList, ImageNetLT, PlacesLT, "
+                        "iNat2018, got 'CIFAR10'; did you mean CIFAR10LT?"),
     "unknown loss": (None, ["LOSS.name", "FocalLoss"], "LOSS.name must be one of"),
     "unknown model": (None, ["MODEL.name", "resnet51"], "MODEL.name must be one of"),
     "unknown optimiser": (None, ["OPTIMIZER.name", "Adam"], "OPTIMIZER.name must be one of SGD"),
@@ -56,17 +59,26 @@ CASES = {
     "unknown augmentation": (None, ["DATASET.aug_info", "[RandomCrop, ColorJitter]"], "unknown entry 'ColorJitter'"),
     "odd number of override tokens": (None, ["TRAIN.epochs"], "override TRAIN.epochs has no value"),
     "missing config file": ("missing.yaml", [], "config file missing.yaml does not exist"),
-    "nesterov without momentum": (None, ["OPTIMIZER.nesterov", "true", "OPTIMIZER.momentum", "0"], "nesterov needs OPTIMIZER.momentum > 0"),
-    "warmup as long as training": (None, ["SCHEDULER.params.warmup_epochs", "15"], "warmup_epochs 15.0 must be below TRAIN.epochs"),
-    "milestones past the end": (None, ["SCHEDULER.sched_name", "multistep", "SCHEDULER.params.milestones", "[5, 40]"], "milestones must be increasing"),
-    "balanced type with a factor": (None, ["DATASET.imbalance_type", "null"], "imbalance_type null keeps every training image"),
-    "imbalance factor that empties a class": (None, ["DATASET.imbalance_factor", "500"], "leaves class 7 with no training image (img_max 100); use DATASET.imbalance_factor <= 100"),
-    "validation split larger than a class": (None, ["DATASET.val_per_cls", "200"], "DATASET.val_per_cls 200 leaves no training image"),
-    "batch larger than the training set": (None, ["DATASET.batch_size", "4096"], "fewer than one batch of 4096; lower DATASET.batch_size"),
+    "nesterov without momentum": (None, ["OPTIMIZER.nesterov", "true", "OPTIMIZER.momentum", "0"],
+                                  "nesterov needs OPTIMIZER.momentum > 0"),
+    "warmup as long as training": (None, ["SCHEDULER.params.warmup_epochs", "15"],
+                                   "warmup_epochs 15.0 must be below TRAIN.epochs"),
+    "milestones past the end": (None, ["SCHEDULER.sched_name", "multistep", "SCHEDULER.params.milestones", "[5, 40]"],
+                                "milestones must be increasing"),
+    "balanced type with a factor": (None, ["DATASET.imbalance_type", "null"],
+                                    "imbalance_type null keeps every training image"),
+    "imbalance factor that empties a class": (None, ["DATASET.imbalance_factor", "500"],
+                                              "leaves class 7 with no training image (img_max 100); "
+                                              "use DATASET.imbalance_factor <= 100"),
+    "validation split larger than a class": (None, ["DATASET.val_per_cls", "200"],
+                                             "DATASET.val_per_cls 200 leaves no training image"),
+    "batch larger than the training set": (None, ["DATASET.batch_size", "4096"],
+                                           "fewer than one batch of 4096; lower DATASET.batch_size"),
     "agreement never read": (None, ["TRAIN.check_every_steps", "0"], "TRAIN.check_every_steps must be >= 1, got 0"),
     "CUDA without a GPU": (None, ["TRAIN.device", "cuda"], "TRAIN.device cuda but no CUDA device is visible"),
     "experiment name with a slash": (None, ["DEFAULT.exp_name", "a/b"], "must be a plain directory name"),
-    "missing data directory without download": (None, ["DATASET.name", "CIFAR10LT", "DATASET.datadir", "/nonexistent"], "CIFAR10LT data not found: /nonexistent/cifar-10-batches-py lacks"),
+    "missing data directory without download": (None, ["DATASET.name", "CIFAR10LT", "DATASET.datadir", "/nonexistent"],
+                                                "CIFAR10LT data not found: /nonexistent/cifar-10-batches-py lacks"),
 }
 
 
@@ -104,7 +116,8 @@ def test_batch_not_divisible_by_the_world_size(tmp_path, capsys, monkeypatch):
 def test_a_damaged_cifar_batch_is_named(tmp_path, capsys, damage):
     code, err = run_cli(capsys, DEMO, [*FAST, "DEFAULT.savedir", str(tmp_path / "runs"), "MODEL.name", "tiny",
                                        *broken_cifar(tmp_path, damage)])
-    assert code == 2 and len(err) == 1 and "data_batch_3 is not a readable CIFAR batch" in err[0] and "download it again" in err[0]
+    assert (code == 2 and len(err) == 1 and "data_batch_3 is not a readable CIFAR batch" in err[0]
+            and "download it again" in err[0])
     assert not (tmp_path / "runs").exists()
 
 

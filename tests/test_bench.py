@@ -25,9 +25,9 @@ def rate(value):
 @pytest.mark.slow
 def test_throughput_benchmark_compares_both_paths_and_estimates_the_grid(tmp_path):
     out = tmp_path / "bench.json"
-    stdout, report = run([sys.executable, "bench/throughput.py", "--device", "cpu", "--batch-size", "16", "--steps", "2",
-                          "--data-batches", "2", "--grid-steps", "1", "--grid-eval-batches", "1", "--grid-test-batch", "16",
-                          "--out", str(out)], out)
+    stdout, report = run([sys.executable, "bench/throughput.py", "--device", "cpu", "--batch-size", "16",
+                          "--steps", "2", "--data-batches", "2", "--grid-steps", "1", "--grid-eval-batches", "1",
+                          "--grid-test-batch", "16", "--out", str(out)], out)
     assert "data path alone" in stdout and "reference grid" in stdout and "runs side by side not measured" in stdout
     for part in ("data_path", "training"):
         assert rate(report[part]["reference_img_per_s"]) and rate(report[part]["bsdist_img_per_s"])
@@ -47,7 +47,8 @@ def test_throughput_benchmark_compares_both_paths_and_estimates_the_grid(tmp_pat
 def test_ddp_benchmark_times_every_variant_on_two_processes(tmp_path):
     out = tmp_path / "ddp.json"
     stdout, report = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "bench/ddp.py",
-                          "--device", "cpu", "--batch-size", "8", "--steps", "1", "--repeats", "2", "--out", str(out)], out)
+                          "--device", "cpu", "--batch-size", "8", "--steps", "1", "--repeats", "2",
+                          "--out", str(out)], out)
     assert report["world_size"] == 2 and report["backend"] == "gloo" and report["steps_per_turn"] == 1
     names = [v["name"] for v in report["variants"]]
     assert names[:3] == ["no DDP (upper bound)", "DDP defaults", "+ gradient_as_bucket_view"] and len(names) == 6
@@ -65,7 +66,8 @@ CUDA_CHECKS = {"environment", "device_binding", "fp16_scaler", "no_host_sync", "
 @pytest.mark.slow
 def test_gpu_check_rehearses_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
-    stdout, report = run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--out", str(out)], out, timeout=1500)
+    stdout, report = run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--out", str(out)], out,
+                         timeout=1500)
     checks = {c["name"]: c for c in report["checks"]}
     assert list(checks) == ["environment", "stop_and_resume", "resume_elsewhere", "device_binding", "fp16_scaler",
                             "no_host_sync", "sync_bn", "throughput", "checkpoint_cost"]

@@ -11,9 +11,9 @@ from spawn import run_ranks
 
 def make_cfg(root, savedir, *overrides):
     return config.load(None, ["DATASET.name", "CIFAR10LT", "DATASET.datadir", root, "DEFAULT.savedir", str(savedir),
-                              "DATASET.imbalance_factor", "1", "DATASET.imbalance_type", "null", "DATASET.num_workers", "0",
-                              "TRAIN.mixed_precision", "no", "TRAIN.device", "cpu", "TRAIN.compile", "false",
-                              "MODEL.name", "tiny", *overrides])
+                              "DATASET.imbalance_factor", "1", "DATASET.imbalance_type", "null",
+                              "DATASET.num_workers", "0", "TRAIN.mixed_precision", "no", "TRAIN.device", "cpu",
+                              "TRAIN.compile", "false", "MODEL.name", "tiny", *overrides])
 
 
 def _eval_worker(raw_cfg):
@@ -31,7 +31,8 @@ def _eval_worker(raw_cfg):
         torch.manual_seed(0)
         model = tiny_model.tiny(10, 3)
         shard = sum(len(targets) for _, targets, _ in data.eval["test"])  # images this rank evaluates
-        metrics = evaluate(model, data.eval["test"], data.augment.normalize, 10, list(data.num_per_cls.values()), env, None)
+        metrics = evaluate(model, data.eval["test"], data.augment.normalize, 10, list(data.num_per_cls.values()), env,
+                           None)
         return shard, metrics
     finally:
         dist.destroy_process_group()
@@ -85,12 +86,14 @@ def test_two_processes_end_with_the_weights_of_one_process_with_the_same_global_
         out, errors = run_ranks(_train_worker, world_size, make_cfg(cifar10_root, tmp_path / name, *recipe, *extra))
         assert not errors, errors
         weights[name], (results[name], graphs) = final_weights(tmp_path / name), out[0]
-        assert graphs > 1 if name == "two compiled" else graphs == 0  # split at the buckets; nothing compiled where eager
+        # split at the buckets; nothing compiled where eager
+        assert graphs > 1 if name == "two compiled" else graphs == 0
     initial = initial_weights()
     assert any(not torch.equal(initial[k], weights["one"][k]) for k in initial)  # training moved the weights
     for name in ("two", "accumulated", "two accumulated", "two compiled"):
         for key, value in weights["one"].items():
-            torch.testing.assert_close(weights[name][key], value, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {key}: {m}")
+            torch.testing.assert_close(weights[name][key], value, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{name}: {key}: {m}")
         assert results[name]["last"]["acc"] == results["one"]["last"]["acc"]
 
 
@@ -120,6 +123,7 @@ def test_two_processes_with_synchronised_batchnorm_end_with_the_weights_of_one(c
 def test_two_ranks_on_one_gpu_are_refused_before_nccl_sees_them():
     from bsdist import BsdistError
     from bsdist.distributed import check_distinct_gpus
-    check_distinct_gpus([("node1", "GPU-a"), ("node1", "GPU-b"), ("node2", "GPU-a")])  # another node's GPU-a is another GPU
+    # another node's GPU-a is another GPU
+    check_distinct_gpus([("node1", "GPU-a"), ("node1", "GPU-b"), ("node2", "GPU-a")])
     with pytest.raises(BsdistError, match="ranks 0 and 2 share one GPU.*TRAIN.dist_backend gloo"):
         check_distinct_gpus([("node1", "GPU-a"), ("node1", "GPU-b"), ("node1", "GPU-a")])

@@ -18,8 +18,8 @@ from bsdist.train import main
 from paths import ROOT
 
 tiny_model.register()
-DEMO = ["TRAIN.epochs", "3", "DATASET.val_per_cls", "0", "SCHEDULER.params.warmup_epochs", "0", "TRAIN.ckpt_every_steps", "2", "TRAIN.log_interval", "2",
-        "OPTIMIZER.momentum", "0.9", "TRAIN.resume", "auto"]
+DEMO = ["TRAIN.epochs", "3", "DATASET.val_per_cls", "0", "SCHEDULER.params.warmup_epochs", "0",
+        "TRAIN.ckpt_every_steps", "2", "TRAIN.log_interval", "2", "OPTIMIZER.momentum", "0.9", "TRAIN.resume", "auto"]
 
 
 def demo_cfg(savedir, *overrides):
@@ -48,7 +48,8 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch):
     assert resumed["last"]["confusion"] == straight["last"]["confusion"]
     with open(os.path.join(config.run_dir(cfg), "metrics.csv")) as f:
         rows = f.read().splitlines()
-    straight_rows = open(os.path.join(config.run_dir(demo_cfg(tmp_path / "straight", "MODEL.name", "tiny")), "metrics.csv")).read().splitlines()
+    straight_dir = config.run_dir(demo_cfg(tmp_path / "straight", "MODEL.name", "tiny"))
+    straight_rows = open(os.path.join(straight_dir, "metrics.csv")).read().splitlines()
     # the epoch's training loss and accuracy count every image once, across the interruption
     for column in (2, 3):  # train_loss, train_acc
         values = [float(r.split(",")[column]) for r in rows[1:]]
@@ -56,8 +57,9 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch):
 
 
 def launch(args, prefix=(sys.executable,), extra_env=None, **kwargs):
-    return subprocess.Popen([*prefix, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT, env=clean_env(**(extra_env or {})), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen([*prefix, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
+                            env=clean_env(**(extra_env or {})), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kwargs)
 
 
 def wait_for(path, proc, timeout=240):
@@ -132,7 +134,8 @@ def children(pid):
 
 @pytest.mark.slow
 def test_a_worker_killed_under_torchrun_restarts_and_ends_like_an_uninterrupted_run(tmp_path):
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "--max-restarts", "1")
     args = lambda d: [*run_args(d), "DATASET.batch_size", "64"]  # noqa: E731
     reference = launch(args(tmp_path / "straight"), prefix=torchrun)
     out, err = reference.communicate(timeout=400)
@@ -165,8 +168,8 @@ def poison_fifth_loss(monkeypatch):
 def test_a_non_finite_loss_stops_the_run_naming_epoch_and_step(tmp_path, monkeypatch):
     poison_fifth_loss(monkeypatch)
     cfg = demo_cfg(tmp_path, "MODEL.name", "tiny")
-    with pytest.raises(BsdistError, match=r"non-finite loss at epoch 1 step 5 .*last.pt \(epoch 1 step 4\) is the last good "
-                                          r"point.*TRAIN.nonfinite skip"):
+    with pytest.raises(BsdistError, match=r"non-finite loss at epoch 1 step 5 .*last.pt \(epoch 1 step 4\) "
+                                          r"is the last good point.*TRAIN.nonfinite skip"):
         main(cfg)
     kept = checkpoint.load(os.path.join(config.run_dir(cfg), "last.pt"))
     assert (kept["epoch"], kept["progress"]["step"]) == (0, 4)  # the last good checkpoint, loadable
@@ -194,7 +197,8 @@ def test_a_non_finite_loss_can_skip_the_step(tmp_path, monkeypatch):
     assert results["last"]["epoch"] == 3
     assert all(torch.isfinite(v).all() for v in weights(cfg).values())
     with open(os.path.join(config.run_dir(cfg), "log.txt")) as f:
-        assert "1 step(s) with a non-finite loss on some rank skipped, the first at epoch 1 step 5 (global step 5)" in f.read()
+        assert ("1 step(s) with a non-finite loss on some rank skipped, the first at epoch 1 step 5 (global step 5)"
+                in f.read())
 
 
 def test_an_unwritable_run_directory_is_refused_before_training(tmp_path):
@@ -237,9 +241,10 @@ def _hanging_peer_worker(raw_cfg):
 @pytest.mark.slow
 def test_a_hanging_peer_stops_the_others_within_the_timeout(cifar10_root, tmp_path):
     from spawn import run_ranks
-    raw = config.load(None, ["DATASET.name", "CIFAR10LT", "DATASET.datadir", cifar10_root, "DEFAULT.savedir", str(tmp_path),
-                             "DATASET.imbalance_factor", "1", "DATASET.batch_size", "32", "DATASET.num_workers", "0",
-                             "TRAIN.device", "cpu", "TRAIN.compile", "false", "TRAIN.mixed_precision", "no", "MODEL.name", "tiny",
+    raw = config.load(None, ["DATASET.name", "CIFAR10LT", "DATASET.datadir", cifar10_root,
+                             "DEFAULT.savedir", str(tmp_path), "DATASET.imbalance_factor", "1",
+                             "DATASET.batch_size", "32", "DATASET.num_workers", "0", "TRAIN.device", "cpu",
+                             "TRAIN.compile", "false", "TRAIN.mixed_precision", "no", "MODEL.name", "tiny",
                              "TRAIN.epochs", "3", "TRAIN.dist_timeout_s", "3", "TRAIN.dist_startup_timeout_s", "120"])
     results, errors = run_ranks(_hanging_peer_worker, 2, raw, timeout=90)
     assert not errors, errors
@@ -260,8 +265,8 @@ def test_a_full_disk_during_a_checkpoint_write_stops_the_run_keeping_the_previou
                 raise OSError(28, "No space left on device")
         real_save(obj, f, *args, **kwargs)
     monkeypatch.setattr(torch, "save", disk_fills_at_the_third_write)
-    with pytest.raises(BsdistError, match=r"last.pt could not be written \(No space left on device; \d+ MiB free.*previous "
-                                          r"checkpoint is kept"):
+    with pytest.raises(BsdistError, match=r"last.pt could not be written \(No space left on device; \d+ MiB free"
+                                          r".*previous checkpoint is kept"):
         main(cfg)
     monkeypatch.setattr(torch, "save", real_save)
     kept = checkpoint.load(os.path.join(config.run_dir(cfg), "last.pt"))
@@ -276,8 +281,8 @@ def test_ten_worker_kills_in_a_row_under_plain_torchrun_each_resume(tmp_path):
     kills = 10
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "--max-restarts", str(kills))
-    proc = launch([*run_args(tmp_path), "DATASET.batch_size", "64", "TRAIN.epochs", "12", "TRAIN.ckpt_every_steps", "1"],
-                  prefix=torchrun)
+    proc = launch([*run_args(tmp_path), "DATASET.batch_size", "64", "TRAIN.epochs", "12",
+                   "TRAIN.ckpt_every_steps", "1"], prefix=torchrun)
     run = str(tmp_path / "DigitsLT" / "resnet18" / "BalancedSoftmax-exp-IF_10")
     log, last = os.path.join(run, "log.txt"), os.path.join(run, "last.pt")
     killed_at = 0.0

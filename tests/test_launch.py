@@ -2,28 +2,23 @@
 
 import glob
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from runs import clean_env
+from runs import clean_env, launch
 from paths import ROOT
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
-def launch(args, prefix=(sys.executable,), timeout=300):
-    return subprocess.run([*prefix, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT, env=clean_env(), capture_output=True,
-                          text=True, timeout=timeout)
-
-
 @pytest.mark.slow
 def test_torchrun_two_processes_trains_and_writes_tensorboard_once(tmp_path):
-    proc = launch(["configs/demo.yaml", "DEFAULT.savedir", str(tmp_path), "TRAIN.epochs", "2", "SCHEDULER.params.warmup_epochs", "0",
-                   "TRAIN.log_interval", "2"], prefix=(*TORCHRUN, "--nproc_per_node", "2"))
+    proc = launch("configs/demo.yaml", "DEFAULT.savedir", str(tmp_path), "TRAIN.epochs", "2",
+                   "SCHEDULER.params.warmup_epochs", "0", "TRAIN.log_interval", "2",
+                  prefix=(*TORCHRUN, "--nproc_per_node", "2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "DigitsLT" / "resnet18" / "BalancedSoftmax-exp-IF_10"
     assert proc.stdout.count("2 process(es) on cpu") == 1  # rank 0 alone prints
@@ -46,11 +41,12 @@ def test_torchrun_two_processes_trains_and_writes_tensorboard_once(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["TRAIN.epoch", "3"], "unknown config key TRAIN.epoch; did you mean TRAIN.epochs?"),
     (["OPTIMIZER.lr", "-0.1"], "OPTIMIZER.lr must be > 0"),
-    (["DATASET.name", "CIFAR10LT", "DATASET.datadir", "/nonexistent"], "CIFAR10LT data not found: /nonexistent/cifar-10-batches-py"),
+    (["DATASET.name", "CIFAR10LT", "DATASET.datadir", "/nonexistent"],
+     "CIFAR10LT data not found: /nonexistent/cifar-10-batches-py"),
     (["LOSS.name", "Focal"], "LOSS.name must be one of"),
 ])
 def test_a_bad_config_is_one_line_on_stderr_and_creates_nothing(tmp_path, args, message):
-    proc = launch(["configs/demo.yaml", "DEFAULT.savedir", str(tmp_path / "runs"), *args], timeout=120)
+    proc = launch("configs/demo.yaml", "DEFAULT.savedir", str(tmp_path / "runs"), *args, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
@@ -58,12 +54,12 @@ def test_a_bad_config_is_one_line_on_stderr_and_creates_nothing(tmp_path, args, 
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    proc = launch(["configs/demo.yaml", "DEFAULT.savedir", str(tmp_path), "TRAIN.epoch", "3", "--debug"], timeout=120)
+    proc = launch("configs/demo.yaml", "DEFAULT.savedir", str(tmp_path), "TRAIN.epoch", "3", "--debug", timeout=120)
     assert proc.returncode == 2 and "Traceback" in proc.stderr
 
 
 def test_under_torchrun_an_error_is_printed_once(tmp_path):
-    proc = launch(["configs/demo.yaml", "DEFAULT.savedir", str(tmp_path), "DATASET.batch_size", "63"],
+    proc = launch("configs/demo.yaml", "DEFAULT.savedir", str(tmp_path), "DATASET.batch_size", "63",
                   prefix=(*TORCHRUN, "--nproc_per_node", "2"), timeout=180)
     assert proc.returncode == 1  # torchrun's status for any failed worker
     message = "error: DATASET.batch_size 63 does not divide by the 2 processes; use a multiple of 2"
@@ -73,11 +69,12 @@ def test_under_torchrun_an_error_is_printed_once(tmp_path):
 
 
 def test_an_unknown_option_is_named(tmp_path):
-    proc = launch(["configs/demo.yaml", "--epochs", "3"], timeout=60)
+    proc = launch("configs/demo.yaml", "--epochs", "3", timeout=60)
     assert proc.returncode == 2 and "unknown option --epochs" in proc.stderr
 
 
 def test_python_m_bsdist_train_is_launch_py():
     proc = subprocess.run([sys.executable, "-m", "bsdist.train", "configs/demo.yaml", "TRAIN.epoch", "1"], cwd=ROOT,
                           env=clean_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: unknown config key TRAIN.epoch; did you mean TRAIN.epochs?"
+    assert (proc.returncode == 2
+            and proc.stderr.strip() == "error: unknown config key TRAIN.epoch; did you mean TRAIN.epochs?")

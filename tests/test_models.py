@@ -24,7 +24,8 @@ def test_the_classifier_computes_in_fp32_under_bf16_autocast():
         features = torch.randn(2, 512).bfloat16()
         bf16_logits = nn.functional.linear(features, model.fc.weight.bfloat16())
     assert logits.dtype == torch.float32
-    assert len(set(bf16_logits[0].tolist())) < 100 <= len(set(model.fc(features)[0].tolist()))  # bf16 ties, fp32 does not
+    # bf16 ties, fp32 does not
+    assert len(set(bf16_logits[0].tolist())) < 100 <= len(set(model.fc(features)[0].tolist()))
     assert {"fc.weight", "fc.bias"} <= set(model.state_dict())  # nn.Linear's keys: checkpoints load into plain models
 
 
@@ -112,6 +113,7 @@ def test_pretrained_weights_load_from_a_local_file_with_a_fresh_classifier_and_a
                                           r"\(64, 3, 7, 7\), the model \(64, 3, 3, 3\)"):
         create(config.validate(config.load(None, ["MODEL.pretrained", str(tmp_path / "in1k.pth")])), 365, 3,
                torch.device("cpu"), False)
-    with pytest.raises(BsdistError, match="MODEL.pretrained .*nothing.pth does not exist; give the path of a local weights file"):
+    with pytest.raises(BsdistError,
+                       match="MODEL.pretrained .*nothing.pth does not exist; give the path of a local weights file"):
         create(config.validate(config.load(None, ["MODEL.pretrained", str(tmp_path / "nothing.pth")])), 10, 3,
                torch.device("cpu"), False)

@@ -50,7 +50,8 @@ def test_the_class_balanced_sampler_draws_every_class_equally_and_shards_one_glo
     order = list(one)
     counts = np.bincount(data.targets[order], minlength=5)
     assert sorted(counts.tolist()) == [0, 16, 16, 16, 17] and counts[3] == 0  # 65 draws over 4 classes
-    assert set(order) <= set(range(65)) and len(set(np.asarray(order)[data.targets[order] == 4])) == 2  # both images of 4
+    # both images of 4
+    assert set(order) <= set(range(65)) and len(set(np.asarray(order)[data.targets[order] == 4])) == 2
     shards = []
     for rank in range(2):
         s = ClassBalancedSampler(data, 2, rank, seed=5)
@@ -84,7 +85,8 @@ def test_tau_zero_leaves_logit_adjusted_predictions_unchanged_and_tau_norm_divid
     assert not torch.equal(logit_adjusted(logits, log_prior, 1.0).argmax(1), logits.argmax(1))
     features, weight = torch.randn(64, 32), torch.randn(10, 32) * torch.arange(1, 11).view(10, 1)
     assert torch.allclose(tau_normalised(features, weight, 0.0), features @ weight.T)
-    assert torch.allclose(tau_normalised(features, weight, 1.0), features @ (weight / weight.norm(dim=1, keepdim=True)).T)
+    assert torch.allclose(tau_normalised(features, weight, 1.0),
+                          features @ (weight / weight.norm(dim=1, keepdim=True)).T)
 
 
 def test_tau_is_chosen_by_validation_bcr_the_smallest_on_a_tie():

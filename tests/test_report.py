@@ -18,8 +18,9 @@ NUM_PER_CLS = [120, 92, 71, 55, 43, 33, 25, 20, 15, 12]
 
 def fake_run(savedir, name, acc, *overrides, base="configs/demo.yaml", selected_on="test", ece=0.05, epoch=3):
     """A finished run directory as train.main leaves it: config.yaml and results.json."""
-    cfg = config.validate(config.load(os.path.join(ROOT, base), ["DEFAULT.savedir", str(savedir), "DEFAULT.exp_name", name,
-                                                                 *overrides]), device_here=False)
+    cfg = config.validate(config.load(os.path.join(ROOT, base), ["DEFAULT.savedir", str(savedir),
+                                                                 "DEFAULT.exp_name", name, *overrides]),
+                          device_here=False)
     directory = config.run_dir(cfg)
     os.makedirs(directory)
     with open(os.path.join(directory, "config.yaml"), "w") as f:
@@ -46,7 +47,8 @@ def test_the_seeds_of_a_cell_are_one_row_with_mean_std_and_n(tmp_path):
     assert rows[0]["acc_std"] is None  # one seed: no spread to report
     write_report(str(tmp_path))
     table = (tmp_path / "report.md").read_text()
-    assert f"| DigitsLT | exp 10 | BS | 3 | {statistics.mean(accs.values()):.4f} ± {statistics.stdev(accs.values()):.4f} |" in table
+    assert (f"| DigitsLT | exp 10 | BS | 3 | {statistics.mean(accs.values()):.4f} "
+            f"± {statistics.stdev(accs.values()):.4f} |") in table
     assert "| DigitsLT | exp 10 | CE | 1 | 0.8000 | 0.8000 |" in table
     with open(tmp_path / "report.csv") as f:
         written = list(csv.DictReader(f))
@@ -78,7 +80,8 @@ def test_settings_that_differ_between_cells_are_named_and_kept_apart(tmp_path):
 def test_the_same_configuration_and_seed_twice_is_refused(tmp_path):
     fake_run(tmp_path, "a", 0.9)
     fake_run(tmp_path, "b", 0.8)
-    with pytest.raises(BsdistError, match=r"resnet18/a and .*resnet18/b are the same configuration with the same DEFAULT.seed 0"):
+    with pytest.raises(BsdistError,
+                       match=r"resnet18/a and .*resnet18/b are the same configuration with the same DEFAULT.seed 0"):
         aggregate(collect(str(tmp_path))[0])
 
 
@@ -102,4 +105,5 @@ def test_runs_from_before_calibration_was_measured_show_a_dash(tmp_path):
     del saved["DATASET"]["split_seed"], saved["TRAIN"]["nonfinite"], saved["CRT"]  # written before these keys existed
     open(os.path.join(directory, "config.yaml"), "w").write(yaml.safe_dump(saved))
     write_report(str(tmp_path))
-    assert "| DigitsLT | exp 10 | BS | 1 | 0.9000 | 0.9000 | 0.9000 | 0.9000 | - | - |" in (tmp_path / "report.md").read_text()
+    assert ("| DigitsLT | exp 10 | BS | 1 | 0.9000 | 0.9000 | 0.9000 | 0.9000 | - | - |"
+            in (tmp_path / "report.md").read_text())

@@ -18,17 +18,20 @@ def demo(*overrides):
 
 
 def test_one_task_per_gpu_by_default_and_tasks_per_node_on_cpu():
-    params = slurm.executor_parameters(parse("--partition", "gpu", "--nodes", "2", "--gpus-per-node", "4"), demo(), "bsdist-x")
+    params = slurm.executor_parameters(parse("--partition", "gpu", "--nodes", "2", "--gpus-per-node", "4"), demo(),
+                                       "bsdist-x")
     assert params["nodes"] == 2 and params["ntasks_per_node"] == 4 and params["gpus_per_node"] == 4
     assert params["partition"] == "gpu" and params["job_name"] == "bsdist-x"
     assert params["cpus_per_task"] == 1 and params["time"] == 720 and params["signal_delay_s"] == 120
     assert slurm.world_size(parse("--nodes", "2", "--gpus-per-node", "4"), demo()) == 8
     assert slurm.world_size(parse(), demo()) == 1  # one GPU unless told otherwise
 
-    cpu = slurm.executor_parameters(parse("--ntasks-per-node", "2", "--mem-gb", "8", "--slurm-extra", "reservation=mine",
-                                          "--qos", "high", "--job-name", "mine"), demo("TRAIN.device", "cpu"), "bsdist-x")
+    cpu = slurm.executor_parameters(parse("--ntasks-per-node", "2", "--mem-gb", "8", "--slurm-extra",
+                                          "reservation=mine", "--qos", "high", "--job-name", "mine"),
+                                    demo("TRAIN.device", "cpu"), "bsdist-x")
     assert "gpus_per_node" not in cpu and cpu["ntasks_per_node"] == 2 and cpu["mem"] == "8GB"
-    assert cpu["additional_parameters"] == {"reservation": "mine"} and cpu["qos"] == "high" and cpu["job_name"] == "mine"
+    assert (cpu["additional_parameters"] == {"reservation": "mine"} and cpu["qos"] == "high"
+            and cpu["job_name"] == "mine")
     assert "partition" not in cpu  # the cluster's default partition
 
 
@@ -63,7 +66,8 @@ def run_cli(capsys, *argv):
 
 def test_the_config_is_checked_for_the_job_s_world_size_before_submitting(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(slurm, "_executor", lambda *a: pytest.fail("submitted"))
-    code, out = run_cli(capsys, "configs/demo.yaml", "--slurm", "--gpus-per-node", "3", "DEFAULT.savedir", str(tmp_path))
+    code, out = run_cli(capsys, "configs/demo.yaml", "--slurm", "--gpus-per-node", "3", "DEFAULT.savedir",
+                        str(tmp_path))
     assert code == 2 and out.err.strip() == ("error: DATASET.batch_size 64 does not divide by the 3 processes; "
                                              "use a multiple of 3")
     code, out = run_cli(capsys, "configs/demo.yaml", "--slurm", "OPTIMIZER.lr", "-1", "DEFAULT.savedir", str(tmp_path))
@@ -116,8 +120,8 @@ def test_waiting_on_a_job_slurm_can_never_start_cancels_it_with_the_reason(tmp_p
             return False
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    with pytest.raises(BsdistError, match=r"job 4242 can never start: SLURM holds it pending \(PartitionConfig: .*cancelled"
-                                          r".*--cpus-per-task.*--partition$"):
+    with pytest.raises(BsdistError, match=r"job 4242 can never start: SLURM holds it pending \(PartitionConfig: "
+                                          r".*cancelled.*--cpus-per-task.*--partition$"):
         slurm.wait_for(PendingForever(), str(run_dir))
     assert (tmp_path / "cancelled").read_text().strip() == "4242"
     (run_dir / "last.pt").touch()

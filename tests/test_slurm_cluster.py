@@ -12,7 +12,7 @@ import time
 import pytest
 
 from bsdist import config
-from runs import clean_env
+from runs import clean_env, launch
 from paths import ROOT
 
 
@@ -25,8 +25,9 @@ def _cluster_problem():
     except subprocess.TimeoutExpired:
         return "sinfo did not answer: is the cluster up? (slurm/dev-cluster.sh up)"
     if state.returncode != 0 or not state.stdout.strip():
+        reason = (state.stderr.strip().splitlines() or ['no partition gpu'])[-1]
         return ("no SLURM cluster with a gpu partition answers: start one with slurm/dev-cluster.sh up and "
-                f"eval \"$(slurm/dev-cluster.sh env)\" ({(state.stderr.strip().splitlines() or ['no partition gpu'])[-1]})")
+                f"eval \"$(slurm/dev-cluster.sh env)\" ({reason})")
     return None
 
 
@@ -36,13 +37,9 @@ JOB = ["--slurm", "--partition", "gpu", "--ntasks-per-node", "2", "TRAIN.device"
        "TRAIN.ckpt_every_steps", "2", "SCHEDULER.params.warmup_epochs", "0", "OPTIMIZER.momentum", "0.9"]
 
 
-def launch(*args, timeout=600):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT, env=clean_env(),
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def run_dir(savedir, *overrides):
-    return config.run_dir(config.validate(config.load("configs/demo.yaml", ["DEFAULT.savedir", str(savedir), *overrides]),
+    return config.run_dir(config.validate(config.load("configs/demo.yaml",
+                                                      ["DEFAULT.savedir", str(savedir), *overrides]),
                                           device_here=False))
 
 
@@ -120,8 +117,8 @@ def test_a_cancelled_job_is_reported_by_wait(tmp_path):
 def test_a_bad_partition_is_one_clear_error_and_leaves_nothing(tmp_path):
     result = launch("configs/demo.yaml", *JOB, "--partition", "nosuch", "DEFAULT.savedir", str(tmp_path))
     assert result.returncode == 2
-    assert result.stderr.strip() == ("error: sbatch refused the job: Batch job submission failed: Invalid partition name "
-                                     "specified (--partition nosuch); sinfo lists the partitions")
+    assert result.stderr.strip() == ("error: sbatch refused the job: Batch job submission failed: Invalid partition "
+                                     "name specified (--partition nosuch); sinfo lists the partitions")
     assert os.listdir(tmp_path) == []
 
 

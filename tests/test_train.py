@@ -100,20 +100,24 @@ def assert_hparams(acc, results):
     """The hparams table: the telling settings first, with their domains; the selected model's metrics."""
     from tensorboard.plugins.hparams import plugin_data_pb2
     from bsdist.output import HPARAMS
-    data = lambda tag: plugin_data_pb2.HParamsPluginData.FromString(acc.SummaryMetadata(tag).plugin_data.content)  # noqa: E731
+    data = lambda tag: plugin_data_pb2.HParamsPluginData.FromString(  # noqa: E731
+        acc.SummaryMetadata(tag).plugin_data.content)
     experiment = data("_hparams_/experiment").experiment
     names = [h.name for h in experiment.hparam_infos]
     assert names == list(HPARAMS)
     # TensorBoard shows the five that sort first: they must be the ones that tell runs apart
-    assert sorted(names)[:5] == ["DATASET.imbalance_factor", "DATASET.name", "DEFAULT.seed", "LOSS.name", "OPTIMIZER.lr"]
+    assert sorted(names)[:5] == ["DATASET.imbalance_factor", "DATASET.name", "DEFAULT.seed", "LOSS.name",
+                                 "OPTIMIZER.lr"]
     domains = {h.name: [v.string_value for v in h.domain_discrete.values] for h in experiment.hparam_infos}
-    assert domains["LOSS.name"] == ["CrossEntropyLoss", "BalancedSoftmax"] and domains["TRAIN.mixed_precision"][0] == "auto"
+    assert (domains["LOSS.name"] == ["CrossEntropyLoss", "BalancedSoftmax"]
+            and domains["TRAIN.mixed_precision"][0] == "auto")
     metrics = [m.name.tag for m in experiment.metric_infos]
     assert metrics[:6] == ["test/best_bcr", "test/best_acc", "test/best_many", "test/best_medium", "test/best_few",
                            "test/best_epoch"]
     assert not any(m.startswith("val/") for m in metrics)  # no validation split: no empty val columns
     session = data("_hparams_/session_start_info").session_start_info.hparams
-    assert session["LOSS.name"].string_value == "BalancedSoftmax" and session["TRAIN.mixed_precision"].string_value == "no"
+    assert (session["LOSS.name"].string_value == "BalancedSoftmax"
+            and session["TRAIN.mixed_precision"].string_value == "no")
     assert acc.Scalars("test/best_bcr")[-1].value == pytest.approx(results["best"]["bcr"])
     assert acc.Scalars("test/best_epoch")[-1].value == results["best"]["epoch"]
     groups = sorted({tag.split("/")[0] for tag in acc.Tags()["scalars"]})
@@ -179,13 +183,15 @@ def test_resuming_a_finished_run_returns_its_results_without_training(tmp_path):
 
 def test_resume_refuses_a_changed_config(tmp_path):
     main(demo_cfg(tmp_path, "TRAIN.epochs", "1", "TRAIN.resume", "auto", "DEFAULT.exp_name", "run"))
-    changed = demo_cfg(tmp_path, "TRAIN.epochs", "1", "TRAIN.resume", "auto", "DEFAULT.exp_name", "run", "LOSS.name", "CrossEntropyLoss")
+    changed = demo_cfg(tmp_path, "TRAIN.epochs", "1", "TRAIN.resume", "auto", "DEFAULT.exp_name", "run",
+                       "LOSS.name", "CrossEntropyLoss")
     with pytest.raises(BsdistError, match="LOSS.name differ"):
         main(changed)
 
 
 def test_validation_split_selects_the_best_model_without_the_test_set(tmp_path):
-    cfg = demo_cfg(tmp_path, "MODEL.name", "tiny", "DATASET.val_per_cls", "4", "TRAIN.epochs", "6", "OPTIMIZER.lr", "0.5")
+    cfg = demo_cfg(tmp_path, "MODEL.name", "tiny", "DATASET.val_per_cls", "4", "TRAIN.epochs", "6",
+                   "OPTIMIZER.lr", "0.5")
     results = main(cfg)
     assert results["best"]["selected_on"] == "val"
     rows = read_csv(cfg)
@@ -194,11 +200,13 @@ def test_validation_split_selects_the_best_model_without_the_test_set(tmp_path):
     assert results["best"]["epoch"] == int(best_row["epoch"])
     assert results["best"]["acc"] == pytest.approx(float(best_row["test_acc"]))
     # img_max is 120 - 4 held out per class
-    assert checkpoint.load(os.path.join(run_dir(cfg), "best.pt"))["num_per_cls"] == long_tail_counts(1160, 10, "exp", 10)
+    assert (checkpoint.load(os.path.join(run_dir(cfg), "best.pt"))["num_per_cls"]
+            == long_tail_counts(1160, 10, "exp", 10))
 
 
 def test_loss_as_checkpoint_metric_saves_the_lowest_loss(tmp_path):
-    cfg = demo_cfg(tmp_path, "MODEL.name", "tiny", "TRAIN.ckp_metric", "loss", "TRAIN.epochs", "6", "OPTIMIZER.lr", "0.5")
+    cfg = demo_cfg(tmp_path, "MODEL.name", "tiny", "TRAIN.ckp_metric", "loss", "TRAIN.epochs", "6",
+                   "OPTIMIZER.lr", "0.5")
     results = main(cfg)
     rows = read_csv(cfg)
     assert min(rows, key=lambda r: float(r["test_loss"]))["epoch"] != "1"  # an improvement was saved

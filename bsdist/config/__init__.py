@@ -219,11 +219,13 @@ def _check_rules(cfg: Config, world_size: int, files: bool) -> None:
         raise BsdistError(f"SCHEDULER.params.warmup_epochs {s.warmup_epochs} must be below TRAIN.epochs {t.epochs}")
     if cfg.SCHEDULER.sched_name == "multistep":
         m = list(s.milestones)
-        if not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x < t.epochs for x in m) or m != sorted(set(m)):
+        if (not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x < t.epochs for x in m)
+                or m != sorted(set(m))):
             raise BsdistError(f"SCHEDULER.params.milestones must be increasing whole epochs between 1 and "
                               f"{t.epochs - 1}, got {m}")
     elif s.milestones:
-        raise BsdistError("SCHEDULER.params.milestones is only used by multistep; remove it or set sched_name multistep")
+        raise BsdistError("SCHEDULER.params.milestones is only used by multistep; remove it or set sched_name "
+                          "multistep")
     if "RandomResizedCrop" in d.aug_info and not files:
         raise BsdistError(f"DATASET.aug_info RandomResizedCrop crops image files as they are decoded; {d.name} is "
                           "held in memory at its own size: use RandomCrop")

@@ -40,7 +40,8 @@ def option(default, help: str, *, kind: str | None = None, choices=(), nullable:
     """A dataclass field carrying its Field; the kind follows from the default unless given."""
     if kind is None:
         kind = "choice" if choices and not isinstance(default, list) else KINDS[type(default)]
-    meta = Field(default, kind, help, choices, default is None if nullable is None else nullable, check, resumable, legacy)
+    meta = Field(default, kind, help, choices, default is None if nullable is None else nullable, check, resumable,
+                 legacy)
     if isinstance(default, list):  # held as a tuple, so the config stays immutable
         return dataclasses.field(default=tuple(default), metadata={"field": meta})
     return dataclasses.field(default=default, metadata={"field": meta})

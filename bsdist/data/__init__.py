@@ -5,17 +5,20 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 
-from bsdist.config import Config
 from bsdist.data import imagelist
 from bsdist.data.augment import AUGMENTATIONS, BatchAugment
 from bsdist.data.datasets import ARRAY_DATASETS, CIFAR10LT, CIFAR100LT, DigitsLT, LongTailDataset, collate_batch
 from bsdist.distributed import DistEnv, main_process_first
 from bsdist.errors import BsdistError
+
+if TYPE_CHECKING:  # config reads this package's registry as it validates: at run time the import goes one way
+    from bsdist.config import Config
 
 # The DATASET.name registry: datasets held in memory as one uint8 array, then those that read image files.
 DATASETS = (*ARRAY_DATASETS, *imagelist.FILE_DATASETS)
@@ -190,10 +193,11 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
     if d.sampler == "class_balanced":
         sampler = ClassBalancedSampler(train, env.world_size, env.rank, seed)
     else:
-        sampler = DistributedSampler(train, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed, drop_last=True)
+        sampler = DistributedSampler(train, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed,
+                                     drop_last=True)
     if len(sampler) < local_batch:
-        raise BsdistError(f"the {len(train)} training images give each of {env.world_size} processes {len(sampler)}, fewer than "
-                          f"one batch of {local_batch}; lower DATASET.batch_size")
+        raise BsdistError(f"the {len(train)} training images give each of {env.world_size} processes {len(sampler)}, "
+                          f"fewer than one batch of {local_batch}; lower DATASET.batch_size")
     eval_samplers = {name: ShardSampler(len(ds), env.rank, env.world_size) for name, ds in splits.items()}
     on_device = not loaded.files and (d.loader == "device" or
                                       (d.loader == "auto" and fits_on_device([train, *splits.values()], env.device)))
@@ -213,7 +217,8 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
 
     train_loader = loader(train, sampler, local_batch, True, d.num_workers)
     eval_workers = d.num_workers if loaded.files else 0  # decoding files is work; slicing an array is not
-    eval_loaders = {name: loader(ds, eval_samplers[name], d.test_batch_size, False, eval_workers) for name, ds in splits.items()}
+    eval_loaders = {name: loader(ds, eval_samplers[name], d.test_batch_size, False, eval_workers)
+                    for name, ds in splits.items()}
     augment = BatchAugment(len(train), loaded.mean, loaded.std, d.aug_info, d.crop_padding, seed, env.device)
     return Data(train_loader, sampler, eval_loaders, augment, num_per_cls, loaded.num_classes, loaded.in_channels,
                 loaded.class_names)

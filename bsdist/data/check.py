@@ -14,13 +14,16 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bsdist.config import Config
 from bsdist.data import imagelist
 from bsdist.data.imagelist import decoder_message, read_image
 from bsdist.metrics import shot_groups
+
+if TYPE_CHECKING:
+    from bsdist.config import Config
 
 MAX_NAMED = 20
 
@@ -64,11 +67,13 @@ def check_data(cfg: Config, decode: bool = False, stream=None) -> int:
         line = f"{split}: {_stats(listing.labels, num_classes)}"
         if split == "train" and len(listing.labels):
             groups = shot_groups(np.bincount(listing.labels, minlength=num_classes).tolist())
-            line += f"; many / medium / few-shot classes: {len(groups['many'])} / {len(groups['medium'])} / {len(groups['few'])}"
+            line += (f"; many / medium / few-shot classes: {len(groups['many'])} / {len(groups['medium'])} / "
+                     f"{len(groups['few'])}")
         say(line)
         absent = sorted(set(range(num_classes)) - set(listing.labels.tolist()))
         if absent and listing.paths:
-            problems.append(f"{split}: {len(absent)} of {num_classes} classes have no image (e.g. {', '.join(map(str, absent[:5]))})")
+            problems.append(f"{split}: {len(absent)} of {num_classes} classes have no image "
+                            f"(e.g. {', '.join(map(str, absent[:5]))})")
     paths = [os.path.join(d.datadir, p) for listing in splits.values() for p in listing.paths]
     with ThreadPoolExecutor(16) as pool:
         exists = list(pool.map(os.path.isfile, paths, chunksize=256))
@@ -99,7 +104,8 @@ def _decode_all(paths: list[str]) -> list[str]:
             now = time.perf_counter()
             if now - last > 1 or done == len(paths):
                 last = now
-                print(f"\rdecoded {done:,} / {len(paths):,} images ({done / max(now - started, 1e-9):,.0f}/s), {len(bad)} bad",
+                print(f"\rdecoded {done:,} / {len(paths):,} images "
+                      f"({done / max(now - started, 1e-9):,.0f}/s), {len(bad)} bad",
                       end="" if done < len(paths) else "\n", file=sys.stderr, flush=True)
     return bad
 

@@ -59,7 +59,8 @@ class LongTailDataset(ImageArrays):
         data, targets = self._read(train)
         self.val = None
         if train:
-            keep, val_idx, counts = long_tail_split(targets, self.num_classes, imbalance_type, imbalance_factor, seed, val_per_cls)
+            keep, val_idx, counts = long_tail_split(targets, self.num_classes, imbalance_type, imbalance_factor, seed,
+                                                    val_per_cls)
             if val_per_cls:
                 self.val = ImageArrays(data[val_idx], targets[val_idx])
             data, targets = data[keep], targets[keep]
@@ -100,9 +101,9 @@ class _CIFAR(LongTailDataset):
         base = os.path.join(os.path.expanduser(root), cls.folder)
         missing = [f for f in cls._expected() if not os.path.isfile(os.path.join(base, f))]
         if missing and not download:
-            raise BsdistError(f"{cls.__name__} data not found: {base} lacks {', '.join(missing)} (expected the official python "
-                              f"layout {cls.folder}/{{{','.join(cls._expected())}}}); set DATASET.datadir to the directory "
-                              f"that holds {cls.folder}/ or DATASET.download true")
+            raise BsdistError(f"{cls.__name__} data not found: {base} lacks {', '.join(missing)} (expected the "
+                              f"official python layout {cls.folder}/{{{','.join(cls._expected())}}}); set "
+                              f"DATASET.datadir to the directory that holds {cls.folder}/ or DATASET.download true")
 
     @classmethod
     def download(cls, root: str) -> None:
@@ -117,7 +118,8 @@ class _CIFAR(LongTailDataset):
             download_and_extract_archive(tv.url, root, filename=tv.filename, md5=tv.tgz_md5)
         except Exception as e:  # network errors come in many types; all mean the same to the user
             raise BsdistError(f"could not download {tv.url} into {root} ({type(e).__name__}: {str(e)[:120]}); "
-                              f"place the extracted {cls.folder}/ there by hand and set DATASET.download false") from None
+                              f"place the extracted {cls.folder}/ there by hand and set DATASET.download "
+                              "false") from None
 
     def _class_names(self) -> list[str]:
         """The names in the meta file (label_names, fine_label_names), or the class indices if it has none."""
@@ -126,7 +128,8 @@ class _CIFAR(LongTailDataset):
                 names = pickle.load(f, encoding="latin1")[self.names_key]
         except (OSError, KeyError, pickle.UnpicklingError, EOFError):
             names = None
-        return [str(n) for n in names] if names is not None and len(names) == self.num_classes else super()._class_names()
+        return ([str(n) for n in names] if names is not None and len(names) == self.num_classes
+                else super()._class_names())
 
     def _read(self, train: bool):
         base = os.path.join(self.root, self.folder)
@@ -143,7 +146,8 @@ class _CIFAR(LongTailDataset):
                 raise BsdistError(f"{path} is not a readable CIFAR batch ({type(e).__name__}: {str(e)[:80]}); "
                                   f"delete {base} and download it again (DATASET.download true)") from None
             if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise BsdistError(f"{path} has labels outside 0..{self.num_classes - 1}; it is not a {self.__class__.__name__} file")
+                raise BsdistError(f"{path} has labels outside 0..{self.num_classes - 1}; it is not a "
+                                  f"{self.__class__.__name__} file")
             data.append(batch.transpose(0, 2, 3, 1))
             targets.append(labels)
         return np.concatenate(data), np.concatenate(targets)
@@ -202,7 +206,8 @@ class DigitsLT(LongTailDataset):
         chosen = []
         for c in range(self.num_classes):
             idx = rng.permutation(np.where(digits.target == c)[0])
-            chosen.append(idx[:self.train_per_cls] if train else idx[self.train_per_cls:self.train_per_cls + self.test_per_cls])
+            chosen.append(idx[:self.train_per_cls] if train
+                          else idx[self.train_per_cls:self.train_per_cls + self.test_per_cls])
         chosen = np.concatenate(chosen)
         return images[chosen], digits.target[chosen].astype(np.int64)
 

@@ -27,12 +27,15 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from bsdist.config.schema import Dataset
 from bsdist.errors import BsdistError
+
+if TYPE_CHECKING:
+    from bsdist.config.schema import Dataset
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -63,7 +66,8 @@ class Preset:
 
 
 PRESETS = {
-    "ImageNetLT": Preset({"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt", "test": "ImageNet_LT_test.txt"},
+    "ImageNetLT": Preset({"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt",
+                          "test": "ImageNet_LT_test.txt"},
                          1000, {"train": 115846, "val": 20000, "test": 50000, "largest": 1280, "smallest": 5}),
     "PlacesLT": Preset({"train": "Places_LT_train.txt", "val": "Places_LT_val.txt", "test": "Places_LT_test.txt"},
                        365, {"train": 62500, "val": 7300, "test": 36500, "largest": 4980, "smallest": 5}),
@@ -139,7 +143,8 @@ def list_path(root: str, name: str) -> str:
 def listings(d: Dataset) -> tuple[dict[str, Listing], int, list[str] | None]:
     """Every split of an image-list dataset config: ({split: listing}, classes, class names or None)."""
     root, preset = d.datadir, PRESETS.get(d.name)
-    names = {split: getattr(d, f"{split}_list") or (preset.lists.get(split) if preset else None) for split in ("train", "val", "test")}
+    names = {split: getattr(d, f"{split}_list") or (preset.lists.get(split) if preset else None)
+             for split in ("train", "val", "test")}
     if names["train"] is None:  # class-per-folder
         train, classes = read_folders(root, "train")
         result = {"train": train}
@@ -262,22 +267,23 @@ def load_splits(d: Dataset, seed: int) -> tuple[ImageFiles, dict[str, ImageFiles
     splits, num_classes, class_names = listings(d)
     for listing in splits.values():
         if not os.path.exists(listing.source):
-            raise BsdistError(f"{listing.problems[0]}; set DATASET.datadir to the folder that holds {d.name}'s images and "
-                              "lists, or the DATASET.*_list keys to the lists' paths")
+            raise BsdistError(f"{listing.problems[0]}; set DATASET.datadir to the folder that holds {d.name}'s "
+                              "images and lists, or the DATASET.*_list keys to the lists' paths")
     problems = [p for listing in splits.values() for p in listing.problems] + profile_problems(d, splits)
     if "test" not in splits:
-        problems.append(f"no test split: set DATASET.test_list, or add {os.path.join(d.datadir, 'test')}/<class>/ folders")
+        problems.append(f"no test split: set DATASET.test_list, or add "
+                        f"{os.path.join(d.datadir, 'test')}/<class>/ folders")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise BsdistError(f"{problems[0]}{more}; {CHECK_DATA_HINT}")
     train = splits["train"]
     absent = sorted(set(range(num_classes)) - set(train.labels.tolist()))
     if absent:
-        raise BsdistError(f"{train.source}: {len(absent)} of {num_classes} classes have no training image (e.g. class {absent[0]}); "
-                          f"{CHECK_DATA_HINT}")
+        raise BsdistError(f"{train.source}: {len(absent)} of {num_classes} classes have no training image "
+                          f"(e.g. class {absent[0]}); {CHECK_DATA_HINT}")
     if "val" in splits and d.val_per_cls:
-        raise BsdistError(f"{splits['val'].source} is a validation split already; set DATASET.val_per_cls 0, or drop the "
-                          "validation list to hold images out of training instead")
+        raise BsdistError(f"{splits['val'].source} is a validation split already; set DATASET.val_per_cls 0, or "
+                          "drop the validation list to hold images out of training instead")
     keep, val_idx, _ = long_tail_split(train.labels, num_classes, d.imbalance_type, d.imbalance_factor, d.split_seed,
                                        d.val_per_cls)
     root, size = d.datadir, d.image_size

@@ -19,7 +19,8 @@ import numpy as np
 from bsdist.errors import BsdistError
 
 
-def long_tail_counts(num_images: int, num_classes: int, imbalance_type: str | None, imbalance_factor: float) -> list[int]:
+def long_tail_counts(num_images: int, num_classes: int, imbalance_type: str | None,
+                     imbalance_factor: float) -> list[int]:
     """Images kept per class, with img_max = num_images / num_classes and gamma = 1 / imbalance_factor."""
     if imbalance_type not in (None, "exp", "step"):
         raise BsdistError(f"DATASET.imbalance_type must be exp, step or null, got {imbalance_type!r}")
@@ -29,8 +30,8 @@ def long_tail_counts(num_images: int, num_classes: int, imbalance_type: str | No
         # the float profile can empty the tail even at factor == img_max, so find the largest factor that works
         largest = next(f for f in range(max(int(img_max), 1), 0, -1)
                        if min(_profile(img_max, num_classes, imbalance_type, f)) > 0)
-        raise BsdistError(f"imbalance factor {imbalance_factor:g} leaves class {counts.index(0)} with no training image "
-                          f"(img_max {img_max:g}); use DATASET.imbalance_factor <= {largest}")
+        raise BsdistError(f"imbalance factor {imbalance_factor:g} leaves class {counts.index(0)} with no training "
+                          f"image (img_max {img_max:g}); use DATASET.imbalance_factor <= {largest}")
     return counts
 
 
@@ -53,12 +54,14 @@ def long_tail_split(targets, num_classes: int, imbalance_type: str | None, imbal
     targets = np.asarray(targets)
     per_class = np.bincount(targets, minlength=num_classes)
     if val_per_cls and val_per_cls >= per_class.min():
-        raise BsdistError(f"DATASET.val_per_cls {val_per_cls} leaves no training image of class {int(per_class.argmin())} "
-                          f"({per_class.min()} images); use a val_per_cls below {per_class.min()}, or 0 to select on the test set")
+        raise BsdistError(f"DATASET.val_per_cls {val_per_cls} leaves no training image of class "
+                          f"{int(per_class.argmin())} ({per_class.min()} images); use a val_per_cls below "
+                          f"{per_class.min()}, or 0 to select on the test set")
     if imbalance_type is None:  # every image but the validation ones (a balanced set stays balanced, a list as it is)
         counts = [int(n) - val_per_cls for n in per_class]
     else:
-        counts = long_tail_counts(len(targets) - num_classes * val_per_cls, num_classes, imbalance_type, imbalance_factor)
+        counts = long_tail_counts(len(targets) - num_classes * val_per_cls, num_classes, imbalance_type,
+                                  imbalance_factor)
     saved = np.random.get_state()
     try:
         np.random.seed(seed)
@@ -68,7 +71,8 @@ def long_tail_split(targets, num_classes: int, imbalance_type: str | None, imbal
             np.random.shuffle(idx)
             if len(idx) - val_per_cls < n:
                 raise BsdistError(f"class {c} has {len(idx)} training images but the long-tailed profile asks for "
-                                  f"{n} plus {val_per_cls} for validation; the data directory holds an incomplete dataset")
+                                  f"{n} plus {val_per_cls} for validation; the data directory holds an incomplete "
+                                  "dataset")
             keep.append(idx[:n])
             val.append(idx[len(idx) - val_per_cls:])
     finally:

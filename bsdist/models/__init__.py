@@ -19,8 +19,8 @@ from bsdist.errors import BsdistError
 from bsdist.models.syncbn import SyncBatchNorm, _GlobalBatchStats, convert_sync_batchnorm
 from bsdist.models.zoo import MODELS, Float32Linear, load_pretrained, resnet18
 
-__all__ = ["CLASSIFIER", "MODELS", "Built", "Float32Linear", "SyncBatchNorm", "_GlobalBatchStats", "build_model", "classifier",
-           "convert_sync_batchnorm", "create", "distribute", "freeze_backbone", "no_sync", "resnet18"]
+__all__ = ["CLASSIFIER", "MODELS", "Built", "Float32Linear", "SyncBatchNorm", "_GlobalBatchStats", "build_model",
+           "classifier", "convert_sync_batchnorm", "create", "distribute", "freeze_backbone", "no_sync", "resnet18"]
 
 
 CLASSIFIER = "fc"
@@ -30,8 +30,8 @@ def classifier(model: nn.Module) -> nn.Linear:
     """The model's classifier (its `fc`), or one error for a model without one."""
     head = getattr(model, CLASSIFIER, None)
     if not isinstance(head, nn.Linear):
-        raise BsdistError(f"{type(model).__name__} has no linear classifier named {CLASSIFIER}, which decoupled training "
-                          "and post-hoc methods adjust; use a model of bsdist.models.MODELS such as resnet18")
+        raise BsdistError(f"{type(model).__name__} has no linear classifier named {CLASSIFIER}, which decoupled "
+                          "training and post-hoc methods adjust; use a model of bsdist.models.MODELS such as resnet18")
     return head
 
 
@@ -47,7 +47,8 @@ def freeze_backbone(model: nn.Module, backbone: dict | None) -> nn.Module:
     classifier(model)
     if backbone is not None:
         own = model.state_dict()
-        wrong = [k for k in own if not k.startswith(CLASSIFIER + ".") and (k not in backbone or backbone[k].shape != own[k].shape)]
+        wrong = [k for k in own if not k.startswith(CLASSIFIER + ".")
+                 and (k not in backbone or backbone[k].shape != own[k].shape)]
         wrong += [k for k in backbone if k not in own]
         if wrong:
             raise BsdistError(f"the stage-1 checkpoint does not fit this model ({len(wrong)} keys such as {wrong[0]}); "

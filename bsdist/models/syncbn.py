@@ -66,7 +66,8 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
             if not (child.affine and child.track_running_stats and child.momentum is not None):
-                raise ValueError(f"{name}: SyncBatchNorm needs affine BatchNorm2d with running statistics and a momentum")
+                raise ValueError(f"{name}: SyncBatchNorm needs affine BatchNorm2d with running statistics and a "
+                                 "momentum")
             sync = SyncBatchNorm(child.num_features, child.eps, child.momentum, device=child.weight.device)
             sync.load_state_dict(child.state_dict())
             setattr(module, name, sync)

@@ -206,7 +206,8 @@ class FakeDownload:
         self.calls, self.num_classes, self.fail = [], num_classes, fail
 
     def __call__(self, url, download_root, extract_root=None, filename=None, md5=None, remove_finished=False):
-        self.calls.append(dict(url=url, download_root=download_root, extract_root=extract_root, filename=filename, md5=md5))
+        self.calls.append(dict(url=url, download_root=download_root, extract_root=extract_root, filename=filename,
+                               md5=md5))
         if self.fail:
             raise self.fail
         write_cifar(extract_root or download_root, self.num_classes, train_per_class=20,

@@ -34,12 +34,14 @@ def lists(tmp_path_factory):
 
 
 def cfg_for(root, savedir, *overrides, lists_named=True):
-    named = ["DATASET.train_list", "train.txt", "DATASET.val_list", "val.txt", "DATASET.test_list", "test.txt"] if lists_named else []
+    named = (["DATASET.train_list", "train.txt", "DATASET.val_list", "val.txt", "DATASET.test_list", "test.txt"]
+             if lists_named else [])
     return config.validate(config.load(None, [
         "DATASET.name", "ImageList", "DATASET.datadir", root, *named, "DATASET.image_size", "16",
         "DATASET.aug_info", "[RandomResizedCrop, RandomHorizontalFlip]", "DATASET.batch_size", "16",
-        "DATASET.test_batch_size", "7", "DATASET.num_workers", "0", "DEFAULT.savedir", str(savedir), "TRAIN.epochs", "2",
-        "TRAIN.device", "cpu", "TRAIN.compile", "false", "MODEL.name", "tiny_fc", "SCHEDULER.params.warmup_epochs", "0",
+        "DATASET.test_batch_size", "7", "DATASET.num_workers", "0", "DEFAULT.savedir", str(savedir),
+        "TRAIN.epochs", "2", "TRAIN.device", "cpu", "TRAIN.compile", "false", "MODEL.name", "tiny_fc",
+        "SCHEDULER.params.warmup_epochs", "0",
         *overrides]))
 
 
@@ -110,14 +112,16 @@ def test_a_preset_checks_the_published_profile_of_its_lists(tmp_path, name):
         per_class = counts if split == "train" else np.full(c, profile[split] // c)
         per_class[: profile[split] - per_class.sum()] += 1
         labels = np.repeat(np.arange(c), per_class)
-        (tmp_path / list_name).write_text("".join(f"{split}/{label}/{i}.jpg {label}\n" for i, label in enumerate(labels)))
+        (tmp_path / list_name).write_text("".join(f"{split}/{label}/{i}.jpg {label}\n"
+                                                  for i, label in enumerate(labels)))
     d = config.validate(config.load(None, ["DATASET.name", name, "DATASET.datadir", str(tmp_path)])).DATASET
     splits, num_classes, _ = listings(d)
     assert num_classes == c and profile_problems(d, splits) == []
     train = tmp_path / preset.lists["train"]
     train.write_text("".join(train.read_text().splitlines(keepends=True)[:-1]))  # a truncated list
     splits, _, _ = listings(d)
-    assert profile_problems(d, splits)[0].startswith(f"{name} train: expected {profile['train']:,}, found {profile['train'] - 1:,}")
+    assert profile_problems(d, splits)[0].startswith(f"{name} train: expected {profile['train']:,}, "
+                                                     f"found {profile['train'] - 1:,}")
 
 
 def test_check_data_names_every_problem_and_accepts_every_image_kind(lists, tmp_path, capsys):
@@ -139,11 +143,12 @@ def test_check_data_names_every_problem_and_accepts_every_image_kind(lists, tmp_
     append(train, "train/gone.jpg 2")
     append(train, "train/c000/00001.jpg 0")  # the same file again
     append(test := str(root / "test.txt"), "test/c000/00000.jpg 7")  # a label beyond the 3 classes
-    cfg = config.validate(config.load(None, ["DATASET.name", "ImageList", "DATASET.datadir", str(root), "DATASET.train_list",
-                                             "train.txt", "DATASET.test_list", test]))
+    cfg = config.validate(config.load(None, ["DATASET.name", "ImageList", "DATASET.datadir", str(root),
+                                             "DATASET.train_list", "train.txt", "DATASET.test_list", test]))
     assert check_data(cfg, decode=True) == 1
     out = capsys.readouterr().out
-    assert "train: 24 images, 3 classes, largest 9, smallest 6" in out and "many / medium / few-shot classes: 0 / 0 / 3" in out
+    assert ("train: 24 images, 3 classes, largest 9, smallest 6" in out
+            and "many / medium / few-shot classes: 0 / 0 / 3" in out)
     assert "train.txt:25: duplicate of line 2 (train/c000/00001.jpg)" in out
     assert "test.txt:10: label 7 outside 0..2" in out
     assert f"missing file {root}/train/gone.jpg" in out
@@ -163,7 +168,8 @@ def test_a_missing_image_stops_training_in_one_line_even_from_a_worker(lists, tm
     root = tmp_path / "copy"
     write_list_dataset(str(root), [20, 20], test_per_class=2, size=16)
     append(str(root / "train.txt"), "train/c000/nowhere.jpg 0")
-    cfg = cfg_for(str(root), tmp_path, "DATASET.val_list", "null", "DATASET.num_workers", "2", "DATASET.batch_size", "41")
+    cfg = cfg_for(str(root), tmp_path, "DATASET.val_list", "null", "DATASET.num_workers", "2",
+                  "DATASET.batch_size", "41")
     with pytest.raises(BsdistError) as caught:
         main(cfg)
     message = str(caught.value)
@@ -172,7 +178,8 @@ def test_a_missing_image_stops_training_in_one_line_even_from_a_worker(lists, tm
 
 
 def test_a_list_that_cannot_be_used_is_one_line(lists, tmp_path):
-    with pytest.raises(BsdistError, match=r"list .*nothing.txt does not exist; set DATASET.datadir to the folder that holds"):
+    with pytest.raises(BsdistError,
+                       match=r"list .*nothing.txt does not exist; set DATASET.datadir to the folder that holds"):
         load_splits(cfg_for(lists, tmp_path, "DATASET.train_list", "nothing.txt"))
     with pytest.raises(BsdistError, match="val.txt is a validation split already; set DATASET.val_per_cls 0"):
         load_splits(cfg_for(lists, tmp_path, "DATASET.val_per_cls", "2"))
@@ -188,7 +195,8 @@ def test_training_from_files_resumes_mid_epoch_exactly(lists, tmp_path, monkeypa
     resumed = main(cfg)
     assert resumed["last"]["confusion"] == straight["last"]["confusion"]
     a = checkpoint.load(os.path.join(config.run_dir(cfg), "last.pt"))["model"]
-    b = checkpoint.load(os.path.join(config.run_dir(cfg_for(lists, tmp_path / "straight", *common)), "last.pt"))["model"]
+    straight_dir = config.run_dir(cfg_for(lists, tmp_path / "straight", *common))
+    b = checkpoint.load(os.path.join(straight_dir, "last.pt"))["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -206,7 +214,8 @@ def _evaluate_on_two_ranks(raw_cfg):
     env = init_distributed("cpu", 60)
     try:
         data = build_data(config.validate(raw_cfg, 2), env)
-        return {split: sorted(int(i) for _, _, indices in loader for i in indices) for split, loader in data.eval.items()}
+        return {split: sorted(int(i) for _, _, indices in loader for i in indices)
+                for split, loader in data.eval.items()}
     finally:
         shutdown()
 

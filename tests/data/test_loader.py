@@ -28,9 +28,10 @@ CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 def cifar_cfg(root, savedir, *overrides):
     return config.validate(config.load(None, [
-        "DATASET.name", "CIFAR10LT", "DATASET.datadir", root, "DEFAULT.savedir", str(savedir), "DATASET.imbalance_factor", "2",
-        "DATASET.batch_size", "16", "DATASET.test_batch_size", "24", "DATASET.num_workers", "0", "TRAIN.device", "cpu",
-        "TRAIN.mixed_precision", "no", "TRAIN.compile", "false", "MODEL.name", "tiny", "TRAIN.epochs", "2", *overrides]))
+        "DATASET.name", "CIFAR10LT", "DATASET.datadir", root, "DEFAULT.savedir", str(savedir),
+        "DATASET.imbalance_factor", "2", "DATASET.batch_size", "16", "DATASET.test_batch_size", "24",
+        "DATASET.num_workers", "0", "TRAIN.device", "cpu", "TRAIN.mixed_precision", "no", "TRAIN.compile", "false",
+        "MODEL.name", "tiny", "TRAIN.epochs", "2", *overrides]))
 
 
 def batches(loader, epoch, sampler=None):
@@ -48,7 +49,8 @@ def test_the_loader_setting_chooses_where_batches_are_gathered(cifar10_root, tmp
     assert isinstance(data.train, DataLoader) and all(isinstance(l, DataLoader) for l in data.eval.values())
     monkeypatch.setattr(bsdist.data, "fits_on_device", lambda datasets, device: False)  # a GPU without room
     assert isinstance(build_data(cifar_cfg(cifar10_root, tmp_path), CPU).train, DataLoader)
-    assert isinstance(build_data(cifar_cfg(cifar10_root, tmp_path, "DATASET.loader", "device"), CPU).train, DeviceLoader)
+    assert isinstance(build_data(cifar_cfg(cifar10_root, tmp_path, "DATASET.loader", "device"), CPU).train,
+                      DeviceLoader)
 
 
 def test_training_seeds_share_the_long_tailed_subset_that_the_split_seed_draws(cifar10_root, tmp_path):
