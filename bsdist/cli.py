@@ -23,22 +23,28 @@ import traceback
 def parse_args(argv):
     from bsdist.posthoc import METHODS
     parser = argparse.ArgumentParser(
-        prog="launch.py", usage="launch.py CONFIG [KEY.SUB value ...] | --sweep SWEEP.yaml | --report RUNS_DIR | --evaluate RUN_DIR "
-              "[--posthoc METHOD]  [--seeds S ...] [--slurm ...] [--debug]",
+        prog="launch.py", usage="launch.py CONFIG [KEY.SUB value ...] | --sweep SWEEP.yaml | --report RUNS_DIR | "
+              "--evaluate RUN_DIR [--posthoc METHOD]  [--seeds S ...] [--slurm ...] [--debug]",
         description="Long-tailed image classification with Balanced Softmax on raw torch.distributed.",
         epilog="Example: torchrun --nproc_per_node 8 launch.py configs/cifar100lt_bs.yaml TRAIN.epochs 200")
     parser.add_argument("config", nargs="?", help="YAML config file (see configs/)")
-    parser.add_argument("--sweep", metavar="SWEEP.yaml", help="run every configuration of a sweep file (see configs/sweeps/)")
+    parser.add_argument("--sweep", metavar="SWEEP.yaml",
+                        help="run every configuration of a sweep file (see configs/sweeps/)")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
-                        help="train each run with each of these DEFAULT.seed values (a sweep axis); the report gives mean ± std")
-    parser.add_argument("--jobs", type=int, help="sweep runs at once, spread over the visible GPUs (default 1 here; with --slurm, all)")
-    parser.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per sweep run, started with torchrun")
+                        help="train each run with each of these DEFAULT.seed values (a sweep axis); "
+                             "the report gives mean ± std")
+    parser.add_argument("--jobs", type=int,
+                        help="sweep runs at once, spread over the visible GPUs (default 1 here; with --slurm, all)")
+    parser.add_argument("--nproc-per-node", type=int, default=1,
+                        help="processes (GPUs) per sweep run, started with torchrun")
     parser.add_argument("--report", metavar="RUNS_DIR", help="tabulate and plot every finished run under RUNS_DIR")
-    parser.add_argument("--evaluate", metavar="RUN_DIR", help="evaluate a finished run's selected model (best.pt) again")
+    parser.add_argument("--evaluate", metavar="RUN_DIR",
+                        help="evaluate a finished run's selected model (best.pt) again")
     parser.add_argument("--posthoc", choices=(*METHODS, "all"),
                         help="with --evaluate: post-hoc adjustment(s), tau tuned on the validation split")
     parser.add_argument("--check-data", action="store_true",
-                        help="with CONFIG: report each split's images and classes and every problem of the data; exit 1 on any")
+                        help="with CONFIG: report each split's images and classes and every problem of the data; "
+                             "exit 1 on any")
     parser.add_argument("--decode", action="store_true", help="with --check-data: also decode every image, in parallel")
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     from bsdist import slurm
@@ -48,7 +54,8 @@ def parse_args(argv):
     if unknown:
         parser.error(f"unknown option {unknown[0]}; overrides are written KEY.SUB value, without dashes")
     if (args.sweep or args.report or args.evaluate) and args.config is not None:
-        overrides, args.config = [args.config, *overrides], None  # with --sweep/--report/--evaluate a positional is an override
+        # with --sweep/--report/--evaluate a positional is an override
+        overrides, args.config = [args.config, *overrides], None
     modes = [m for m in (args.config, args.sweep, args.report, args.evaluate) if m is not None]
     if len(modes) != 1:
         parser.error("give exactly one of CONFIG, --sweep SWEEP.yaml, --report RUNS_DIR or --evaluate RUN_DIR")
@@ -82,16 +89,14 @@ def run(argv=None) -> int:
     from bsdist import BsdistError, config
     from bsdist.data import check_available
     from bsdist.distributed import launched_as_main, world_size_from_env
-    from bsdist.output import console
-    console(int(os.environ.get("RANK", "0")))  # a launcher's RANK, known before any process group exists
     from bsdist.rundir import stage1_checkpoint
     try:
         if args.slurm:
             return submit_to_slurm(args)
         if args.sweep or args.seeds:
-            from bsdist.sweep import run_sweep
-            return run_sweep(args.sweep, jobs=args.jobs or 1, nproc_per_node=args.nproc_per_node, overrides=args.overrides,
-                             seeds=args.seeds, config_path=args.config)
+            from bsdist.local import run_sweep
+            return run_sweep(args.sweep, jobs=args.jobs or 1, nproc_per_node=args.nproc_per_node,
+                             overrides=args.overrides, seeds=args.seeds, config_path=args.config)
         if args.report:
             from bsdist.report import write_report
             write_report(args.report)
@@ -101,7 +106,8 @@ def run(argv=None) -> int:
             methods = list(METHODS) if args.posthoc == "all" else [args.posthoc] if args.posthoc else []
             evaluate_run(args.evaluate, methods, args.overrides)
             return 0
-        cfg = config.validate(config.load(args.config, args.overrides), world_size_from_env(), device_here=not args.check_data)
+        cfg = config.validate(config.load(args.config, args.overrides), world_size_from_env(),
+                              device_here=not args.check_data)
         check_available(cfg)
         if args.check_data:
             from bsdist.data.check import check_data

@@ -36,9 +36,11 @@ class LRFactor:
         if self.t_mult == 1:
             t_cur, t_i = t % self.t_initial, self.t_initial
         else:
+            def start(i: int) -> float:  # the epoch at which cycle i begins
+                return self.t_initial * (self.t_mult ** i - 1) / (self.t_mult - 1)
             i = math.floor(math.log(1 - t / self.t_initial * (1 - self.t_mult), self.t_mult))
-            t_cur = t - self.t_initial * (1 - self.t_mult ** i) / (1 - self.t_mult)
-            t_i = self.t_initial * self.t_mult ** i
+            i += (start(i + 1) <= t) - (start(i) > t)  # the float log lands either side of a restart (log(243, 3))
+            t_cur, t_i = t - start(i), self.t_initial * self.t_mult ** i
         return self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * t_cur / t_i))
 
 

@@ -72,6 +72,9 @@ def console(rank: int = 0) -> logging.Logger:
     return LOG
 
 
+console(int(os.environ.get("RANK", "0")))  # a launcher's RANK until a process group says (make_output)
+
+
 class NullOutput:
     """What every rank but 0 writes: nothing. It has exactly RunOutput's public methods (filled in below
     RunOutput), so a misspelt call fails on every rank, not only on rank 0."""
@@ -110,8 +113,9 @@ class RunOutput:
             self.info(f"removed {', '.join(orphans)}: what remained of a checkpoint write cut short")
         free = shutil.disk_usage(self.run_dir).free
         if free < 2 * checkpoint_bytes:
-            raise BsdistError(f"{self.run_dir} has {free / 2**20:.0f} MiB free, less than the {2 * checkpoint_bytes / 2**20:.0f} MiB "
-                              "two checkpoints need; free space or set DEFAULT.savedir elsewhere")
+            raise BsdistError(f"{self.run_dir} has {free / 2**20:.0f} MiB free, less than the "
+                              f"{2 * checkpoint_bytes / 2**20:.0f} MiB two checkpoints need; "
+                              "free space or set DEFAULT.savedir elsewhere")
         with open(self.path("config.yaml.tmp"), "w") as f:
             f.write(dump(cfg))
         os.replace(self.path("config.yaml.tmp"), self.path("config.yaml"))
@@ -141,9 +145,10 @@ class RunOutput:
         rows = ["| class | training images | shot |", "| --- | ---: | --- |"]
         shot = {c: g for g, members in groups.items() for c in members}
         rows += [f"| {self._label(c)} | {n} | {shot[c]} |" for c, n in enumerate(num_per_cls)]
-        self.writer.add_text("classes", f"{len(num_per_cls)} classes, {sum(num_per_cls)} training images. Classes by training "
-                             f"images: many-shot (more than {MANY_SHOT}) {len(groups['many'])}, medium ({FEW_SHOT} to "
-                             f"{MANY_SHOT}) {len(groups['medium'])}, few (fewer than {FEW_SHOT}) {len(groups['few'])}.\n\n"
+        self.writer.add_text("classes", f"{len(num_per_cls)} classes, {sum(num_per_cls)} training images. Classes by "
+                             f"training images: many-shot (more than {MANY_SHOT}) {len(groups['many'])}, medium "
+                             f"({FEW_SHOT} to {MANY_SHOT}) {len(groups['medium'])}, few (fewer than {FEW_SHOT}) "
+                             f"{len(groups['few'])}.\n\n"
                              + "\n".join(rows), step)
 
     def _label(self, c: int) -> str:
@@ -157,11 +162,13 @@ class RunOutput:
             for c, recall in enumerate(metrics["per_class_recall"]):
                 if recall is not None:
                     self.writer.add_scalar(f"{split}/recall/{self._label(c)}", recall, step)
+        heatmap = len(self.num_per_cls) <= MAX_HEATMAP_CLASSES
         figure = class_figure(metrics, self.num_per_cls, self.class_names,
-                              f"{split} {'confusion' if len(self.num_per_cls) <= MAX_HEATMAP_CLASSES else 'recall by class'}, step {step}")
-        self.writer.add_image(f"{split}/{'confusion' if len(self.num_per_cls) <= MAX_HEATMAP_CLASSES else 'recall_by_class'}", figure, step,
+                              f"{split} {'confusion' if heatmap else 'recall by class'}, step {step}")
+        self.writer.add_image(f"{split}/{'confusion' if heatmap else 'recall_by_class'}", figure, step,
                               dataformats="HWC")
-        self.writer.add_image(f"{split}/reliability", reliability_figure(metrics["calibration"], f"{split} reliability, step {step}"),
+        self.writer.add_image(f"{split}/reliability",
+                              reliability_figure(metrics["calibration"], f"{split} reliability, step {step}"),
                               step, dataformats="HWC")
 
 
@@ -196,7 +203,8 @@ class RunOutput:
         from PIL import Image
         best = results["best"]
         if "calibration" in best:  # a run begun before bsdist measured calibration has none
-            figure = reliability_figure(best["calibration"], f"test reliability of the selected model (epoch {best['epoch']})")
+            figure = reliability_figure(best["calibration"],
+                                        f"test reliability of the selected model (epoch {best['epoch']})")
             Image.fromarray(figure).save(self.path("reliability.png.tmp"), format="PNG")
             os.replace(self.path("reliability.png.tmp"), self.path("reliability.png"))
         self.write_json("results.json", results)
@@ -237,7 +245,8 @@ class RunOutput:
     def _layout(self, splits: list[str]) -> None:
         """TensorBoard's CUSTOM SCALARS page: the curves read together on one chart each."""
         charts = {"loss": ["Multiline", ["train/loss", *[f"{s}/loss" for s in splits]]],
-                  "accuracy and bcr": ["Multiline", ["train/acc", *[f"{s}/{m}" for s in splits for m in ("acc", "bcr")]]]}
+                  "accuracy and bcr": ["Multiline",
+                                       ["train/acc", *[f"{s}/{m}" for s in splits for m in ("acc", "bcr")]]]}
         charts.update({f"{s}: many / medium / few-shot recall": ["Multiline", [f"{s}/many", f"{s}/medium", f"{s}/few"]]
                        for s in splits})
         charts["expected calibration error"] = ["Multiline", [f"{s}/ece" for s in splits]]

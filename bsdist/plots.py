@@ -35,7 +35,8 @@ def plot(rows: list[dict], path: str) -> None:
                 series = sorted((r for r in mine if _label(r, rows) == label), key=lambda r: r["imbalance_factor"])
                 line = ax.errorbar([r["imbalance_factor"] for r in series], [r[f"{metric}_mean"] for r in series],
                                    yerr=[r[f"{metric}_std"] or 0.0 for r in series], fmt="o-", capsize=3, label=label)
-                reference = [(r["imbalance_factor"], r["reference_acc"]) for r in series if r["reference_acc"] is not None]
+                reference = [(r["imbalance_factor"], r["reference_acc"]) for r in series
+                             if r["reference_acc"] is not None]
                 if metric == "acc" and reference:
                     ax.plot(*zip(*reference), "x--", color=line[0].get_color(), alpha=0.6, label=f"{label} (reference)")
             ax.set_xscale("log")
@@ -58,7 +59,8 @@ def plot_classes(rows: list[dict], path: str) -> None:
     from matplotlib import ticker
     panels = list(dict.fromkeys((r["dataset"], r["imbalance_type"], r["imbalance_factor"]) for r in rows))
     cols = min(len(panels), 4)
-    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(5 * cols, 4 * -(-len(panels) // cols)), squeeze=False)
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 4 * nrows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax, panel in zip(axes.flat, panels):

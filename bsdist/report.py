@@ -101,7 +101,8 @@ def run_entries(directory: str, runs_dir: str) -> list[dict]:
         "num_per_cls": results["num_per_cls"], "per_class_recall": best["per_class_recall"],
         "run_dir": os.path.relpath(directory, runs_dir),
         **{m: best.get(m) for m in ("acc", "bcr", "many", "medium", "few", "ece", "nll")},
-        "best_epoch": best["epoch"], "last_acc": results["last"]["acc"], "minutes": results["seconds"] / 60, "tau": None,
+        "best_epoch": best["epoch"], "last_acc": results["last"]["acc"], "minutes": results["seconds"] / 60,
+        "tau": None,
     }
     entries = [entry]
     if os.path.exists(os.path.join(directory, "evaluate.json")):
@@ -137,7 +138,8 @@ def aggregate(entries: list[dict]) -> list[dict]:
     are what a cell averages over."""
     groups: dict[tuple, list[dict]] = {}
     for e in entries:
-        groups.setdefault((e["dataset"], e["imbalance_type"], e["imbalance_factor"], e["method"], e["selected_on"]), []).append(e)
+        groups.setdefault((e["dataset"], e["imbalance_type"], e["imbalance_factor"], e["method"], e["selected_on"]),
+                          []).append(e)
     cells: dict[tuple, tuple[list[str], list[dict]]] = {}
     for key, members in groups.items():
         names = list(dict.fromkeys(k for e in members for k in e["settings"]))
@@ -151,10 +153,11 @@ def aggregate(entries: list[dict]) -> list[dict]:
         twice = sorted({s for s in seeds if seeds.count(s) > 1})
         if twice:
             clash = [e["run_dir"] for e in members if e["seed"] == twice[0]]
-            raise BsdistError(f"{' and '.join(clash)} are the same configuration with the same DEFAULT.seed {twice[0]}; "
-                              "report each copy's directory on its own, or give one another seed")
+            raise BsdistError(f"{' and '.join(clash)} are the same configuration with the same DEFAULT.seed "
+                              f"{twice[0]}; report each copy's directory on its own, or give one another seed")
         first = members[0]
-        row = {k: first[k] for k in ("dataset", "imbalance_type", "imbalance_factor", "method", "selected_on", "reference_acc")}
+        row = {k: first[k] for k in ("dataset", "imbalance_type", "imbalance_factor", "method", "selected_on",
+                                     "reference_acc")}
         row["setting"] = ", ".join(f"{k} {first['settings'].get(k)}" for k in settings)
         row.update(n=len(members), seeds=" ".join(str(s) for s in sorted(seeds)), epochs=first["cfg"].TRAIN.epochs,
                    run_dirs=" ".join(e["run_dir"] for e in members), num_per_cls=first["num_per_cls"])
@@ -186,13 +189,14 @@ def _cell(mean, std=None, digits=4) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
-SELECTION = {"val": "Selected on the validation split", "test": "Selected on the test split (as the published recipes do)"}
+SELECTION = {"val": "Selected on the validation split",
+             "test": "Selected on the test split (as the published recipes do)"}
 
 
 def markdown(rows: list[dict]) -> str:
     with_setting = any(r["setting"] for r in rows)
-    head = ["dataset", "imbalance", "method", *(["setting"] if with_setting else []), "n", "acc", "bcr", "many", "medium",
-            "few", "ECE", "best epoch", "last acc", "reference acc", "minutes"]
+    head = ["dataset", "imbalance", "method", *(["setting"] if with_setting else []), "n", "acc", "bcr", "many",
+            "medium", "few", "ECE", "best epoch", "last acc", "reference acc", "minutes"]
     parts = []
     for selection in ("val", "test"):
         chosen = [r for r in rows if r["selected_on"] == selection]
@@ -200,7 +204,8 @@ def markdown(rows: list[dict]) -> str:
             continue
         lines = [f"### {SELECTION[selection]}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
         for r in chosen:
-            imbalance = r["imbalance_type"] if r["imbalance_type"] == "as listed" else f"{r['imbalance_type']} {r['imbalance_factor']}"
+            imbalance = (r["imbalance_type"] if r["imbalance_type"] == "as listed"
+                         else f"{r['imbalance_type']} {r['imbalance_factor']}")
             cells = [r["dataset"], imbalance, r["method"],
                      *([r["setting"] or "-"] if with_setting else []), str(r["n"]),
                      *[_cell(r[f"{m}_mean"], r[f"{m}_std"]) for m in ("acc", "bcr", "many", "medium", "few", "ece")],
@@ -221,9 +226,11 @@ def write_report(runs_dir: str) -> dict:
         raise BsdistError(f"{runs_dir} is not a directory; pass the DEFAULT.savedir of the runs to report")
     entries, unfinished = collect(runs_dir)
     if not entries:
-        raise BsdistError(f"no finished run (results.json) under {runs_dir}" + (f"; {len(unfinished)} unfinished" if unfinished else ""))
+        raise BsdistError(f"no finished run (results.json) under {runs_dir}"
+                          + (f"; {len(unfinished)} unfinished" if unfinished else ""))
     rows = aggregate(entries)
-    paths = {name: os.path.join(runs_dir, name) for name in ("report.md", "report.csv", "report.png", "report_classes.png")}
+    paths = {name: os.path.join(runs_dir, name)
+             for name in ("report.md", "report.csv", "report.png", "report_classes.png")}
     table = markdown(rows)
     with open(paths["report.md"], "w") as f:
         f.write(table)
@@ -233,7 +240,8 @@ def write_report(runs_dir: str) -> dict:
         writer.writerows(rows)
     print(table, end="")
     if unfinished:
-        print(f"{len(unfinished)} unfinished run(s) left out: {', '.join(os.path.relpath(u, runs_dir) for u in unfinished)}")
+        print(f"{len(unfinished)} unfinished run(s) left out: "
+              f"{', '.join(os.path.relpath(u, runs_dir) for u in unfinished)}")
     plot(rows, paths["report.png"])
     plot_classes(rows, paths["report_classes.png"])
     print(f"wrote {', '.join(paths.values())}")

@@ -40,8 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> list[str]:
     flags = [
         g.add_argument("--partition", help="partition to run on (default: the cluster's default partition)"),
         g.add_argument("--nodes", type=int, default=1, help="nodes (default 1)"),
-        g.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task per GPU (default 1; 0 when TRAIN.device is cpu)"),
-        g.add_argument("--ntasks-per-node", type=int, help="tasks per node on CPU-only partitions (default: one per GPU, else 1)"),
+        g.add_argument("--gpus-per-node", type=int,
+                       help="GPUs per node, one task per GPU (default 1; 0 when TRAIN.device is cpu)"),
+        g.add_argument("--ntasks-per-node", type=int,
+                       help="tasks per node on CPU-only partitions (default: one per GPU, else 1)"),
         g.add_argument("--cpus-per-task", type=int, help="CPUs per task (default DATASET.num_workers + 1)"),
         g.add_argument("--mem-gb", type=int, help="memory per node in GB (default: the partition's default)"),
         g.add_argument("--timeout-min", type=int, default=720, help="time limit per job in minutes (default 720)"),
@@ -65,9 +67,10 @@ def tasks_per_node(args, cfg: Config) -> int:
         if args.gpus_per_node is None:  # the default: one GPU, as TRAIN.device is not cpu
             raise BsdistError(f"--ntasks-per-node {args.ntasks_per_node} asks for CPU tasks, but TRAIN.device "
                               f"{cfg.TRAIN.device} gives each task a GPU (one by default): set TRAIN.device cpu (or "
-                              f"--gpus-per-node 0) for CPU tasks, or --gpus-per-node {args.ntasks_per_node} for GPU tasks")
-        raise BsdistError(f"--ntasks-per-node {args.ntasks_per_node} disagrees with --gpus-per-node {gpus}: bsdist runs one task "
-                          "per GPU; drop --ntasks-per-node")
+                              f"--gpus-per-node 0) for CPU tasks, or --gpus-per-node {args.ntasks_per_node} "
+                              f"for GPU tasks")
+        raise BsdistError(f"--ntasks-per-node {args.ntasks_per_node} disagrees with --gpus-per-node {gpus}: "
+                          "bsdist runs one task per GPU; drop --ntasks-per-node")
     return gpus or args.ntasks_per_node or 1
 
 
@@ -90,8 +93,8 @@ def check_arguments(args) -> None:
     for extra in args.slurm_extra:
         key = extra.split("=", 1)[0]
         if "=" not in extra or not key or key.startswith("-"):
-            raise BsdistError(f"--slurm-extra {extra!r} must be KEY=VALUE with sbatch's long option name and no dashes, "
-                              "e.g. --slurm-extra reservation=mine")
+            raise BsdistError(f"--slurm-extra {extra!r} must be KEY=VALUE with sbatch's long option name and no "
+                              "dashes, e.g. --slurm-extra reservation=mine")
 
 
 def world_size(args, cfg: Config) -> int:
@@ -153,8 +156,8 @@ class SlurmTask:
 
 def _executor(folder: str, params: dict):
     if shutil.which("sbatch") is None:
-        raise BsdistError("sbatch not found: --slurm submits from a machine of a SLURM cluster; run it on a login node, "
-                          "or start a local cluster with slurm/dev-cluster.sh up")
+        raise BsdistError("sbatch not found: --slurm submits from a machine of a SLURM cluster; run it on a login "
+                          "node, or start a local cluster with slurm/dev-cluster.sh up")
     try:
         import submitit
     except ImportError:
@@ -177,9 +180,12 @@ def _submitted(folder: str, params: dict, submit):
     except Exception as e:  # submitit raises its own error types with sbatch's stderr inside
         shutil.rmtree(created, ignore_errors=True)
         lines = [line.strip() for line in str(e).splitlines() if "error:" in line or "fatal:" in line]
-        said = (lines[-1] if lines else str(e).strip().splitlines()[-1][:200]).removeprefix("sbatch: ").removeprefix("error: ")
-        hint = (f" (--partition {params.get('partition', 'not given')}); sinfo lists the partitions" if "partition" in said.lower() else
-                "; is SLURM_CONF set (slurm/dev-cluster.sh env prints it for the local cluster)?" if "configuration" in said else "")
+        said = ((lines[-1] if lines else str(e).strip().splitlines()[-1][:200])
+                .removeprefix("sbatch: ").removeprefix("error: "))
+        hint = (f" (--partition {params.get('partition', 'not given')}); sinfo lists the partitions"
+                if "partition" in said.lower() else
+                "; is SLURM_CONF set (slurm/dev-cluster.sh env prints it for the local cluster)?"
+                if "configuration" in said else "")
         raise BsdistError(f"sbatch refused the job: {said}{hint}") from None
 
 
@@ -211,8 +217,9 @@ def submit(args, cfg: Config) -> int:
 
 # Pending reasons SLURM keeps for ever: the request exceeds what the partition, its nodes or the account allow.
 HOPELESS = {"PartitionConfig": "the request exceeds what the partition's nodes offer (CPUs, memory, GPUs per node)",
-            "PartitionNodeLimit": "more nodes than the partition allows", "PartitionTimeLimit": "a longer time than the "
-            "partition allows", "BadConstraints": "constraints no node satisfies", "InvalidAccount": "an unknown account",
+            "PartitionNodeLimit": "more nodes than the partition allows",
+            "PartitionTimeLimit": "a longer time than the partition allows",
+            "BadConstraints": "constraints no node satisfies", "InvalidAccount": "an unknown account",
             "InvalidQOS": "an unknown QOS"}
 
 
@@ -238,9 +245,9 @@ def wait_for(job, run_dir: str | None = None) -> dict:
         if reason in HOPELESS:
             subprocess.run(["scancel", str(job.job_id)], capture_output=True, timeout=30)
             kept = run_dir and os.path.exists(os.path.join(run_dir, "last.pt"))
-            raise BsdistError(f"job {job.job_id} can never start: SLURM holds it pending ({reason}: {HOPELESS[reason]}), "
-                              "so it was cancelled; ask for less (--nodes, --gpus-per-node, --ntasks-per-node, --cpus-per-task, "
-                              "--mem-gb, --timeout-min) or another --partition"
+            raise BsdistError(f"job {job.job_id} can never start: SLURM holds it pending ({reason}: "
+                              f"{HOPELESS[reason]}), so it was cancelled; ask for less (--nodes, --gpus-per-node, "
+                              "--ntasks-per-node, --cpus-per-task, --mem-gb, --timeout-min) or another --partition"
                               + (", with TRAIN.resume auto to continue from last.pt" if kept else ""))
         time.sleep(min(10.0, 1.0 + (time.monotonic() - started) / 10))
     try:
@@ -248,8 +255,8 @@ def wait_for(job, run_dir: str | None = None) -> dict:
     except (FailedJobError, UncompletedJobError) as e:
         state = job.state
         if state.startswith("CANCELLED"):
-            raise BsdistError(f"job {job.job_id} was cancelled ({state}); submit the same command with TRAIN.resume auto to "
-                              f"continue from its last checkpoint; logs {_logs(job)}") from None
+            raise BsdistError(f"job {job.job_id} was cancelled ({state}); submit the same command with TRAIN.resume "
+                              f"auto to continue from its last checkpoint; logs {_logs(job)}") from None
         if isinstance(e, FailedJobError):
             error = next((line for line in reversed(str(e).splitlines()) if "Error" in line), "see the log")
             raise BsdistError(f"job {job.job_id} failed: {error.strip()[:300]}; logs {_logs(job)}") from None
@@ -268,7 +275,8 @@ def submit_sweep(args, runs: list) -> int:
     folder = submission_folder(savedir(runs))
     params = executor_parameters(args, pending[0][1].cfg, "bsdist-sweep")
     params["array_parallelism"] = args.jobs or len(pending)
-    jobs = _submitted(folder, params, lambda executor: executor.submit_array([SlurmTask(run.cfg) for _, run in pending]))
+    jobs = _submitted(folder, params,
+                      lambda executor: executor.submit_array([SlurmTask(run.cfg) for _, run in pending]))
     for (i, run), job in zip(pending, jobs):
         LOG.info(f"[{i}/{len(runs)}] {run.label}: job {job.job_id}, run directory {run.run_dir}, logs {_logs(job)}")
     if not args.wait:
@@ -281,6 +289,7 @@ def submit_sweep(args, runs: list) -> int:
             failed.append(run.label)
             LOG.info(f"[{i}/{len(runs)}] {run.label}: FAILED: {e}")
     if failed:
-        LOG.warning(f"{len(failed)} of {len(pending)} runs failed: {', '.join(failed)}; submit the same sweep again to resume them")
+        LOG.warning(f"{len(failed)} of {len(pending)} runs failed: {', '.join(failed)}; "
+                    "submit the same sweep again to resume them")
         return 1
     return 0

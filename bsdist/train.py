@@ -53,15 +53,17 @@ def main(cfg: Config) -> dict:
         orderly = True
         return results
     except Stopped as e:
-        orderly = True  # the others wait until rank 0 has written last.pt, so none is cut short (srun's kill-on-bad-exit)
+        # the others wait until rank 0 has written last.pt, so none is cut short (srun's kill-on-bad-exit)
+        orderly = True
         out.info(str(e), console=False)  # the log tells why the run paused; the launcher prints the error
         raise
     except RuntimeError as e:
-        if not (isinstance(e, dist.DistError) or "gloo/transport" in str(e)):  # NCCL raises DistError, gloo RuntimeError
+        # NCCL raises DistError, gloo RuntimeError
+        if not (isinstance(e, dist.DistError) or "gloo/transport" in str(e)):
             raise
-        raise PeerFailure(f"rank {env.rank}: a collective failed ({str(e).strip().splitlines()[0][:160]}): another process died "
-                          f"or stopped answering within the collective timeout; the last checkpoint is kept, continue "
-                          f"with TRAIN.resume auto") from None
+        raise PeerFailure(f"rank {env.rank}: a collective failed ({str(e).strip().splitlines()[0][:160]}): "
+                          f"another process died or stopped answering within the collective timeout; the last "
+                          f"checkpoint is kept, continue with TRAIN.resume auto") from None
     finally:
         _release_frames(sys.exc_info()[1])  # a failed run's model and DDP go now, not at interpreter exit
         out.close()
@@ -125,14 +127,15 @@ class Trainer:
         self.compiled = t.compile is True or (t.compile == "auto" and env.device.type == "cuda")
         self.sync_bn, self.sync_bn_reason = config.resolve_sync_bn(cfg, env.world_size)
         backbone = checkpoint.load(stage1)["model"] if stage1 and not resuming else None  # a resume has its own weights
-        self.model = build_model(cfg, self.data.num_classes, self.data.in_channels, env.device, self.compiled, self.sync_bn,
-                                 backbone, pretrained=not resuming)
+        self.model = build_model(cfg, self.data.num_classes, self.data.in_channels, env.device, self.compiled,
+                                 self.sync_bn, backbone, pretrained=not resuming)
         self.amp_dtype = AMP_DTYPES[config.resolve_precision(t.mixed_precision, env.device.type)]
         optimizer = build_optimizer(cfg, self.model.module)
         steps_per_epoch = -(-len(self.data.train) // t.grad_accum_steps)
         self.state = TrainState(self.model.train, build_loss(cfg.LOSS.name, self.num_per_cls).to(env.device), optimizer,
                                 build_scheduler(cfg, optimizer, steps_per_epoch),
-                                torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16), self.amp_dtype,
+                                torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16),
+                                self.amp_dtype,
                                 t.grad_accum_steps, t.nonfinite, t.ckpt_every_steps, t.check_every_steps,
                                 save=self.save, stop_requested=lambda: signals.received)
         self.signals = signals
@@ -146,8 +149,10 @@ class Trainer:
         gathered); config, num_per_cls and world_size are there for a reader, not restored."""
         s = self.state
         return {"model": self.model.module.state_dict(),  # the plain module: no DDP or compile prefixes
-                "optimizer": s.optimizer.state_dict(), "lr_scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(),
-                "epoch": self.epochs_done, "progress": vars(self.progress), "step": s.step, "best": self.best, "last": self.last,
+                "optimizer": s.optimizer.state_dict(), "lr_scheduler": s.scheduler.state_dict(),
+                "scaler": s.scaler.state_dict(),
+                "epoch": self.epochs_done, "progress": vars(self.progress), "step": s.step, "best": self.best,
+                "last": self.last,
                 "rng": all_gather_objects(checkpoint.rng_state(self.env.device)),
                 "seconds": self.seconds_before + time.perf_counter() - self.started_at,
                 "config": config.to_dict(self.cfg), "num_per_cls": self.num_per_cls, "world_size": self.env.world_size}
@@ -158,8 +163,9 @@ class Trainer:
         try:
             self.model.module.load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            raise BsdistError(f"{source} does not fit this model ({str(e).splitlines()[1].strip()[:120]}): it comes from "
-                              "another run; move it away to start afresh, or resume the run it belongs to") from None
+            raise BsdistError(f"{source} does not fit this model ({str(e).splitlines()[1].strip()[:120]}): "
+                              "it comes from another run; move it away to start afresh, or resume the run it "
+                              "belongs to") from None
         s.optimizer.load_state_dict(ckpt["optimizer"])
         s.scheduler.load_state_dict(ckpt["lr_scheduler"])
         s.scaler.load_state_dict(ckpt["scaler"])
@@ -180,7 +186,8 @@ class Trainer:
         cfg, env, out, t = self.cfg, self.env, self.out, self.cfg.TRAIN
         if resume_from:
             self.load_state_dict(checkpoint.load(resume_from), f"checkpoint {resume_from}")
-        checkpoint_bytes = 3 * sum(p.numel() * p.element_size() for p in self.model.module.parameters())  # model, momentum, slack
+        # model, momentum, slack
+        checkpoint_bytes = 3 * sum(p.numel() * p.element_size() for p in self.model.module.parameters())
         with main_process_first(env):  # rank 0 makes the run directory; if it cannot, every rank stops
             out.start(cfg, self.state.step if resume_from else None, self.epochs_done, checkpoint_bytes)
         out.classes(self.num_per_cls, self.data.class_names, self.state.step)
@@ -210,14 +217,16 @@ class Trainer:
 
     def _announce(self, resume_from: str | None) -> None:
         cfg, out = self.cfg, self.out
-        out.info(f"{self.env.world_size} process(es) on {self.env.device.type}; {len(self.data.train.dataset)} training "
-                 f"images {list(self.num_per_cls)}; run directory {config.run_dir(cfg)}")
+        out.info(f"{self.env.world_size} process(es) on {self.env.device.type}; "
+                 f"{len(self.data.train.dataset)} training images {list(self.num_per_cls)}; "
+                 f"run directory {config.run_dir(cfg)}")
         if self.stage1:
-            out.info(f"stage 2 (cRT) of {os.path.dirname(self.stage1)}: its selected model's backbone frozen, BatchNorm "
-                     f"included; the classifier re-initialised and trained with {cfg.LOSS.name} and "
+            out.info(f"stage 2 (cRT) of {os.path.dirname(self.stage1)}: its selected model's backbone frozen, "
+                     f"BatchNorm included; the classifier re-initialised and trained with {cfg.LOSS.name} and "
                      f"{cfg.DATASET.sampler.replace('_', '-')} sampling")
         else:
-            out.info(f"BatchNorm {'synchronised across processes' if self.sync_bn else 'per process'}: {self.sync_bn_reason}")
+            out.info(f"BatchNorm {'synchronised across processes' if self.sync_bn else 'per process'}: "
+                     f"{self.sync_bn_reason}")
         if self.select_on == "test":
             out.info("model selection (best.pt) uses the test set, as the published recipes do; "
                      "set DATASET.val_per_cls > 0 to select on a held-out validation split")
@@ -248,11 +257,8 @@ class Trainer:
                        "lr": self.state.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
                        **{f"{split}_{k}": m[k] for split, m in evaluated.items()
                           for k in ("loss", "acc", "bcr", "many", "medium", "few", "ece")}})
-        out.info(f"epoch {epoch + 1}: " + "  ".join(f"{split} acc {m['acc']:.4f} bcr {m['bcr']:.4f}" for split, m in evaluated.items())
+        out.info(f"epoch {epoch + 1}: "
+                 + "  ".join(f"{split} acc {m['acc']:.4f} bcr {m['bcr']:.4f}" for split, m in evaluated.items())
                  + f"  best {self.select_on} {t.ckp_metric} {self.best['score']:.4f} (epoch {self.best['epoch']})")
         return improved
 
-
-if __name__ == "__main__":  # `python -m bsdist.train CONFIG ...` is launch.py
-    from bsdist.cli import run
-    sys.exit(run())

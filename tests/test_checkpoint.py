@@ -1,4 +1,6 @@
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +27,8 @@ while True:
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
     path = str(tmp_path / "last.pt")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-c", WRITER.format(root=root, path=path)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", WRITER.format(root=root, path=path)], stdout=subprocess.PIPE,
+                            text=True)
     try:
         assert [proc.stdout.readline().strip() for _ in range(3)] == ["writing 1", "wrote 1", "writing 2"]
         os.kill(proc.pid, signal.SIGKILL)  # inside the second write (64 MB): one complete checkpoint exists
@@ -65,16 +68,23 @@ def test_a_damaged_checkpoint_is_one_clear_error(tmp_path):
 class Payload:
     """What a malicious checkpoint could carry: unpickling it would call os.system."""
 
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("touch /tmp/bsdist-pwned",))
+        return (os.system, (f"touch {self.marker}",))
 
 
 def test_a_checkpoint_is_read_without_running_its_code(tmp_path):
-    path = tmp_path / "last.pt"
-    torch.save({"model": {}, "extra": Payload()}, path)
-    with pytest.raises(BsdistError, match="cannot be read"):
+    # the marker lies in tmp_path: one that a regression (or a mutant) left behind must not fail every later run
+    path, marker = tmp_path / "last.pt", tmp_path / "pwned"
+    torch.save({"model": {}, "extra": Payload(marker)}, path)
+    with pytest.raises(BsdistError, match="cannot be read") as e:
         checkpoint.load(str(path))
-    assert not os.path.exists("/tmp/bsdist-pwned")
+    assert not marker.exists()
+    # the message quotes the reader's error: its type and its first line, cut at 80 characters
+    quoted = re.search(r"cannot be read \(UnpicklingError: (.*)\); remove it", str(e.value)).group(1)
+    assert quoted.startswith("Weights only load failed.") and len(quoted) == 80
 
 
 def test_random_states_are_saved_per_rank_and_restored_on_another_world_size(tmp_path):
@@ -89,7 +99,7 @@ def test_random_states_are_saved_per_rank_and_restored_on_another_world_size(tmp
     path = str(tmp_path / "last.pt")
     checkpoint.save_atomic({"rng": states}, path)
     loaded = checkpoint.load(path)["rng"]  # weights_only: tensors and plain values only
-    for rank, world in ((1, 2), (0, 1), (3, 4)):  # same world size, fewer ranks, more ranks
+    for rank, world in ((1, 2), (0, 1), (2, 3), (3, 4)):  # same world size, fewer ranks, more ranks
         checkpoint.set_rng_state(loaded, rank, cpu)
         expected = rank if rank < 2 else 0
         random.seed(expected), np.random.seed(expected), torch.manual_seed(expected)
@@ -110,8 +120,11 @@ def test_a_failed_background_write_keeps_the_old_checkpoint_and_names_the_path_a
     writer.save({"step": torch.tensor(2)}, [path])
     writer.wait(raise_error=False)
     assert writer.error is not None
-    with pytest.raises(BsdistError, match=r"checkpoint .*last.pt could not be written \(No space left on device; \d+ MiB free"):
+    message = r"checkpoint .*last.pt could not be written \(No space left on device; \d+ MiB free"
+    with pytest.raises(BsdistError, match=message) as e:
         writer.wait()
+    free = shutil.disk_usage(tmp_path).free / 2**20
+    assert int(str(e.value).split("; ")[1].split(" MiB")[0]) == pytest.approx(free, rel=0.1, abs=2)
     assert checkpoint.load(path)["step"] == 1
     assert os.listdir(tmp_path) == ["last.pt"]
 
@@ -124,3 +137,44 @@ def test_a_checkpoint_is_a_copy_taken_when_saved(tmp_path):
     writer.wait()
     for name in ("a.pt", "b.pt"):
         assert torch.equal(checkpoint.load(str(tmp_path / name))["w"], torch.zeros(3))
+
+
+def test_a_write_after_a_failed_one_is_not_attempted_and_the_first_failure_is_raised(tmp_path, monkeypatch):
+    path, real_save = str(tmp_path / "last.pt"), torch.save
+    writer = checkpoint.CheckpointWriter()
+
+    def broken(obj, f):
+        raise RuntimeError("cannot pickle this state")
+    monkeypatch.setattr(torch, "save", broken)
+    writer.save({"step": torch.tensor(1)}, [path])
+    writer.wait(raise_error=False)
+    monkeypatch.setattr(torch, "save", real_save)
+    writer.save({"step": torch.tensor(2)}, [path])  # neither raises nor writes: the run stops at its next check point
+    with pytest.raises(RuntimeError, match="cannot pickle this state"):
+        writer.wait()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_link_leaves_no_temporary_file(tmp_path):
+    checkpoint.save_atomic({"step": 1}, str(tmp_path / "last.pt"))
+    (tmp_path / "best.pt").mkdir()  # a directory cannot be replaced by a file
+    with pytest.raises(OSError):
+        checkpoint.link_atomic(str(tmp_path / "last.pt"), str(tmp_path / "best.pt"))
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
+
+
+def test_the_temporary_files_of_interrupted_writes_are_removed(tmp_path):
+    for name in ("last.pt", "last.pt.tmp.4242", "best.pt.tmp.7", "notes.tmp", "results.json"):
+        (tmp_path / name).write_bytes(b"")
+    assert sorted(checkpoint.remove_orphans(str(tmp_path))) == ["best.pt.tmp.7", "last.pt.tmp.4242"]
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "notes.tmp", "results.json"]
+
+
+def test_a_host_copy_keeps_lists_and_tuples():
+    t = torch.zeros(2)
+    copy = checkpoint.to_host({"rng": [t, (t, 3)], "name": "x"})
+    assert type(copy["rng"]) is list and type(copy["rng"][1]) is tuple
+    assert copy["rng"][1][1] == 3 and copy["name"] == "x"
+    t += 1
+    assert torch.equal(copy["rng"][0], torch.zeros(2)) and torch.equal(copy["rng"][1][0], torch.zeros(2))
+

@@ -73,8 +73,8 @@ def test_an_unknown_option_is_named(tmp_path):
     assert proc.returncode == 2 and "unknown option --epochs" in proc.stderr
 
 
-def test_python_m_bsdist_train_is_launch_py():
-    proc = subprocess.run([sys.executable, "-m", "bsdist.train", "configs/demo.yaml", "TRAIN.epoch", "1"], cwd=ROOT,
+def test_python_m_bsdist_is_launch_py():
+    proc = subprocess.run([sys.executable, "-m", "bsdist", "configs/demo.yaml", "TRAIN.epoch", "1"], cwd=ROOT,
                           env=clean_env(), capture_output=True, text=True, timeout=120)
     assert (proc.returncode == 2
             and proc.stderr.strip() == "error: unknown config key TRAIN.epoch; did you mean TRAIN.epochs?")

@@ -73,7 +73,7 @@ def test_a_failed_run_is_reported_with_its_error_and_the_rest_still_run(cifar10_
     sweep = write_sweep(tmp_path, cifar10_root, axes={"DATASET.imbalance_factor": [100, 2]})
     result = launch("--sweep", sweep)
     assert result.returncode == 1
-    failed = next(line for line in result.stdout.splitlines() if line.startswith("[1/2] 100: FAILED (exit 2)"))
+    failed = next(line for line in result.stdout.splitlines() if "] [1/2] 100: FAILED (exit 2)" in line)
     assert "min: 'error: imbalance factor 100 leaves class 6 with no training image" in failed
     assert "[2/2] 2: done in" in result.stdout
     assert "1 of 2 runs failed: 100; run the same command again" in result.stderr

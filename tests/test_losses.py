@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,3 +85,30 @@ def test_balanced_softmax_reduces_as_the_official_implementation_allows():
 def test_the_reference_dataset_import_works():
     from bsdist.data import CIFAR10LT, CIFAR100LT, DigitsLT  # the reference's `from datasets import CIFAR10LT`
     assert (CIFAR10LT.num_classes, CIFAR100LT.num_classes, DigitsLT.num_classes) == (10, 100, 10)
+
+
+def test_the_log_prior_is_computed_in_float64_and_rounded_once():
+    # float32's log(7) and log(47) are one unit in the last place off the correctly rounded values
+    assert BalancedSoftmax([7, 47, 1]).log_prior.tolist() == torch.tensor([math.log(7), math.log(47), 0.0]).tolist()
+
+
+@pytest.fixture
+def one_rank():
+    from bsdist.distributed import init_distributed, shutdown
+    env = init_distributed("cpu", 60)
+    yield env
+    shutdown()
+
+
+def test_class_prior_of_a_single_process_is_its_counts_in_class_order(one_rank):
+    prior = broadcast_class_prior({2: 5, 0: 50, 1: 20}, one_rank)
+    assert prior == [50, 20, 5] and all(type(n) is int for n in prior)
+
+
+def test_a_rank_whose_counts_differ_from_rank_0_s_raises(one_rank, monkeypatch):
+    import bsdist.losses
+    # rank 0 counted one more image of class 1 than this rank
+    monkeypatch.setattr(bsdist.losses, "broadcast_from_main", lambda t: t + torch.tensor([0.0, 1.0], dtype=t.dtype))
+    with pytest.raises(BsdistError, match=r"class counts differ from rank 0's\); make sure every node reads the same "
+                                          r"DATASET\.datadir files"):
+        broadcast_class_prior({0: 50, 1: 20}, one_rank)

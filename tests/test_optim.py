@@ -42,15 +42,37 @@ def test_linear_warmup_then_cosine():
 
 
 def test_warm_restarts_with_t_mult():
-    cfg = cfg_with(TRAIN__epochs=7, SCHEDULER__params__t_initial=1, SCHEDULER__params__t_mult=2, SCHEDULER__params__eta_min=0)
+    cfg = cfg_with(TRAIN__epochs=7, SCHEDULER__params__t_initial=1, SCHEDULER__params__t_mult=2,
+                   SCHEDULER__params__eta_min=0)
     values = lrs(cfg, 4)
     restarts = [i for i in range(1, len(values)) if values[i] > values[i - 1]]
     assert restarts == [4, 12]  # cycles of 1, 2, 4 epochs
     assert values[12] == pytest.approx(0.1)
 
 
+def test_warm_restart_cycles_grow_by_t_mult():
+    # cycles of 2, 6 and 18 epochs from epochs 0, 2 and 8, at half epochs (t_mult 2 and t_initial 1 would not tell
+    # t / t_initial * (1 - t_mult) from t * t_initial / (1 - t_mult))
+    cfg = cfg_with(TRAIN__epochs=26, SCHEDULER__params__t_initial=2, SCHEDULER__params__t_mult=3,
+                   SCHEDULER__params__eta_min=0)
+    factor = LRFactor(cfg, 2)
+    expected = [0.5 * (1 + math.cos(math.pi * k / 2 / length)) for length in (2, 6, 18) for k in range(2 * length)]
+    assert [factor(step) for step in range(52)] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("t_mult, restart", [(3, 121), (10, 111), (2, 63)])
+def test_a_restart_starts_at_the_peak_even_where_the_float_log_falls_short(t_mult, restart):
+    # cycles of 1, t_mult, t_mult^2, ... epochs: math.log(243, 3) is 4.999..., which once put epoch 121 in the
+    # previous cycle's last step (eta_min) instead of the new cycle's first (the peak)
+    cfg = cfg_with(TRAIN__epochs=restart + 1, SCHEDULER__params__t_initial=1, SCHEDULER__params__t_mult=t_mult,
+                   SCHEDULER__params__eta_min=0)
+    factor = LRFactor(cfg, 1)
+    assert factor(restart) == 1.0 and factor(restart - 1) < 0.01
+
+
 def test_multistep_decays_at_milestones():
-    cfg = cfg_with(TRAIN__epochs=6, SCHEDULER__sched_name="multistep", SCHEDULER__params__milestones="[2, 4]", SCHEDULER__params__gamma=0.5)
+    cfg = cfg_with(TRAIN__epochs=6, SCHEDULER__sched_name="multistep", SCHEDULER__params__milestones="[2, 4]",
+                   SCHEDULER__params__gamma=0.5)
     values = lrs(cfg, 3)
     assert values == pytest.approx([0.1] * 6 + [0.05] * 6 + [0.025] * 6)
 

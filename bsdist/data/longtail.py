@@ -24,6 +24,9 @@ def long_tail_counts(num_images: int, num_classes: int, imbalance_type: str | No
     """Images kept per class, with img_max = num_images / num_classes and gamma = 1 / imbalance_factor."""
     if imbalance_type not in (None, "exp", "step"):
         raise BsdistError(f"DATASET.imbalance_type must be exp, step or null, got {imbalance_type!r}")
+    if num_images < num_classes:
+        fix = "; set DATASET.imbalance_type null to use them as they are" if imbalance_type else ""
+        raise BsdistError(f"{num_images} training images for {num_classes} classes leave no long tail to draw{fix}")
     counts = _profile(num_images / num_classes, num_classes, imbalance_type, imbalance_factor)
     if min(counts) == 0:
         img_max = num_images / num_classes

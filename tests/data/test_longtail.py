@@ -25,6 +25,7 @@ def test_exp_counts_factor_100_total(num_classes, total):
 
 def test_step_counts():
     assert long_tail_counts(50000, 10, "step", 10) == [5000] * 5 + [500] * 5
+    assert long_tail_counts(200, 10, "step", 2) == [20] * 5 + [10] * 5
 
 
 @pytest.mark.parametrize("imbalance_type, factor", [("exp", 1), ("step", 1), (None, 1), (None, 100)])
@@ -58,6 +59,20 @@ def test_suggested_factor_bound_is_the_largest_that_works(imbalance_type):
     assert min(long_tail_counts(490, 10, imbalance_type, bound)) >= 1
     with pytest.raises(BsdistError):
         long_tail_counts(490, 10, imbalance_type, bound + 1)
+
+
+def test_with_fewer_than_two_images_per_class_only_a_balanced_set_is_suggested():
+    with pytest.raises(BsdistError, match=r"img_max 1\.5\); use DATASET\.imbalance_factor <= 1$"):
+        long_tail_counts(15, 10, "exp", 10)
+
+
+@pytest.mark.parametrize("imbalance_type", ["exp", "step"])
+def test_fewer_images_than_classes_is_one_line_not_a_bare_stop_iteration(imbalance_type):
+    with pytest.raises(BsdistError, match=r"^5 training images for 10 classes leave no long tail to draw; set "
+                                          r"DATASET\.imbalance_type null"):
+        long_tail_counts(5, 10, imbalance_type, 10)
+    with pytest.raises(BsdistError, match=r"^5 training images for 10 classes leave no long tail to draw$"):
+        long_tail_counts(5, 10, None, 1)
 
 
 def test_step_factor_leaving_tail_empty_raises():
@@ -203,3 +218,18 @@ def test_val_per_cls_against_uneven_smallest_class():
     targets = np.concatenate([targets[targets != 4], np.full(20, 4)])  # class 4 has 20 images
     with pytest.raises(BsdistError, match=r"DATASET\.val_per_cls 20 .*class 4"):
         long_tail_split(targets, 10, "exp", 2, seed=0, val_per_cls=20)
+
+
+def test_a_class_without_images_is_named_when_validation_images_are_held_out():
+    targets = shuffled_targets(10, 50)
+    targets = targets[targets != 9]  # the last class is missing
+    with pytest.raises(BsdistError, match=r"DATASET\.val_per_cls 2 leaves no training image of class 9 \(0 images\)"):
+        long_tail_split(targets, 10, None, 1, seed=0, val_per_cls=2)
+
+
+def test_a_class_short_of_its_training_images_plus_validation_raises():
+    # img_max = 540 / 10 - 5 = 49: class 3 (first half of the step profile) needs 49 + 5 but holds 45
+    targets = np.repeat(np.arange(10), 55)
+    targets = np.concatenate([targets[targets != 3], np.full(45, 3)])
+    with pytest.raises(BsdistError, match=r"class 3 has 45 training images but the long-tailed profile asks for 49 "):
+        long_tail_split(targets, 10, "step", 2, seed=0, val_per_cls=5)
