@@ -101,15 +101,17 @@ class Dataset:
     download: bool = option(False, "download CIFAR (md5-checked) into datadir when missing", resumable=True)
     batch_size: int = option(32, "global images per step, split evenly across processes", check=positive)
     test_batch_size: int = option(1024, "images per evaluation batch on each process", check=positive, resumable=True)
-    loader: str = option("auto", "device: the uint8 dataset lives on the training device and batches are gathered "
-                                 "there; dataloader: DataLoader workers feed batches from host memory; auto: device "
-                                 "when the data fits", choices=("auto", "device", "dataloader"), resumable=True)
+    loader: str = option("auto", "device: batches are made on the training device (CIFAR and digits: the uint8 "
+                                 "dataset lives there; image files: DataLoader workers read the bytes, the device "
+                                 "decodes the JPEGs, nvJPEG on CUDA); dataloader: DataLoader workers decode and feed "
+                                 "batches from host memory; auto: device when an in-memory dataset fits, dataloader "
+                                 "for image files", choices=("auto", "device", "dataloader"), resumable=True)
     sampler: str = option("instance", "training order: instance draws every image once per epoch "
                                       "(DistributedSampler); class_balanced draws classes equally often (each image "
                                       "of a class equally likely), the epoch keeping its number of images: cRT's "
                                       "sampler", choices=("instance", "class_balanced"))
-    num_workers: int = option(2, "DataLoader worker processes per training process (loader dataloader)",
-                              check=non_negative, resumable=True)
+    num_workers: int = option(2, "DataLoader worker processes per training process (loader dataloader, and image "
+                                 "files)", check=non_negative, resumable=True)
     imbalance_type: str | None = option("auto", "long-tail profile drawn from the training images; null keeps them "
                                                 "all (a balanced set stays balanced, a list as it is); auto is exp "
                                                 "for CIFAR and digits and null for image lists",

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 
-from bsdist.data import imagelist
+from bsdist.data import imagefiles, imagelist
 from bsdist.data.augment import AUGMENTATIONS, BatchAugment
 from bsdist.data.datasets import ARRAY_DATASETS, CIFAR10LT, CIFAR100LT, DigitsLT, LongTailDataset, collate_batch
+from bsdist.data.imagefiles import DecodeOnDevice
 from bsdist.distributed import DistEnv, main_process_first
 from bsdist.errors import BsdistError
 
@@ -122,7 +123,7 @@ def fits_on_device(datasets, device: torch.device) -> bool:
 
 @dataclass
 class Data:
-    train: DeviceLoader | DataLoader
+    train: DeviceLoader | DataLoader | DecodeOnDevice
     train_sampler: DistributedSampler
     eval: dict  # split name ("val", "test") -> loader over this rank's exact shard
     augment: BatchAugment
@@ -173,8 +174,8 @@ class Splits:
 def load_splits(cfg: Config) -> Splits:
     d = cfg.DATASET
     if is_file_list(d.name):
-        train, splits, num_classes, names = imagelist.load_splits(d, cfg.DEFAULT.seed)
-        return Splits(train, splits, num_classes, names, imagelist.IMAGENET_MEAN, imagelist.IMAGENET_STD, 3, True)
+        train, splits, num_classes, names = imagelist.load_splits(d, cfg.DEFAULT.seed, encoded=d.loader == "device")
+        return Splits(train, splits, num_classes, names, imagefiles.IMAGENET_MEAN, imagefiles.IMAGENET_STD, 3, True)
     cls: type[LongTailDataset] = ARRAY_DATASETS[d.name]
     train = cls(d.datadir, train=True, download=d.download, imbalance_type=d.imbalance_type,
                 imbalance_factor=d.imbalance_factor, seed=d.split_seed, val_per_cls=d.val_per_cls)
@@ -201,19 +202,17 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
     eval_samplers = {name: ShardSampler(len(ds), env.rank, env.world_size) for name, ds in splits.items()}
     on_device = not loaded.files and (d.loader == "device" or
                                       (d.loader == "auto" and fits_on_device([train, *splits.values()], env.device)))
-    if loaded.files and d.loader == "device":
-        raise BsdistError(f"DATASET.loader device holds decoded images in device memory, which {d.name} (image files) "
-                          "is not; use DATASET.loader auto or dataloader")
 
     def loader(dataset, sampler, batch_size: int, drop_last: bool, workers: int):
         if loaded.files:
-            sampler = imagelist.KeyedSampler(sampler, len(dataset))  # a training crop depends on the epoch
+            sampler = imagefiles.KeyedSampler(sampler, len(dataset))  # a training crop depends on the epoch
         batches = ResumableBatchSampler(sampler, batch_size, drop_last)
         if on_device:
             return DeviceLoader(dataset, batches, env.device)
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_batch, num_workers=workers,
-                          pin_memory=env.device.type == "cuda", persistent_workers=workers > 0,
-                          prefetch_factor=4 if workers > 0 and loaded.files else None)
+        workers_loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_batch, num_workers=workers,
+                                    pin_memory=env.device.type == "cuda", persistent_workers=workers > 0,
+                                    prefetch_factor=4 if workers > 0 and loaded.files else None)
+        return DecodeOnDevice(workers_loader, env.device) if loaded.files and d.loader == "device" else workers_loader
 
     train_loader = loader(train, sampler, local_batch, True, d.num_workers)
     eval_workers = d.num_workers if loaded.files else 0  # decoding files is work; slicing an array is not

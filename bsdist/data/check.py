@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bsdist.data import imagelist
-from bsdist.data.imagelist import decoder_message, read_image
+from bsdist.data.imagefiles import decoder_message, read_image
 from bsdist.metrics import shot_groups
 
 if TYPE_CHECKING:

@@ -11,51 +11,25 @@ Presets fill in the lists as the decoupling paper's code distributes them, looke
 the list keys name them, and check the profile on load: another profile (a truncated download, the
 wrong list) is one line saying what was expected and what was found.
 
-Images are decoded where they are loaded (DataLoader workers, libjpeg-turbo through torchvision.io;
-grayscale, CMYK and PNG files become RGB), cropped and resized to DATASET.image_size and handed over as
-uint8; flipping, normalisation and channels_last happen on the training device (BatchAugment). The
-training crop is RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) drawn from (seed, epoch, image), so it
-does not depend on the world size; evaluation resizes the shorter side to image_size * 256 / 224 and
-crops the centre, the ImageNet convention. A missing or undecodable file stops the run with one line
-naming it and pointing at `--check-data --decode`.
+The lists become ImageFiles (bsdist.data.imagefiles), made long-tailed and with a validation
+hold-out as CIFAR is; any problem of the lists stops here, in one line pointing at --check-data.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
+from bsdist.data.imagefiles import CHECK_DATA_HINT, ImageFiles
 from bsdist.errors import BsdistError
 
 if TYPE_CHECKING:
     from bsdist.config.schema import Dataset
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-CHECK_DATA_HINT = "list every bad file with python launch.py CONFIG --check-data --decode"
-# torchvision 0.29 announces that TorchCodec will take over its image decoding; until then it is the
-# libjpeg-turbo decoder bsdist measured, and the notice would repeat in every DataLoader worker
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
-                        category=DeprecationWarning)
-
-
-def read_image(path: str) -> torch.Tensor:
-    """A file decoded as uint8 RGB (3 x H x W): JPEG through libjpeg-turbo, grayscale and CMYK converted, PNG too."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-    return decode_image(read_file(path), mode=ImageReadMode.RGB)
-
-
-def decoder_message(error: Exception) -> str:
-    """The decoder's reason in its own words, without the C++ source location torchvision puts first."""
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return re.sub(r"^\w+, \S+:\d+, ", "", text)[:100]
 
 
 @dataclass(frozen=True)
@@ -175,94 +149,12 @@ def profile_problems(d: Dataset, splits: dict[str, Listing]) -> list[str]:
             for key, value in preset.profile.items() if found.get(key) != value]
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Decoded, cropped and resized image files as uint8 (N x S x S x 3) batches.
-
-    `__getitems__` takes keys epoch * len(self) + index (KeyedSampler), so that a training crop depends
-    on (seed, epoch, image) only; it returns (images, targets, dataset indices) like ImageArrays.
-    """
-
-    in_channels = 3
-
-    def __init__(self, root: str, paths: list[str], targets: np.ndarray, image_size: int, random_crop: bool, seed: int):
-        self.root, self.paths, self.image_size, self.random_crop, self.seed = root, paths, image_size, random_crop, seed
-        self.targets = np.asarray(targets, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitems__(self, keys):
-        n, size = len(self), self.image_size
-        images = torch.empty(len(keys), 3, size, size, dtype=torch.uint8)
-        indices = []
-        for j, key in enumerate(keys):
-            epoch, i = divmod(int(key), n)
-            image = self.decode(i)
-            images[j] = self.crop(image, epoch, i) if self.random_crop else self.centre(image)
-            indices.append(i)
-        idx = np.asarray(indices, dtype=np.int64)
-        # N x H x W x C as a view: the layout change costs a strided copy per image here, and nothing on the
-        # device, where normalisation writes channels_last anyway
-        return images.permute(0, 2, 3, 1), torch.from_numpy(self.targets[idx]), torch.from_numpy(idx)
-
-    def decode(self, i: int) -> torch.Tensor:
-        """The image as uint8 RGB (3 x H x W), or one error naming the file."""
-        path = os.path.join(self.root, self.paths[i])
-        try:
-            return read_image(path)
-        except Exception as e:
-            reason = "it does not exist" if not os.path.exists(path) else f"it cannot be decoded ({decoder_message(e)})"
-            raise BsdistError(f"image {path}: {reason}; {CHECK_DATA_HINT}") from None
-
-    def crop(self, image: torch.Tensor, epoch: int, i: int) -> torch.Tensor:
-        """RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, torchvision's procedure) to image_size."""
-        from torchvision.transforms.v2 import functional as TF
-        _, h, w = image.shape
-        rng = np.random.default_rng([self.seed, epoch, i])
-        area, top, left, ch, cw = h * w, None, None, h, w
-        for _ in range(10):
-            target = area * rng.uniform(0.08, 1.0)
-            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            cw, ch = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
-            if 0 < cw <= w and 0 < ch <= h:
-                top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-                break
-        if top is None:  # fall back to the largest centre crop of an allowed ratio
-            ratio = w / h
-            if ratio < 3 / 4:
-                cw, ch = w, min(h, int(round(w / (3 / 4))))
-            elif ratio > 4 / 3:
-                cw, ch = min(w, int(round(h * 4 / 3))), h
-            else:
-                cw, ch = w, h
-            top, left = (h - ch) // 2, (w - cw) // 2
-        return TF.resized_crop(image, top, left, ch, cw, [self.image_size] * 2, antialias=True)
-
-    def centre(self, image: torch.Tensor) -> torch.Tensor:
-        """Shorter side to image_size * 256 / 224, then the centre image_size square."""
-        from torchvision.transforms.v2 import functional as TF
-        resized = TF.resize(image, round(self.image_size * 256 / 224), antialias=True)
-        return TF.center_crop(resized, [self.image_size] * 2)
-
-
-class KeyedSampler(torch.utils.data.Sampler):
-    """A sampler's indices as keys epoch * N + index for ImageFiles (its epoch read when iterated)."""
-
-    def __init__(self, sampler, num_samples: int):
-        self.sampler, self.num_samples = sampler, num_samples
-
-    def __iter__(self):
-        offset = getattr(self.sampler, "epoch", 0) * self.num_samples
-        return (offset + i for i in self.sampler)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-
-def load_splits(d: Dataset, seed: int) -> tuple[ImageFiles, dict[str, ImageFiles], int, list[str] | None]:
+def load_splits(d: Dataset, seed: int, encoded: bool = False
+                ) -> tuple[ImageFiles, dict[str, ImageFiles], int, list[str] | None]:
     """(training images, {"val", "test": evaluation images}, classes, class names) of an image-list
     config, made long-tailed (DATASET.imbalance_type) and with a validation hold-out (val_per_cls) as
-    CIFAR is. Any problem of the lists stops here, in one line pointing at --check-data."""
+    CIFAR is; encoded: read for decoding on the device (DecodeOnDevice). Any problem of the lists stops
+    here, in one line pointing at --check-data."""
     from bsdist.data.longtail import long_tail_split
     splits, num_classes, class_names = listings(d)
     for listing in splits.values():
@@ -291,7 +183,8 @@ def load_splits(d: Dataset, seed: int) -> tuple[ImageFiles, dict[str, ImageFiles
 
     def files(listing: Listing, index=None, train_crop=False) -> ImageFiles:
         index = np.arange(len(listing.paths)) if index is None else index
-        return ImageFiles(root, [listing.paths[i] for i in index], listing.labels[index], size, train_crop, seed)
+        return ImageFiles(root, [listing.paths[i] for i in index], listing.labels[index], size, train_crop, seed,
+                          encoded)
 
     held = {"val": files(train, val_idx)} if d.val_per_cls else {"val": files(splits["val"])} if "val" in splits else {}
     return files(train, keep, random_crop), {**held, "test": files(splits["test"])}, num_classes, class_names

@@ -71,7 +71,7 @@ def test_batches_are_decoded_cropped_and_resized_to_uint8_and_a_crop_depends_on_
 
 
 def test_an_image_too_wide_or_tall_for_any_crop_ratio_is_cropped_inside_it_as_torchvision_does(tmp_path):
-    from bsdist.data.imagelist import ImageFiles
+    from bsdist.data.imagefiles import ImageFiles
     for name, (w, h) in {"wide.png": (200, 10), "tall.png": (10, 200)}.items():
         Image.new("RGB", (w, h), (200, 100, 50)).save(tmp_path / name)
     files = ImageFiles(str(tmp_path), ["wide.png", "tall.png"], np.zeros(2), 16, True, seed=0)
@@ -187,10 +187,57 @@ def test_a_list_that_cannot_be_used_is_one_line(lists, tmp_path):
         config.validate(config.load(None, ["DATASET.aug_info", "[RandomResizedCrop]"]))
 
 
-def test_training_from_files_resumes_mid_epoch_exactly(lists, tmp_path, monkeypatch):
+def test_decoding_on_the_device_gives_the_workers_batches_and_reads_every_kind_of_file(tmp_path, monkeypatch):
+    import torchvision.io
+    root = tmp_path / "kinds"
+    write_list_dataset(str(root), [12, 8], test_per_class=4, size=20)
+    odd = root / "train" / "odd"
+    odd.mkdir()
+    Image.new("L", (20, 18), 128).save(odd / "grey.jpg")
+    Image.new("CMYK", (18, 20), (10, 200, 30, 0)).save(odd / "cmyk.jpg")
+    Image.new("RGB", (16, 22), (1, 2, 3)).save(odd / "png.png")
+    for name in ("grey.jpg", "cmyk.jpg", "png.png"):
+        append(str(root / "train.txt"), f"train/odd/{name} 1")
+    cmyk, decode_jpeg, refused = torchvision.io.read_file(str(odd / "cmyk.jpg")), torchvision.io.decode_jpeg, []
+
+    def without_cmyk(data, mode, device):  # as nvJPEG versions without CMYK support do
+        if any(torch.equal(item, cmyk) for item in (data if isinstance(data, list) else [data])):
+            refused.append(len(data) if isinstance(data, list) else 1)
+            raise RuntimeError("unsupported JPEG")
+        return decode_jpeg(data, mode=mode, device=device)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", without_cmyk)
+    init_distributed("cpu", 60)
+    try:
+        loaders = [build_data(cfg_for(str(root), tmp_path, "DATASET.val_list", "null", "DATASET.num_workers", "1",
+                                      "DATASET.batch_size", "23", "DATASET.loader", loader), CPU)
+                   for loader in ("dataloader", "device")]
+        for epoch in (0, 1):
+            for data in loaders:
+                data.train_sampler.set_epoch(epoch)
+            pairs = list(zip(loaders[0].train, loaders[1].train))
+            assert len(pairs) == 1 and all(torch.equal(a, b) for pair in pairs for a, b in zip(*pair))  # all 23
+        pairs = list(zip(loaders[0].eval["test"], loaders[1].eval["test"]))
+        assert len(pairs) == 2 and all(torch.equal(a, b) for pair in pairs for a, b in zip(*pair))
+    finally:
+        shutdown()
+    assert refused == [22, 1] * 2  # each epoch's batch (the PNG decoded in the worker), then the CMYK file alone
+    files = loaders[1].train.dataset
+    first, second, last = (files.paths.index(f"train/c00{c}/{j:05d}.jpg") for c, j in ((0, 0), (0, 1), (1, 19)))
+    (root / files.paths[second]).write_bytes((root / files.paths[first]).read_bytes()[:300])
+    (root / files.paths[last]).unlink()
+    with pytest.raises(BsdistError, match=r"image .*c000/00001.jpg: it cannot be decoded \(Image is incomplete or "
+                                          r"truncated\); list every bad file"):
+        files.decode_batch(*files.__getitems__([first, second])[::2], torch.device("cpu"))
+    with pytest.raises(BsdistError, match=r"image .*c001/00019.jpg: it does not exist; list every bad file"):
+        files.__getitems__([last])
+
+
+def test_training_from_files_resumes_mid_epoch_exactly_and_alike_wherever_images_are_decoded(lists, tmp_path,
+                                                                                               monkeypatch):
     common = ["TRAIN.ckpt_every_steps", "2", "TRAIN.resume", "auto", "OPTIMIZER.momentum", "0.9", "TRAIN.epochs", "2"]
     straight = main(cfg_for(lists, tmp_path / "straight", *common))
-    cfg = cfg_for(lists, tmp_path / "resumed", *common)
+    cfg = cfg_for(lists, tmp_path / "resumed", *common, "DATASET.loader", "device", "DATASET.num_workers", "1")
     run_until(monkeypatch, cfg, lambda name, state: state["epoch"] == 1 and state["progress"]["step"] == 2)
     resumed = main(cfg)
     assert resumed["last"]["confusion"] == straight["last"]["confusion"]
@@ -221,8 +268,10 @@ def _evaluate_on_two_ranks(raw_cfg):
 
 
 @pytest.mark.slow
-def test_two_ranks_evaluate_every_listed_image_exactly_once(lists, tmp_path):
-    results, errors = run_ranks(_evaluate_on_two_ranks, 2, cfg_for(lists, tmp_path, "DATASET.num_workers", "1"))
+@pytest.mark.parametrize("loader", ["dataloader", "device"])
+def test_two_ranks_evaluate_every_listed_image_exactly_once(lists, tmp_path, loader):
+    results, errors = run_ranks(_evaluate_on_two_ranks, 2, cfg_for(lists, tmp_path, "DATASET.num_workers", "1",
+                                                                   "DATASET.loader", loader))
     assert not errors, errors
     for split, size in (("val", 18), ("test", 30)):
         seen = results[0][split] + results[1][split]
