@@ -28,7 +28,10 @@ import statistics
 import time
 
 import torch
-from throughput import bench_config, bsdist_data, cifar_shaped_digits, images_per_second, sync, train_state
+
+# timing first: it puts the repository root on sys.path
+from timing.data_path import bsdist_data, cifar_shaped_digits, images_per_second, sync
+from timing.training import bench_config, train_state
 
 from bsdist import config
 from bsdist.distributed import init_distributed, shutdown, world_size_from_env

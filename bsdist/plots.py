@@ -23,6 +23,13 @@ def _label(r: dict, rows: list[dict]) -> str:
     return label + (f", selected on {r['selected_on']}" if len({x["selected_on"] for x in rows}) > 1 else "")
 
 
+def _save(fig, path: str) -> None:
+    """Lay the figure out, write it at 100 dpi and close it (pyplot keeps every open figure alive)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+
+
 def plot(rows: list[dict], path: str) -> None:
     plt = _pyplot()
     datasets = sorted({r["dataset"] for r in rows})
@@ -48,9 +55,7 @@ def plot(rows: list[dict], path: str) -> None:
             ax.set_title(f"{dataset}: {metric}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_classes(rows: list[dict], path: str) -> None:
@@ -78,6 +83,4 @@ def plot_classes(rows: list[dict], path: str) -> None:
         ax.set_title(f"{panel[0]} {panel[1]} {panel[2]}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)

@@ -60,7 +60,7 @@ def test_ddp_benchmark_times_every_variant_on_two_processes(tmp_path):
 
 
 CPU_CHECKS = {"stop_and_resume", "resume_elsewhere", "sync_bn", "checkpoint_cost"}
-CUDA_CHECKS = {"environment", "device_binding", "fp16_scaler", "no_host_sync", "throughput"}
+CUDA_CHECKS = {"environment", "device_binding", "fp16_scaler", "no_host_sync", "throughput", "jpeg_input"}
 
 
 @pytest.mark.slow
@@ -70,7 +70,7 @@ def test_gpu_check_rehearses_on_cpu(tmp_path):
                          timeout=1500)
     checks = {c["name"]: c for c in report["checks"]}
     assert list(checks) == ["environment", "stop_and_resume", "resume_elsewhere", "device_binding", "fp16_scaler",
-                            "no_host_sync", "sync_bn", "throughput", "checkpoint_cost"]
+                            "no_host_sync", "sync_bn", "throughput", "checkpoint_cost", "jpeg_input"]
     for name, check in checks.items():
         expected = "PASS" if name in CPU_CHECKS else "SKIP"
         assert check["status"] == expected, check
@@ -86,7 +86,9 @@ def test_gpu_check_rehearses_on_cpu(tmp_path):
     rehearsed = checks["no_host_sync"]["figures"]["eager fp32"]
     assert rehearsed["error"] is None and rehearsed["steps_checked"] == rehearsed["steps"] - 1  # all but the first step
     assert report["torch"] and report["date"].startswith("20") and report["gpus"] == [] and report["device"] == "cpu"
-    assert "4 passed, 0 failed, 5 skipped" in stdout
+    jpeg = checks["jpeg_input"]["figures"]
+    assert rate(jpeg["workers_img_per_s_per_core"]) and rate(jpeg["decode_on_device_img_per_s"])
+    assert "4 passed, 0 failed, 6 skipped" in stdout
 
 
 def test_jpeg_benchmark_times_both_input_paths_on_the_same_files(tmp_path):
@@ -97,3 +99,4 @@ def test_jpeg_benchmark_times_both_input_paths_on_the_same_files(tmp_path):
     assert all(rate(r) for r in report["rounds"]["bsdist"] + report["rounds"]["reference"])
     assert report["ratio"] == report["bsdist_img_per_s_per_core"] / report["reference_img_per_s_per_core"]
     assert report["bsdist_img_per_s_per_core"] == max(report["rounds"]["bsdist"])
+    assert report["device"] == "cpu (one core)" and rate(report["decode_on_device_img_per_s"])
