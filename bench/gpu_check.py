@@ -27,7 +27,8 @@ downloaded: CIFAR-10 files in the official pickle layout are generated into a te
  9 checkpoint_cost  what training waits for at a checkpoint (the copy to host memory) against the whole
                     background write, ResNet-18 with momentum
 10 jpeg_input       image files decoded by DataLoader workers (img/s per core, times the node's cores per
-                    GPU) against DATASET.loader device (nvJPEG): the faster, and 3,000 img/s per GPU
+                    GPU) against DATASET.loader device (nvJPEG): the faster, and 3,000 img/s per GPU; and
+                    that decoding on the device never overwrites memory the training stream still reads
 The checks are in bench/gpucheck/ (grouped by theme, with the child processes they start); this script
 runs them in order, prints and writes the report.
 """

@@ -1,6 +1,10 @@
 """Check 10, jpeg_input: where image files are decoded fastest on this node, the worker path per CPU core
 against DATASET.loader device's decoding on the training device, and whether one GPU gets the 3,000
-decoded and augmented images per second that ResNet-50 bf16 training consumes (issue 12's target)."""
+decoded and augmented images per second that ResNet-50 bf16 training consumes (issue 12's target).
+
+On CUDA it also shows that decoding on the device leaves the training stream's memory alone: blocks freed
+while the stream's queued kernels still read them are not overwritten by bsdist's decode_jpegs_on, and
+how often torchvision's own decode_jpeg, called with the training stream current, overwrote them."""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import torch
 # before bsdist: timing puts the repository root on sys.path
 from gpucheck.runs import Context, Skip, require
 from timing.jpeg_input import make_images, time_bsdist, time_device_decode
+
+from bsdist.data.imagefiles import decode_jpegs_on
 
 TARGET_IMG_PER_S = 3000
 
@@ -37,5 +43,44 @@ def check_jpeg_input(ctx: Context):
         raise Skip(f"needs CUDA; rehearsed on CPU: {detail}", figures)
     best = max(on_device, figures["workers_img_per_s_per_gpu"])
     faster = "loader device" if on_device >= figures["workers_img_per_s_per_gpu"] else "the workers (loader auto)"
+    data = [torchvision_read(path) for path in paths[:8]]
+    figures["overwritten_bsdist"] = overwritten(lambda: decode_jpegs_on(data, ctx.env.device), ctx.env.device)
+    figures["overwritten_torchvision"] = overwritten(lambda: torchvision_decode(data, ctx.env.device), ctx.env.device)
+    safety = (f"freed memory overwritten while the training stream still read it: {figures['overwritten_bsdist']} "
+              f"of {TRIALS} trials with bsdist's decode, {figures['overwritten_torchvision']} with torchvision's own")
+    require(figures["overwritten_bsdist"] == 0, safety, figures)
     require(best >= TARGET_IMG_PER_S, f"{detail}: below the target of {TARGET_IMG_PER_S:,} img/s per GPU", figures)
-    return f"{detail}; faster here: {faster}", figures
+    return f"{detail}; faster here: {faster}; {safety}", figures
+
+
+TRIALS = 50
+
+
+def torchvision_read(path: str) -> torch.Tensor:
+    from torchvision.io import read_file
+    return read_file(path)
+
+
+def torchvision_decode(data: list, device: torch.device) -> list:
+    from torchvision.io import ImageReadMode, decode_jpeg
+    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def overwritten(decode, device: torch.device) -> int:
+    """In how many of TRIALS trials `decode` wrote into memory the current stream had freed but still read:
+    each trial fills blocks of a decoded image's size with known values, queues a long kernel and then a
+    sum of each block, frees the blocks, decodes, and compares the sums with their exact values."""
+    numel = 3 * 375 * 500 // 4  # float32 blocks of one decoded 500 x 375 image's bytes, so the allocator reuses them
+    bad = 0
+    for _ in range(TRIALS):
+        blocks = [torch.full((numel,), float(k + 1), device=device) for k in range(8)]
+        torch.cuda.synchronize(device)
+        torch.cuda._sleep(50_000_000)  # the queued training step: the sums below wait behind it
+        sums = torch.stack([block.sum() for block in blocks])
+        del blocks  # freed on the stream while its sums are still queued
+        images = decode()
+        torch.cuda.synchronize(device)
+        expected = torch.arange(1, 9, dtype=torch.float32, device=device) * numel
+        bad += int(not torch.equal(sums, expected))
+        del images
+    return bad

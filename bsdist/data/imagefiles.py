@@ -73,6 +73,35 @@ def crop_box(h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, i
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
+_DECODE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def decode_jpegs_on(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """JPEG files' bytes (CPU) decoded as uint8 RGB on `device` in one torchvision.io.decode_jpeg call.
+
+    On CUDA the call runs with a stream of its own current. torchvision 0.29's nvJPEG decoder allocates
+    its outputs on the current stream but writes them from a pool stream that does not wait for that one
+    (pytorch/vision pull request 9606, closed unmerged), so with the training stream current it can be
+    handed a block the training stream freed while its queued kernels still read it, and overwrite it. A
+    stream of its own has freed only the decoder's earlier outputs, and record_stream holds each output
+    back from reuse until the training stream's work on it is done; the training stream waits for the
+    decode before it reads. Check 10 of bench/gpu_check.py shows both the overwrite and its absence here.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+    if device.type != "cuda":
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    training = torch.cuda.current_stream(device)
+    if device not in _DECODE_STREAMS:
+        _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+    side = _DECODE_STREAMS[device]
+    with torch.cuda.stream(side):
+        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    training.wait_stream(side)
+    for image in images:
+        image.record_stream(training)
+    return images
+
+
 def pack(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """JPEG bytes (1-D) and decoded images (3 x H x W) as one buffer, their lengths and (H, W) (0, 0 for JPEG
     bytes): a worker hands a batch over in three tensors, not one shared-memory file per image."""
@@ -163,17 +192,16 @@ class ImageFiles(torch.utils.data.Dataset):
     def decode_jpegs(self, data: list[torch.Tensor], indices: list[int], device: torch.device) -> list[torch.Tensor]:
         """JPEG bytes decoded on `device` in one call; when the decoder refuses the batch, one by one, and a
         file it refuses on the CPU (CMYK), or one error naming the file."""
-        from torchvision.io import ImageReadMode, decode_jpeg
         if not data:
             return []
         try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+            return decode_jpegs_on(data, device)
         except RuntimeError:
             pass  # which file, and whether the CPU can read it, is found below
         images = []
         for item, i in zip(data, indices):
             try:
-                images.append(decode_jpeg(item, mode=ImageReadMode.RGB, device=device))
+                images += decode_jpegs_on([item], device)
             except RuntimeError:
                 images.append(self.decode(i, item).to(device))
         return images

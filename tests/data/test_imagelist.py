@@ -187,6 +187,54 @@ def test_a_list_that_cannot_be_used_is_one_line(lists, tmp_path):
         config.validate(config.load(None, ["DATASET.aug_info", "[RandomResizedCrop]"]))
 
 
+def test_nvjpeg_decodes_on_a_stream_of_its_own_that_the_training_stream_waits_for(monkeypatch):
+    """CI has no GPU, so the CUDA branch runs against stand-ins for the streams: the decode must run with the
+    side stream current (torchvision's decoder allocates on the current stream and writes from another), the
+    training stream must wait for it, and each output must be held for the training stream (check 10 of
+    bench/gpu_check.py measures the overwrite itself on a GPU)."""
+    import contextlib
+
+    import torchvision.io
+
+    from bsdist.data import imagefiles
+    events, current = [], ["training"]
+
+    class Stream:
+        def __init__(self, name="side"):
+            self.name = name
+            events.append(("created", name))
+
+        def wait_stream(self, other):
+            events.append(("wait", self.name, other.name))
+
+    class Image:
+        def record_stream(self, stream):
+            events.append(("record", stream.name))
+
+    @contextlib.contextmanager
+    def use(stream):
+        current.append(stream.name)
+        yield
+        current.pop()
+
+    def decode_jpeg(data, mode, device):
+        events.append(("decode", current[-1], len(data)))
+        return [Image() for _ in data]
+
+    training = Stream("training")
+    events.clear()
+    monkeypatch.setattr(imagefiles, "_DECODE_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: training)
+    monkeypatch.setattr(torch.cuda, "stream", use)
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_jpeg)
+    for n in (2, 1):
+        assert len(imagefiles.decode_jpegs_on([torch.zeros(4, dtype=torch.uint8)] * n, torch.device("cuda", 0))) == n
+    assert events == [("created", "side"), ("decode", "side", 2), ("wait", "training", "side"), ("record", "training"),
+                      ("record", "training"), ("decode", "side", 1), ("wait", "training", "side"),
+                      ("record", "training")]
+
+
 def test_decoding_on_the_device_gives_the_workers_batches_and_reads_every_kind_of_file(tmp_path, monkeypatch):
     import torchvision.io
     root = tmp_path / "kinds"
