@@ -43,9 +43,11 @@ def check_jpeg_input(ctx: Context):
         raise Skip(f"needs CUDA; rehearsed on CPU: {detail}", figures)
     best = max(on_device, figures["workers_img_per_s_per_gpu"])
     faster = "loader device" if on_device >= figures["workers_img_per_s_per_gpu"] else "the workers (loader auto)"
-    data = [torchvision_read(path) for path in paths[:8]]
-    figures["overwritten_bsdist"] = overwritten(lambda: decode_jpegs_on(data, ctx.env.device), ctx.env.device)
-    figures["overwritten_torchvision"] = overwritten(lambda: torchvision_decode(data, ctx.env.device), ctx.env.device)
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    data, device = [read_file(path) for path in paths[:8]], ctx.env.device
+    figures["overwritten_bsdist"] = overwritten(lambda: decode_jpegs_on(data, device), device)
+    figures["overwritten_torchvision"] = overwritten(
+        lambda: decode_jpeg(data, mode=ImageReadMode.RGB, device=device), device)  # the training stream current
     safety = (f"freed memory overwritten while the training stream still read it: {figures['overwritten_bsdist']} "
               f"of {TRIALS} trials with bsdist's decode, {figures['overwritten_torchvision']} with torchvision's own")
     require(figures["overwritten_bsdist"] == 0, safety, figures)
@@ -54,16 +56,6 @@ def check_jpeg_input(ctx: Context):
 
 
 TRIALS = 50
-
-
-def torchvision_read(path: str) -> torch.Tensor:
-    from torchvision.io import read_file
-    return read_file(path)
-
-
-def torchvision_decode(data: list, device: torch.device) -> list:
-    from torchvision.io import ImageReadMode, decode_jpeg
-    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
 def overwritten(decode, device: torch.device) -> int:

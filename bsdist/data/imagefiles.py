@@ -81,7 +81,7 @@ def decode_jpegs_on(data: list[torch.Tensor], device: torch.device) -> list[torc
 
     On CUDA the call runs with a stream of its own current. torchvision 0.29's nvJPEG decoder allocates
     its outputs on the current stream but writes them from a pool stream that does not wait for that one
-    (pytorch/vision pull request 9606, closed unmerged), so with the training stream current it can be
+    (described in pytorch/vision pull request 9606), so with the training stream current it can be
     handed a block the training stream freed while its queued kernels still read it, and overwrite it. A
     stream of its own has freed only the decoder's earlier outputs, and record_stream holds each output
     back from reuse until the training stream's work on it is done; the training stream waits for the
