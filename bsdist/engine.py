@@ -178,6 +178,7 @@ def _micro_batch(state: TrainState, data, env: DistEnv, batch, group_size: int, 
     images, targets, indices = batch
     images = images.to(env.device, non_blocking=True)
     targets = targets.to(env.device, non_blocking=True)
+    indices = indices.to(env.device, non_blocking=True)  # pinned by a DataLoader: a blocking copy would wait
     inputs = data.augment(images, indices)
     with no_sync(state.model, last_of_group):
         with autocast(env.device, state.amp_dtype):

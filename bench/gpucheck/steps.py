@@ -87,9 +87,12 @@ class SyncGuard:
             BatchAugment.__call__ = augment
 
 
-def steps_without_sync(ctx: Context, precision: str, compiled: bool, batch: int, steps: int, check_every: int) -> dict:
-    """One warm-up epoch, then one epoch under SyncGuard; the first synchronising call, if any."""
-    trainer = Trainer(batch, ctx.env, steps, compiled, precision, check_every=check_every)
+def steps_without_sync(ctx: Context, precision: str, compiled: bool, workers: int | None, batch: int, steps: int,
+                       check_every: int) -> dict:
+    """One warm-up epoch, then one epoch under SyncGuard; the first synchronising call, if any. `workers`:
+    batches from a DataLoader with that many workers (pinned, as DATASET.loader dataloader), else the device
+    loader."""
+    trainer = Trainer(batch, ctx.env, steps, compiled, precision, check_every=check_every, workers=workers)
     trainer.epoch()
     guard = SyncGuard(ctx.cuda)
     error = None
@@ -107,11 +110,12 @@ def steps_without_sync(ctx: Context, precision: str, compiled: bool, batch: int,
 
 
 def check_no_host_sync(ctx: Context):
-    variants = ({"compiled bf16": ("bf16", True), "compiled fp16": ("fp16", True)} if ctx.cuda
-                else {"eager fp32": ("no", False)})
+    variants = ({"compiled bf16": ("bf16", True, None), "compiled fp16": ("fp16", True, None),
+                 "compiled bf16, DataLoader": ("bf16", True, 2)} if ctx.cuda
+                else {"eager fp32": ("no", False, None), "eager fp32, DataLoader": ("no", False, 1)})
     size = dict(batch=32, steps=60, check_every=20) if ctx.cuda else dict(batch=8, steps=6, check_every=2)
-    results = {name: steps_without_sync(ctx, precision, compiled, **size)
-               for name, (precision, compiled) in variants.items()}
+    results = {name: steps_without_sync(ctx, precision, compiled, workers, **size)
+               for name, (precision, compiled, workers) in variants.items()}
     counted = "; ".join(f"{name}: {r['steps_checked']} of {r['steps']} steps checked, {r['agree']} agreement and "
                         f"{r['read_loss']} loss reads with the mode off" for name, r in results.items())
     hooks_hit = all(r["steps_checked"] > 0 and r["agree"] > 0 and r["read_loss"] > 0 for r in results.values())

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import torch
 
-from bsdist.data import Data, DeviceLoader, ResumableBatchSampler
+from bsdist.data import Data, DeviceLoader, ResumableBatchSampler, worker_loader
 from bsdist.data.augment import BatchAugment
 from bsdist.data.datasets import CIFAR10LT, ImageArrays
 
@@ -44,14 +44,16 @@ def reference_loader(data, targets, batch_size):
     return torch.utils.data.DataLoader(PILDataset(), batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)
 
 
-def bsdist_data(data, targets, batch_size, device, seed=0, world_size=1, rank=0):
-    """bsdist's default training data (device loader, batch augmentation); batch_size is per process."""
+def bsdist_data(data, targets, batch_size, device, seed=0, world_size=1, rank=0, workers=None):
+    """bsdist's training data with batch augmentation, batch_size per process: the default device loader, or
+    with `workers` (0 or more) a DataLoader as DATASET.loader dataloader builds it."""
     ds = ImageArrays(data, targets)
     sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                                   drop_last=True)
     augment = BatchAugment(len(ds), CIFAR10LT.mean, CIFAR10LT.std, ["RandomCrop", "RandomHorizontalFlip"], 4, seed,
                            device)
-    loader = DeviceLoader(ds, ResumableBatchSampler(sampler, batch_size, True), device)
+    batches = ResumableBatchSampler(sampler, batch_size, True)
+    loader = DeviceLoader(ds, batches, device) if workers is None else worker_loader(ds, batches, workers, device)
     return Data(loader, sampler, {}, augment, {c: int((targets == c).sum()) for c in range(10)}, 10, 3)
 
 

@@ -64,11 +64,12 @@ def train_state(cfg, module, runnable, data, env, steps_per_epoch, check_every=2
 class Trainer:
     """ResNet-18 built as a run builds it (build_model), training on digits through the real train_one_epoch.
 
-    `batch_size` is per process; an epoch is `steps` optimiser steps. Dynamo is reset first, so a
+    `batch_size` is per process; an epoch is `steps` optimiser steps; with `workers` the batches come from a
+    DataLoader (DATASET.loader dataloader), else from the device loader. Dynamo is reset first, so a
     compiled Trainer compiles its own graphs (none left from an earlier batch size or precision).
     """
 
-    def __init__(self, batch_size, env, steps, compile_model, precision, sync_bn=False, check_every=20):
+    def __init__(self, batch_size, env, steps, compile_model, precision, sync_bn=False, check_every=20, workers=None):
         torch._dynamo.reset()
         self.env, self.batch_size, self.steps, self.compiled = env, batch_size, steps, compile_model
         self.started = time.perf_counter()
@@ -80,7 +81,7 @@ class Trainer:
             raise ValueError(f"{images * steps} images do not hold every digit class; "
                              "raise the batch size or the steps")
         shard = dict(world_size=env.world_size, rank=env.rank)
-        self.data = bsdist_data(data, targets, batch_size, env.device, **shard)
+        self.data = bsdist_data(data, targets, batch_size, env.device, workers=workers, **shard)
         self.one_step = bsdist_data(data[:images], targets[:images], batch_size, env.device, **shard)
         self.state = train_state(self.cfg, self.built.module, self.built.train, self.data, env, steps, check_every)
         self.epochs_run = 0

@@ -184,6 +184,14 @@ def load_splits(cfg: Config) -> Splits:
     return Splits(train, splits, cls.num_classes, train.class_names, cls.mean, cls.std, train.data.shape[-1], False)
 
 
+def worker_loader(dataset, batches: ResumableBatchSampler, workers: int, device: torch.device,
+                  prefetch: int | None = None) -> DataLoader:
+    """A DataLoader of a dataset's uint8 batches made by `workers` processes (persistent), pinned for CUDA."""
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_batch, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=prefetch if workers > 0 else None)
+
+
 def build_data(cfg: Config, env: DistEnv) -> Data:
     d, seed = cfg.DATASET, cfg.DEFAULT.seed
     with main_process_first(env):  # rank 0 downloads; the others then find the files
@@ -209,9 +217,7 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
         batches = ResumableBatchSampler(sampler, batch_size, drop_last)
         if on_device:
             return DeviceLoader(dataset, batches, env.device)
-        workers_loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_batch, num_workers=workers,
-                                    pin_memory=env.device.type == "cuda", persistent_workers=workers > 0,
-                                    prefetch_factor=4 if workers > 0 and loaded.files else None)
+        workers_loader = worker_loader(dataset, batches, workers, env.device, prefetch=4 if loaded.files else None)
         return DecodeOnDevice(workers_loader, env.device) if loaded.files and d.loader == "device" else workers_loader
 
     train_loader = loader(train, sampler, local_batch, True, d.num_workers)
