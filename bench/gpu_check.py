@@ -19,7 +19,7 @@ downloaded: CIFAR-10 files in the official pickle layout are generated into a te
                     refused in one line naming it, and TRAIN.dist_backend gloo lets them share it
  5 fp16_scaler      a short compiled fp16 run (GradScaler) ends with a finite loss
  6 no_host_sync     steady-state steps never wait for the device (torch.cuda.set_sync_debug_mode "error"
-                    between the host's read points), compiled bf16 and compiled fp16
+                    between the host's read points), compiled bf16 and fp16, and bf16 fed by a DataLoader
  7 sync_bn          2 processes with SyncBatchNorm end with the weights of 1 process at the same global
                     batch; graphs compiled with and without it; its step time
  8 throughput       bench/throughput.py's measurements: training sweep and share of the bf16 matmul peak,
@@ -27,8 +27,9 @@ downloaded: CIFAR-10 files in the official pickle layout are generated into a te
  9 checkpoint_cost  what training waits for at a checkpoint (the copy to host memory) against the whole
                     background write, ResNet-18 with momentum
 10 jpeg_input       image files decoded by DataLoader workers (img/s per core, times the node's cores per
-                    GPU) against DATASET.loader device (nvJPEG): the faster, and 3,000 img/s per GPU; and
-                    that decoding on the device never overwrites memory the training stream still reads
+                    GPU) against DATASET.loader device (nvJPEG): the faster, and 3,000 img/s per GPU; both
+                    loaders' crops of every kind of JPEG alike; decoding on the device never overwrites
+                    memory the training stream still reads
 The checks are in bench/gpucheck/ (grouped by theme, with the child processes they start); this script
 runs them in order, prints and writes the report.
 """

@@ -2,23 +2,32 @@
 against DATASET.loader device's decoding on the training device, and whether one GPU gets the 3,000
 decoded and augmented images per second that ResNet-50 bf16 training consumes (issue 12's target).
 
-On CUDA it also shows that decoding on the device leaves the training stream's memory alone: blocks freed
-while the stream's queued kernels still read them are not overwritten by bsdist's decode_jpegs_on, and
-how often torchvision's own decode_jpeg, called with the training stream current, overwrote them."""
+It compares the two loaders' evaluation crops of one picture saved as every kind of JPEG (grey, CMYK,
+progressive, 4:4:4, 4:2:0): on the CPU they are identical, on a GPU nvJPEG and libjpeg-turbo may differ
+by rounding, not by colours. On CUDA it also shows that decoding on the device leaves the training
+stream's memory alone: blocks the training stream freed while its queued kernels still read them are not
+overwritten by bsdist's decode_jpegs_on (torchvision's own decode_jpeg, called with the training stream
+current, is counted beside it: when it overwrites nothing either, the trial proved nothing here), nor
+are decoded images the training stream still reads once they are freed and the next batch is decoded."""
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 # before bsdist: timing puts the repository root on sys.path
 from gpucheck.runs import Context, Skip, require
 from timing.jpeg_input import make_images, time_bsdist, time_device_decode
 
-from bsdist.data.imagefiles import decode_jpegs_on
+from bsdist.data.imagefiles import ImageFiles, decode_jpegs_on
 
 TARGET_IMG_PER_S = 3000
+MAX_LEVELS = 3.0  # mean absolute difference, in 0-255 levels, allowed between the loaders' crops on a GPU
+KINDS = {"grey": ("L", {}), "cmyk": ("CMYK", {}), "progressive": ("RGB", {"progressive": True}),
+         "444": ("RGB", {"subsampling": 0}), "420": ("RGB", {"subsampling": 2})}
+TRIALS = 50
 
 
 def check_jpeg_input(ctx: Context):
@@ -39,40 +48,71 @@ def check_jpeg_input(ctx: Context):
     detail = (f"workers {per_core:,.0f} img/s per core ({figures['workers_img_per_s_per_gpu']:,.0f} per GPU with "
               f"this node's {cores} cores for {gpus} GPU(s)); DATASET.loader device {on_device:,.0f} img/s on "
               f"{ctx.device}; 224 px RandomResizedCrop from 500 x 375 JPEG files")
+    figures["levels_apart"] = levels_apart(paths[0], os.path.join(ctx.workdir, "jpeg_kinds"), ctx.env.device)
+    worst = max(figures["levels_apart"], key=figures["levels_apart"].get)
+    parity = (f"the loaders' crops of {len(KINDS)} kinds of JPEG at most {figures['levels_apart'][worst]:.2f} levels "
+              f"apart on average ({worst})")
+    require(figures["levels_apart"][worst] <= (MAX_LEVELS if ctx.cuda else 0), f"{parity}: {figures['levels_apart']}",
+            figures)
     if not ctx.cuda:
-        raise Skip(f"needs CUDA; rehearsed on CPU: {detail}", figures)
+        raise Skip(f"needs CUDA; rehearsed on CPU: {detail}; {parity}", figures)
     best = max(on_device, figures["workers_img_per_s_per_gpu"])
     faster = "loader device" if on_device >= figures["workers_img_per_s_per_gpu"] else "the workers (loader auto)"
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
-    data, device = [read_file(path) for path in paths[:8]], ctx.env.device
-    figures["overwritten_bsdist"] = overwritten(lambda: decode_jpegs_on(data, device), device)
-    figures["overwritten_torchvision"] = overwritten(
-        lambda: decode_jpeg(data, mode=ImageReadMode.RGB, device=device), device)  # the training stream current
-    safety = (f"freed memory overwritten while the training stream still read it: {figures['overwritten_bsdist']} "
-              f"of {TRIALS} trials with bsdist's decode, {figures['overwritten_torchvision']} with torchvision's own")
-    require(figures["overwritten_bsdist"] == 0, safety, figures)
-    require(best >= TARGET_IMG_PER_S, f"{detail}: below the target of {TARGET_IMG_PER_S:,} img/s per GPU", figures)
-    return f"{detail}; faster here: {faster}; {safety}", figures
-
-
-TRIALS = 50
-
-
-def overwritten(decode, device: torch.device) -> int:
-    """In how many of TRIALS trials `decode` wrote into memory the current stream had freed but still read:
-    each trial fills blocks of a decoded image's size with known values, queues a long kernel and then a
-    sum of each block, frees the blocks, decodes, and compares the sums with their exact values."""
+    data, device = [read_file(path) for path in paths[:16]], ctx.env.device
     numel = 3 * 375 * 500 // 4  # float32 blocks of one decoded 500 x 375 image's bytes, so the allocator reuses them
+
+    def blocks():
+        return [torch.full((numel,), float(k + 1), device=device) for k in range(8)]
+
+    def torchvision_decode():  # with the training stream current
+        return decode_jpeg(data[:8], mode=ImageReadMode.RGB, device=device)
+    figures["overwritten"] = {
+        "bsdist": overwritten(blocks, lambda: decode_jpegs_on(data[:8], device), device),
+        "torchvision": overwritten(blocks, torchvision_decode, device),
+        "bsdist_outputs": overwritten(lambda: decode_jpegs_on(data[:8], device),
+                                      lambda: decode_jpegs_on(data[8:], device), device)}
+    counts = figures["overwritten"]
+    safety = (f"memory the training stream freed but still read overwritten in {counts['bsdist']} of {TRIALS} trials "
+              f"with bsdist's decode ({counts['torchvision']} with torchvision's own"
+              f"{': the trial provoked nothing here' if counts['torchvision'] == 0 else ''}), decoded images in "
+              f"{counts['bsdist_outputs']}")
+    require(counts["bsdist"] == 0 and counts["bsdist_outputs"] == 0, safety, figures)
+    require(best >= TARGET_IMG_PER_S, f"{detail}: below the target of {TARGET_IMG_PER_S:,} img/s per GPU", figures)
+    return f"{detail}; faster here: {faster}; {parity}; {safety}", figures
+
+
+def levels_apart(picture: str, root: str, device: torch.device) -> dict:
+    """Per kind of JPEG, the mean absolute difference (0-255 levels) between the workers' evaluation crop of
+    `picture` saved as that kind and DATASET.loader device's crop on `device`."""
+    from PIL import Image
+    os.makedirs(root, exist_ok=True)
+    names = [f"{kind}.jpg" for kind in KINDS]
+    with Image.open(picture) as image:
+        for name, (mode, options) in zip(names, KINDS.values()):
+            image.convert(mode).save(os.path.join(root, name), quality=90, **options)
+    targets, keys = np.zeros(len(names)), list(range(len(names)))
+    workers = ImageFiles(root, names, targets, 224, False, seed=0).__getitems__(keys)[0]
+    encoded = ImageFiles(root, names, targets, 224, False, seed=0, encoded=True)
+    packed, _, keys = encoded.__getitems__(keys)
+    on_device = encoded.decode_batch(packed, keys, device).cpu()
+    return {kind: float((on_device[j].float() - workers[j].float()).abs().mean()) for j, kind in enumerate(KINDS)}
+
+
+def overwritten(fill, decode, device: torch.device) -> int:
+    """In how many of TRIALS trials `decode` wrote into memory the current (training) stream had freed but
+    still read: each trial takes the tensors `fill` makes and their sums, queues a long kernel and then each
+    tensor's sum again, frees the tensors, decodes, and compares the queued sums with the first ones."""
     bad = 0
     for _ in range(TRIALS):
-        blocks = [torch.full((numel,), float(k + 1), device=device) for k in range(8)]
+        blocks = fill()
+        expected = torch.stack([block.sum() for block in blocks])
         torch.cuda.synchronize(device)
         torch.cuda._sleep(50_000_000)  # the queued training step: the sums below wait behind it
         sums = torch.stack([block.sum() for block in blocks])
-        del blocks  # freed on the stream while its sums are still queued
+        del blocks  # freed while their sums are still queued
         images = decode()
         torch.cuda.synchronize(device)
-        expected = torch.arange(1, 9, dtype=torch.float32, device=device) * numel
         bad += int(not torch.equal(sums, expected))
         del images
     return bad

@@ -4,8 +4,9 @@ DATASET.loader dataloader (and auto): each worker decodes its batch's files (lib
 torchvision.io; grayscale, CMYK and PNG files become RGB), crops and resizes them and hands over uint8.
 DATASET.loader device: the workers only read the files' bytes; the training process decodes each
 batch's JPEG files in one torchvision.io.decode_jpeg call on its device (nvJPEG on CUDA) and crops
-there. A file that is not a JPEG is decoded in the worker, a JPEG the device's decoder refuses (CMYK on
-some nvJPEG versions) on the CPU, so every file the first path reads the second reads too.
+there. A file that is not a three- or one-channel JPEG (PNG, CMYK or YCCK JPEG) is decoded in the worker,
+and a JPEG the device's decoder refuses on the CPU, so every file the first path reads the second reads
+too, in the same colours.
 
 Either way flipping, normalisation and channels_last happen on the training device (BatchAugment), and
 the training crop is RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) drawn from (seed, epoch, image):
@@ -33,6 +34,25 @@ JPEG_START = b"\xff\xd8"
 # libjpeg-turbo decoder bsdist measured, and the notice would repeat in every DataLoader worker
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
                         category=DeprecationWarning)
+
+
+def jpeg_channels(data: bytes | memoryview) -> int | None:
+    """The number of colour components in a JPEG file's frame header (1 grey, 3 YCbCr or RGB, 4 CMYK or YCCK),
+    or None when the bytes are not a JPEG or end before the frame header."""
+    if data[:2] != JPEG_START:
+        return None
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            at += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame segment
+            return data[at + 9] if at + 9 < len(data) else None
+        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+    return None
 
 
 def decode_bytes(data: torch.Tensor) -> torch.Tensor:
@@ -172,9 +192,10 @@ class ImageFiles(torch.utils.data.Dataset):
         return BsdistError(f"image {path}: {reason}; {CHECK_DATA_HINT}")
 
     def read_encoded(self, i: int) -> torch.Tensor:
-        """A JPEG file's bytes for the device to decode; any other file decoded here (3 x H x W)."""
+        """A grey or colour JPEG file's bytes for the device to decode; any other file decoded here (3 x H x W):
+        nvJPEG as torchvision calls it has no CMYK conversion, which libjpeg-turbo here has."""
         data = self.read(i)
-        return data if bytes(data[:2].tolist()) == JPEG_START else self.decode(i, data)
+        return data if jpeg_channels(memoryview(data.numpy())) in (1, 3) else self.decode(i, data)
 
     def decode_batch(self, packed: tuple, keys: torch.Tensor, device: torch.device) -> torch.Tensor:
         """An encoded batch (`__getitems__` with encoded=True) decoded and cropped on `device`: uint8 N x S x S x 3."""
@@ -191,17 +212,21 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def decode_jpegs(self, data: list[torch.Tensor], indices: list[int], device: torch.device) -> list[torch.Tensor]:
         """JPEG bytes decoded on `device` in one call; when the decoder refuses the batch, one by one, and a
-        file it refuses on the CPU (CMYK), or one error naming the file."""
+        file it refuses on the CPU, or one error naming the file. Running out of device memory is not a refusal."""
         if not data:
             return []
         try:
             return decode_jpegs_on(data, device)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError:
             pass  # which file, and whether the CPU can read it, is found below
         images = []
         for item, i in zip(data, indices):
             try:
                 images += decode_jpegs_on([item], device)
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError:
                 images.append(self.decode(i, item).to(device))
         return images
@@ -251,4 +276,6 @@ class DecodeOnDevice:
     def __iter__(self):
         n = len(self.dataset)
         for packed, targets, keys in self.loader:
-            yield self.dataset.decode_batch(packed, keys, self.device), targets, keys % n
+            images = self.dataset.decode_batch(packed, keys, self.device)
+            # the keys come pinned from the DataLoader: their copy does not wait, their remainder runs on the device
+            yield images, targets, keys.to(self.device, non_blocking=True) % n

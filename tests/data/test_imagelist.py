@@ -187,6 +187,22 @@ def test_a_list_that_cannot_be_used_is_one_line(lists, tmp_path):
         config.validate(config.load(None, ["DATASET.aug_info", "[RandomResizedCrop]"]))
 
 
+def test_the_frame_header_says_which_jpeg_files_the_device_decodes():
+    import io
+
+    from bsdist.data.imagefiles import jpeg_channels
+
+    def encoded(mode, fmt="JPEG", **options):
+        out = io.BytesIO()
+        Image.new(mode, (20, 18)).save(out, fmt, **options)
+        return out.getvalue()
+    exif = b"Exif\x00\x00" + b"x" * 5000  # an APP1 segment to skip before the frame header
+    assert [jpeg_channels(encoded(mode, exif=exif)) for mode in ("L", "RGB", "CMYK")] == [1, 3, 4]
+    assert jpeg_channels(encoded("RGB", progressive=True)) == 3 and jpeg_channels(encoded("RGB", subsampling=0)) == 3
+    assert jpeg_channels(encoded("RGB", "PNG")) is None and jpeg_channels(encoded("RGB", exif=exif)[:300]) is None
+    assert jpeg_channels(memoryview(np.frombuffer(encoded("CMYK"), np.uint8))) == 4
+
+
 def test_nvjpeg_decodes_on_a_stream_of_its_own_that_the_training_stream_waits_for(monkeypatch):
     """CI has no GPU, so the CUDA branch runs against stand-ins for the streams: the decode must run with the
     side stream current (torchvision's decoder allocates on the current stream and writes from another), the
@@ -246,15 +262,17 @@ def test_decoding_on_the_device_gives_the_workers_batches_and_reads_every_kind_o
     Image.new("RGB", (16, 22), (1, 2, 3)).save(odd / "png.png")
     for name in ("grey.jpg", "cmyk.jpg", "png.png"):
         append(str(root / "train.txt"), f"train/odd/{name} 1")
-    cmyk, decode_jpeg, refused = torchvision.io.read_file(str(odd / "cmyk.jpg")), torchvision.io.decode_jpeg, []
+    grey, cmyk = (torchvision.io.read_file(str(odd / name)) for name in ("grey.jpg", "cmyk.jpg"))
+    decode_jpeg, refused, seen = torchvision.io.decode_jpeg, [], []
 
-    def without_cmyk(data, mode, device):  # as nvJPEG versions without CMYK support do
-        if any(torch.equal(item, cmyk) for item in (data if isinstance(data, list) else [data])):
-            refused.append(len(data) if isinstance(data, list) else 1)
+    def refusing_grey(data, mode, device):  # a file the device's decoder cannot read
+        seen.extend(data)
+        if any(torch.equal(item, grey) for item in data):
+            refused.append(len(data))
             raise RuntimeError("unsupported JPEG")
         return decode_jpeg(data, mode=mode, device=device)
 
-    monkeypatch.setattr(torchvision.io, "decode_jpeg", without_cmyk)
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refusing_grey)
     init_distributed("cpu", 60)
     try:
         loaders = [build_data(cfg_for(str(root), tmp_path, "DATASET.val_list", "null", "DATASET.num_workers", "1",
@@ -269,7 +287,8 @@ def test_decoding_on_the_device_gives_the_workers_batches_and_reads_every_kind_o
         assert len(pairs) == 2 and all(torch.equal(a, b) for pair in pairs for a, b in zip(*pair))
     finally:
         shutdown()
-    assert refused == [22, 1] * 2  # each epoch's batch (the PNG decoded in the worker), then the CMYK file alone
+    # each epoch's batch of 21 JPEG files (the PNG and the CMYK JPEG decoded in the worker), then the grey one alone
+    assert refused == [21, 1] * 2 and not any(torch.equal(item, cmyk) for item in seen)
     files = loaders[1].train.dataset
     first, second, last = (files.paths.index(f"train/c00{c}/{j:05d}.jpg") for c, j in ((0, 0), (0, 1), (1, 19)))
     (root / files.paths[second]).write_bytes((root / files.paths[first]).read_bytes()[:300])
