@@ -130,7 +130,7 @@ def shutdown(wait_for: DistEnv | None = None) -> None:
     """
     if dist.is_initialized():
         if wait_for is not None:
-            all_reduce_sum(torch.zeros(1, device=wait_for.device))
+            all_reduce_sum(torch.zeros(1, device=wait_for.device)).item()  # NCCL only queues it: wait here
         gc.collect()
         dist.destroy_process_group()
     gc.collect()
