@@ -14,7 +14,7 @@ from bsdist.distributed import DistEnv, all_reduce_max, all_reduce_sum
 from bsdist.errors import BsdistError, Stopped
 from bsdist.metrics import EvalTally
 from bsdist.models import no_sync
-from bsdist.optim import optimizer_step
+from bsdist.optim import RunningStats, optimizer_step
 
 
 @dataclass
@@ -44,6 +44,11 @@ class TrainState:
     stop_requested: Callable[[], int] = lambda: 0  # the signal asking to stop, or 0
     last_checkpoint: str = ""  # where the last checkpoint written stands ("epoch 2 step 40"), for messages
     step: int = 0
+    running_stats: RunningStats | None = None  # BatchNorm statistics a skipped step puts back (nonfinite skip)
+
+    def __post_init__(self):
+        if self.nonfinite == "skip" and self.running_stats is None:
+            self.running_stats = RunningStats(self.model)
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}  # TRAIN.mixed_precision, resolved
@@ -161,6 +166,8 @@ def train_one_epoch(state: TrainState, data, env: DistEnv, out, epoch: int, epoc
     for i, batch in enumerate(loader, start=progress.step * accum):
         group_size = min(accum, num_micro - (i - i % accum))  # the last group may be short
         last_of_group = i % accum == group_size - 1
+        if state.running_stats is not None and i % accum == 0:
+            state.running_stats.save()  # as they stand before the step's first micro-batch
         _micro_batch(state, data, env, batch, group_size, last_of_group, tally)
         if not last_of_group:
             continue
@@ -195,7 +202,10 @@ def _optimizer_step(state: TrainState, tally: DeviceTally) -> float:
     if state.scaler.is_enabled():
         state.scaler.unscale_(state.optimizer)  # the norm of the true gradients; scaler.step knows they are unscaled
     grads = [p.grad for group in state.optimizer.param_groups for p in group["params"] if p.grad is not None]
-    optimizer_step(state.optimizer, state.scaler, tally.end_step(state.step + 1, torch.nn.utils.get_total_norm(grads)))
+    skip = tally.end_step(state.step + 1, torch.nn.utils.get_total_norm(grads))
+    if state.running_stats is not None:
+        state.running_stats.restore_if(skip)
+    optimizer_step(state.optimizer, state.scaler, skip)
     state.optimizer.zero_grad(set_to_none=True)
     state.scheduler.step()
     state.step += 1

@@ -1,4 +1,4 @@
-"""SGD and a learning-rate schedule stepped once per optimiser step.
+"""SGD, a learning-rate schedule stepped once per optimiser step, and the step itself (skipped on the device).
 
 Every rank steps the same number of times per epoch (the global step count), so the schedule is
 the one a single process would follow, whatever the world size. Schedules are functions of the
@@ -79,6 +79,32 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
         optimizer.step()
     finally:
         del optimizer.found_inf
+
+
+class RunningStats:
+    """A model's BatchNorm running statistics as they stood before an optimiser step, put back on the device
+    when the step is skipped (TRAIN.nonfinite skip).
+
+    The step's forward passes have already folded its batches into them, and a non-finite batch leaves a
+    NaN that every later batch keeps (inf - inf), so a skip that kept the weights but not these would make
+    every later evaluation NaN. Per step: one multi-tensor copy and one `where` per buffer; no host read.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+                 and m.running_mean is not None]
+        self.buffers = [b for m in norms for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+        self.saved = [b.clone() for b in self.buffers]
+
+    def save(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)
+
+    def restore_if(self, skip: torch.Tensor) -> None:
+        """Where `skip` (float 0/1, one element) is 1, the statistics saved last; otherwise as they are."""
+        keep_saved = skip.reshape(()).bool()
+        for buffer, saved in zip(self.buffers, self.saved):
+            torch.where(keep_saved, saved, buffer, out=buffer)
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):

@@ -122,6 +122,40 @@ def test_a_step_with_a_non_finite_loss_changes_no_weight_and_later_steps_train(e
     assert all(torch.isfinite(p).all() for p in model.module.parameters())
 
 
+def test_a_skipped_step_puts_back_the_batchnorm_statistics_its_forward_pass_changed(env, monkeypatch):
+    """A non-finite forward pass (fp16 activations overflowing) folds inf into BatchNorm's running statistics
+    before the step is skipped; left there they would make every later evaluation NaN."""
+    import bsdist.engine
+    from bsdist.data.augment import BatchAugment
+    augment, micro_batch, step = BatchAugment.__call__, bsdist.engine._micro_batch, bsdist.engine.optimizer_step
+    calls, before, at_step = [0], [], []
+
+    def statistics(state):
+        return [b.clone() for name, b in state.model.named_buffers() if "running" in name]
+
+    def poisoned(self, images, indices):
+        calls[0] += 1
+        inputs = augment(self, images, indices)
+        return inputs * math.inf if calls[0] == 3 else inputs  # the third step's forward pass is not finite
+
+    def recording_micro_batch(state, *args):
+        before.append(statistics(state))
+        recording_micro_batch.state = state
+        micro_batch(state, *args)
+
+    def recording_step(optimizer, scaler, skip):
+        at_step.append(statistics(recording_micro_batch.state))
+        step(optimizer, scaler, skip)
+    monkeypatch.setattr(BatchAugment, "__call__", poisoned)
+    monkeypatch.setattr(bsdist.engine, "_micro_batch", recording_micro_batch)
+    monkeypatch.setattr(bsdist.engine, "optimizer_step", recording_step)
+    _, state, model = epoch_of_training(env, 64, "TRAIN.nonfinite", "skip", "TRAIN.mixed_precision", "no",
+                                        "MODEL.name", "tiny_bn")
+    unchanged = [all(torch.equal(a, b) for a, b in zip(x, y)) for x, y in zip(before, at_step)]
+    assert unchanged == [False, False, True] + [False] * (state.step - 3)  # only the skipped step's were put back
+    assert all(torch.isfinite(b).all() for b in model.module.buffers())
+
+
 def test_a_short_last_accumulation_group_averages_over_its_own_micro_batches(env, monkeypatch):
     """403 images in micro-batches of 80 are 5 micro-batches: groups of 2, 2 and 1. The last step's gradient
     is that of its one micro-batch's mean loss, not half of it."""
