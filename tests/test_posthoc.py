@@ -12,7 +12,8 @@ import torch
 import tiny_model
 from bsdist import BsdistError, checkpoint, config
 from bsdist.data import ClassBalancedSampler
-from bsdist.posthoc import TAU_GRID, _tuned, evaluate_run, logit_adjusted, tau_normalised
+from bsdist.distributed import init_distributed, shutdown
+from bsdist.posthoc import TAU_GRID, _features, _metrics, _tuned, evaluate_run, logit_adjusted, tau_normalised
 from bsdist.report import aggregate, collect
 from bsdist.train import main
 from spawn import run_ranks
@@ -93,6 +94,25 @@ def test_tau_is_chosen_by_validation_bcr_the_smallest_on_a_tie():
     bcr = {tau: 0.5 + (0.1 if tau in (0.7, 1.3) else 0.0) for tau in TAU_GRID}
     chosen = _tuned(lambda tau: {"val": {"bcr": bcr[tau]}, "test": {"bcr": -tau}})
     assert chosen["tau"] == 0.7 and chosen["test"]["bcr"] == -0.7 and chosen["grid"]["1.3"] == pytest.approx(0.6)
+
+
+def test_a_split_s_metrics_are_the_same_made_a_few_rows_at_a_time_and_an_empty_shard_has_none():
+    """A rank's logits are made in slices (8,142 classes would not fit at once), and a rank whose shard of a
+    small split is empty gives empty features instead of failing alone (its peers would then wait)."""
+    generator = torch.Generator().manual_seed(0)
+    features, weight = torch.randn(50, 6, generator=generator), torch.randn(4, 6, generator=generator)
+    targets = torch.randint(0, 4, (50,), generator=generator)
+    env = init_distributed("cpu", 60)
+    try:
+        whole, sliced = (_metrics(lambda x: x @ weight.T, features, targets, 4, [40, 30, 20, 10], rows=rows)
+                         for rows in (4096, 7))
+        classifier = torch.nn.Linear(6, 4)
+        empty = _features(torch.nn.Sequential(classifier), classifier, [], lambda x: x, env, None)
+    finally:
+        shutdown()
+    assert whole["confusion"] == sliced["confusion"] and sum(map(sum, whole["confusion"])) == 50
+    assert sliced["nll"] == pytest.approx(whole["nll"], rel=1e-6) and sliced["ece"] == pytest.approx(whole["ece"])
+    assert empty[0].shape == (0, 6) and empty[1].shape == (0,) and empty[1].dtype == torch.long
 
 
 def test_evaluate_gives_the_run_s_own_numbers_plainly_and_tunes_tau_on_validation(stage1):
