@@ -160,21 +160,23 @@ def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def main_process_first(env: DistEnv):
-    """Rank 0 runs the body first (e.g. downloads); the others run it once rank 0 has succeeded.
+    """Rank 0 runs the body first (e.g. downloads), then the first process of every other node (it finds
+    rank 0's files on a shared file system, or writes its own into a node-local one), then the rest: no
+    two processes write the same files at once, wherever the data directory lives.
 
-    If rank 0 fails, the others learn it at the same collective and stop instead of waiting.
+    A process whose body fails says so at its turn's collective, and every other one stops there
+    instead of waiting (one all-reduce per turn, called by every rank).
     """
-    if env.is_main:
-        try:
-            yield
-        except BaseException:
-            _any_failed(env, True)
-            raise
-        _any_failed(env, False)
-    else:
+    turn = 0 if env.is_main else 1 if env.local_rank == 0 else 2
+    for stage in range(3):
+        if stage == turn:
+            try:
+                yield
+            except BaseException:
+                _any_failed(env, True)
+                raise
         if _any_failed(env, False):
-            raise BsdistError("rank 0 failed while preparing the run; its error message says why")
-        yield
+            raise BsdistError("another process failed while preparing the run; its error message says why")
 
 
 def _any_failed(env: DistEnv, failed: bool) -> bool:

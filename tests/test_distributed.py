@@ -120,6 +120,32 @@ def test_two_processes_with_synchronised_batchnorm_end_with_the_weights_of_one(c
     assert not torch.allclose(weights["two per process"]["1.running_mean"], weights["one"]["1.running_mean"], atol=1e-5)
 
 
+def _turns_worker(fail_rank):
+    import time
+
+    from bsdist.distributed import init_distributed, main_process_first, shutdown
+    rank = int(os.environ["RANK"])
+    os.environ["LOCAL_RANK"] = str(rank % 2)  # two nodes of two processes: ranks 0, 1 and 2, 3
+    env = init_distributed("cpu", 60)
+    try:
+        with main_process_first(env):
+            started = time.time()
+            time.sleep(0.3)
+            if rank == fail_rank:
+                raise RuntimeError(f"rank {rank} could not write the files")
+            return started, time.time()
+    finally:
+        shutdown()
+
+
+def test_files_are_prepared_by_rank_0_then_one_process_per_node_then_the_rest():
+    (a0, z0), (a1, z1), (a2, z2), (a3, z3) = run_ranks(_turns_worker, 4, None)[0]
+    assert z0 <= a2 and z2 <= min(a1, a3)  # rank 0, then the other node's first, then both nodes' second
+    results, errors = run_ranks(_turns_worker, 4, 2)
+    assert "rank 2 could not write the files" in errors[2] and not any(results)
+    assert all("another process failed while preparing the run" in errors[r] for r in (0, 1, 3))
+
+
 def test_two_ranks_on_one_gpu_are_refused_before_nccl_sees_them():
     from bsdist import BsdistError
     from bsdist.distributed import check_distinct_gpus

@@ -194,7 +194,7 @@ def worker_loader(dataset, batches: ResumableBatchSampler, workers: int, device:
 
 def build_data(cfg: Config, env: DistEnv) -> Data:
     d, seed = cfg.DATASET, cfg.DEFAULT.seed
-    with main_process_first(env):  # rank 0 downloads; the others then find the files
+    with main_process_first(env):  # rank 0 downloads, then one process per node; the others then find the files
         loaded = load_splits(cfg)
     train, splits = loaded.train, loaded.eval
     num_per_cls = {c: int(n) for c, n in enumerate(np.bincount(train.targets, minlength=loaded.num_classes))}
