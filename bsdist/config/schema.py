@@ -191,7 +191,8 @@ class Train:
                                          "non-finite loss is acted on up to this many steps later",
                                     check=at_least_one, resumable=True)
     nonfinite: str = option("stop", "on a non-finite loss (seen by all ranks at the same step): stop, keeping the "
-                                    "last good checkpoint, or skip the step", choices=("stop", "skip"),
+                                    "last good checkpoint, or skip the step (no weight, momentum or BatchNorm "
+                                    "statistic changes)", choices=("stop", "skip"),
                             resumable=True)
     resume: bool | str = option(False, "auto continues the run in the run directory from last.pt, or starts it; true "
                                        "must continue one; false refuses a directory that holds a run (a checkpoint "
