@@ -18,6 +18,7 @@ from bsdist.data import build_data
 from bsdist.distributed import (
     DistEnv,
     all_gather_objects,
+    all_reduce_max,
     init_distributed,
     main_process_first,
     set_collective_timeout,
@@ -68,6 +69,22 @@ def main(cfg: Config) -> dict:
         _release_frames(sys.exc_info()[1])  # a failed run's model and DDP go now, not at interpreter exit
         out.close()
         shutdown(wait_for=env if orderly else None)
+
+
+def agreed_precision(name: str, env: DistEnv) -> str:
+    """TRAIN.mixed_precision resolved on this rank's device, the same on every rank: auto picks per GPU (bf16
+    where it is native, else fp16), and ranks on different GPU models would average scaled fp16 gradients
+    with unscaled bf16 ones. One all-reduce and one read at start-up, on every rank or none (the setting is
+    the same everywhere)."""
+    resolved = config.resolve_precision(name, env.device.type)
+    if name != "auto" or env.world_size == 1:
+        return resolved
+    code = list(AMP_DTYPES).index(resolved)
+    highest, lowest = all_reduce_max(torch.tensor([code, -code], device=env.device)).tolist()
+    if highest != -lowest:
+        raise BsdistError("TRAIN.mixed_precision auto chose bf16 on some ranks' GPUs and fp16 on others (different "
+                          "GPU models); set TRAIN.mixed_precision fp16 (or bf16 where every GPU has it)")
+    return resolved
 
 
 def _release_frames(failure: BaseException | None) -> None:
@@ -129,7 +146,7 @@ class Trainer:
         backbone = checkpoint.load(stage1)["model"] if stage1 and not resuming else None  # a resume has its own weights
         self.model = build_model(cfg, self.data.num_classes, self.data.in_channels, env.device, self.compiled,
                                  self.sync_bn, backbone, pretrained=not resuming)
-        self.amp_dtype = AMP_DTYPES[config.resolve_precision(t.mixed_precision, env.device.type)]
+        self.amp_dtype = AMP_DTYPES[agreed_precision(t.mixed_precision, env)]
         optimizer = build_optimizer(cfg, self.model.module)
         steps_per_epoch = -(-len(self.data.train) // t.grad_accum_steps)
         self.state = TrainState(self.model.train, build_loss(cfg.LOSS.name, self.num_per_cls).to(env.device), optimizer,

@@ -146,6 +146,25 @@ def test_files_are_prepared_by_rank_0_then_one_process_per_node_then_the_rest():
     assert all("another process failed while preparing the run" in errors[r] for r in (0, 1, 3))
 
 
+def _precision_worker(per_rank):
+    import bsdist.config
+    from bsdist.distributed import init_distributed, shutdown
+    from bsdist.train import agreed_precision
+    rank = int(os.environ["RANK"])
+    bsdist.config.resolve_precision = lambda name, device: per_rank[rank] if name == "auto" else name
+    env = init_distributed("cpu", 60)
+    try:
+        return agreed_precision("auto", env), agreed_precision("fp16", env)
+    finally:
+        shutdown()
+
+
+def test_ranks_whose_gpus_resolve_mixed_precision_auto_differently_are_refused():
+    assert run_ranks(_precision_worker, 2, ["bf16", "bf16"])[0] == [("bf16", "fp16")] * 2
+    results, errors = run_ranks(_precision_worker, 2, ["bf16", "fp16"])
+    assert len(errors) == 2 and all("chose bf16 on some ranks' GPUs and fp16 on others" in e for e in errors.values())
+
+
 def test_two_ranks_on_one_gpu_are_refused_before_nccl_sees_them():
     from bsdist import BsdistError
     from bsdist.distributed import check_distinct_gpus
