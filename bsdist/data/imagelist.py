@@ -2,8 +2,8 @@
 
 Two layouts, both under DATASET.datadir:
 - split lists in the published format, one `relative/path label` per line (labels 0..C-1; a path may
-  hold spaces, the label is the last field; CRLF line ends are fine), named by DATASET.train_list,
-  val_list and test_list (relative to datadir, or absolute);
+  hold spaces, the label is the last field; UTF-8 with or without a byte-order mark, CRLF line ends are
+  fine), named by DATASET.train_list, val_list and test_list (relative to datadir, or absolute);
 - without lists, a class-per-folder tree (torchvision's ImageFolder layout): train/<class>/...,
   val/<class>/... and test/<class>/..., classes sorted by folder name, their names kept for the report.
 
@@ -17,6 +17,8 @@ hold-out as CIFAR is; any problem of the lists stops here, in one line pointing 
 
 from __future__ import annotations
 
+import codecs
+import io
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -66,26 +68,33 @@ def read_list(path: str, root: str, num_classes: int | None = None) -> Listing:
     """Parse a `relative/path label` list; problems (bad lines, duplicates, labels out of range) are collected."""
     if not os.path.isfile(path):
         return Listing([], np.zeros(0, np.int64), [f"list {path} does not exist"], path)
+    with open(path, "rb") as f:
+        data = f.read().removeprefix(codecs.BOM_UTF8)  # the byte-order mark Notepad writes is no part of a path
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:  # one line for the list, not a "missing file" per mangled name
+        number = data.count(b"\n", 0, e.start) + 1
+        return Listing([], np.zeros(0, np.int64), [f"{path}:{number}: not UTF-8 (byte 0x{data[e.start]:02x}: "
+                                                   f"{e.reason}); save the list as UTF-8"], path)
     paths, labels, problems, seen = [], [], [], {}
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            fields = line.rsplit(None, 1)
-            if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
-                problems.append(f"{path}:{number}: not `relative/path label`: {line[:80]!r}")
-                continue
-            name, label = fields[0], int(fields[1])
-            if label < 0 or (num_classes is not None and label >= num_classes):
-                problems.append(f"{path}:{number}: label {label} outside 0..{(num_classes or 1) - 1}")
-                continue
-            if name in seen:
-                problems.append(f"{path}:{number}: duplicate of line {seen[name]} ({name})")
-                continue
-            seen[name] = number
-            paths.append(name)
-            labels.append(label)
+    for number, line in enumerate(io.StringIO(text, newline=""), 1):  # \n, \r\n and \r end a line
+        line = line.strip()
+        if not line:
+            continue
+        fields = line.rsplit(None, 1)
+        if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
+            problems.append(f"{path}:{number}: not `relative/path label`: {line[:80]!r}")
+            continue
+        name, label = fields[0], int(fields[1])
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            problems.append(f"{path}:{number}: label {label} outside 0..{(num_classes or 1) - 1}")
+            continue
+        if name in seen:
+            problems.append(f"{path}:{number}: duplicate of line {seen[name]} ({name})")
+            continue
+        seen[name] = number
+        paths.append(name)
+        labels.append(label)
     return Listing(paths, np.asarray(labels, dtype=np.int64), problems, path)
 
 
@@ -127,9 +136,9 @@ def listings(d: Dataset) -> tuple[dict[str, Listing], int, list[str] | None]:
                 result[split] = read_folders(root, split, classes)[0]
         return result, len(classes), classes
     train = read_list(list_path(root, names["train"]), root, preset.num_classes if preset else None)
-    if not os.path.isfile(train.source):
+    if not train.paths:  # absent, not UTF-8, or no usable line
         return {"train": train}, 0, None  # nothing to check the other lists against
-    num_classes = preset.num_classes if preset else int(train.labels.max()) + 1 if len(train.labels) else 0
+    num_classes = preset.num_classes if preset else int(train.labels.max()) + 1
     result = {"train": train}
     for split in ("val", "test"):
         if names[split]:

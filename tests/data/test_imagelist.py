@@ -187,6 +187,28 @@ def test_a_list_that_cannot_be_used_is_one_line(lists, tmp_path):
         config.validate(config.load(None, ["DATASET.aug_info", "[RandomResizedCrop]"]))
 
 
+def test_a_list_with_a_byte_order_mark_is_read_and_one_not_in_utf8_is_one_problem_naming_its_line(tmp_path, capsys):
+    root = tmp_path / "windows"
+    write_list_dataset(str(root), [8, 6, 5], test_per_class=3, size=16)
+    train = root / "train.txt"
+    train.write_bytes(b"\xef\xbb\xbf" + train.read_bytes())  # as Notepad saves UTF-8
+    cfg = config.validate(config.load(None, ["DATASET.name", "ImageList", "DATASET.datadir", str(root),
+                                             "DATASET.train_list", "train.txt", "DATASET.test_list", "test.txt"]))
+    assert check_data(cfg) == 0 and "train: 19 images" in capsys.readouterr().out
+    assert listings(cfg.DATASET)[0]["train"].paths[0] == "train/c000/00000.jpg"  # the mark is no part of the path
+
+    lines = train.read_bytes().splitlines(keepends=True)
+    lines[2] = "train/c000/caf\u00e9.jpg 0\n".encode("latin-1")  # a name saved in another encoding
+    train.write_bytes(b"".join(lines))
+    assert check_data(cfg) == 1
+    out = capsys.readouterr().out
+    problem = f"{train}:3: not UTF-8 (byte 0xe9: invalid continuation byte); save the list as UTF-8"
+    assert out.splitlines()[-2:] == ["problems: 1", f"  {problem}"], out
+    with pytest.raises(BsdistError) as caught:
+        load_splits(cfg)
+    assert str(caught.value).startswith(problem) and "missing file" not in str(caught.value)
+
+
 def test_the_frame_header_says_which_jpeg_files_the_device_decodes():
     import io
 
