@@ -126,7 +126,13 @@ def run(argv=None) -> int:
 
 
 def tell_launcher(message: str) -> None:
-    """Under torchrun, put the message where its failure summary (the last lines a user sees) shows it."""
+    """Under torchrun, put the message where its failure summary (the last lines a user sees) shows it.
+
+    Not torch's `@record` (tried): it writes the error file only for an exception that escapes the entry point
+    (a traceback on every rank's stderr, exit status 1), and it stores the traceback as `py_callstack`, which
+    the summary shows in place of the message: a dozen lines ending in `bsdist.errors.BsdistError: ...`. This
+    file holds the one line alone.
+    """
     import json
     import time
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")

@@ -164,23 +164,27 @@ def main_process_first(env: DistEnv):
     rank 0's files on a shared file system, or writes its own into a node-local one), then the rest: no
     two processes write the same files at once, wherever the data directory lives.
 
-    A process whose body fails says so at its turn's collective, and every other one stops there
-    instead of waiting (one all-reduce per turn, called by every rank).
+    A process whose body fails says why at its turn's collective, and every other one stops there with that
+    reason instead of waiting (one all-gather per turn, called by every rank): under torchrun, whichever rank
+    exits first and is named in its summary, the summary gives the real reason.
     """
     turn = 0 if env.is_main else 1 if env.local_rank == 0 else 2
     for stage in range(3):
         if stage == turn:
             try:
                 yield
-            except BaseException:
-                _any_failed(env, True)
+            except BaseException as e:
+                _first_failure(str(e) if isinstance(e, BsdistError) else f"{type(e).__name__}: {e}")
                 raise
-        if _any_failed(env, False):
-            raise BsdistError("another process failed while preparing the run; its error message says why")
+        failure = _first_failure(None)
+        if failure:
+            raise BsdistError(failure)
 
 
-def _any_failed(env: DistEnv, failed: bool) -> bool:
-    return bool(all_reduce_max(torch.tensor([float(failed)], device=env.device)).item())
+def _first_failure(message: str | None) -> str | None:
+    """Every rank's failure message of this turn (None: it did not fail); the first, naming its rank."""
+    failures = [(rank, m) for rank, m in enumerate(all_gather_objects(message)) if m is not None]
+    return f"rank {failures[0][0]} failed while preparing the run: {failures[0][1]}" if failures else None
 
 
 def sync_buffers_from_main(module: torch.nn.Module) -> None:

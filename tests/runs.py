@@ -52,9 +52,10 @@ def clean_env(**extra):
     return env
 
 
-def launch(*args, prefix=(sys.executable,), timeout=600) -> subprocess.CompletedProcess:
-    """launch.py with these arguments (under `prefix`, torchrun say), run from the repository root."""
-    return subprocess.run([*prefix, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT, env=clean_env(),
+def launch(*args, prefix=(sys.executable,), timeout=600, env=None) -> subprocess.CompletedProcess:
+    """launch.py with these arguments (under `prefix`, torchrun say), run from the repository root, with `env`
+    on top of a clean environment."""
+    return subprocess.run([*prefix, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT, env=clean_env(**(env or {})),
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -68,6 +68,20 @@ def test_under_torchrun_an_error_is_printed_once(tmp_path):
     assert any(line.strip() == f"traceback : {message}" for line in last_lines), last_lines  # ... in the last lines
 
 
+def test_when_rank_0_fails_to_prepare_the_run_torchrun_s_summary_gives_its_reason_whichever_rank_it_names(tmp_path):
+    # offline: the download fails at once (a proxy nobody listens on); rank 1 learns of it from rank 0 and may
+    # exit first, and torchrun then stops rank 0 and may name rank 1 alone as the root cause
+    offline = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "no_proxy": ""}
+    proc = launch("configs/cifar100lt_bs.yaml", "DATASET.datadir", str(tmp_path / "data"), "DEFAULT.savedir",
+                  str(tmp_path / "runs"), prefix=(*TORCHRUN, "--nproc_per_node", "2"), timeout=240, env=offline)
+    assert proc.returncode == 1
+    reason = "error: could not download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+    assert sum(line.startswith(reason) for line in proc.stderr.splitlines()) == 1, proc.stderr  # rank 0's, once
+    root_cause = proc.stderr[proc.stderr.rindex("Root Cause"):]
+    said = next(line for line in root_cause.splitlines() if line.strip().startswith("traceback : "))
+    assert "could not download" in said and "set DATASET.download false" in said, root_cause
+
+
 def test_an_unknown_option_is_named(tmp_path):
     proc = launch("configs/demo.yaml", "--epochs", "3", timeout=60)
     assert proc.returncode == 2 and "unknown option --epochs" in proc.stderr
