@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Start bsdist: `python launch.py CONFIG [KEY.SUB value ...]`, the same under torchrun,
+"""Start bsdist: `python launch.py [CONFIG] [KEY.SUB value ...]` (no CONFIG: the defaults), the same under torchrun,
 `python launch.py --sweep SWEEP.yaml`, or `python launch.py --report RUNS_DIR` (see bsdist/cli.py)."""
 
 import sys

@@ -1,11 +1,11 @@
 """The command line behind launch.py: one run, a sweep of runs, or a report of finished runs.
 
-    launch.py CONFIG [KEY.SUB value ...]            one run (plain python or under torchrun)
-    launch.py CONFIG --slurm --partition gpu [...]  the same run submitted to SLURM (bsdist.slurm)
+    launch.py [CONFIG] [KEY.SUB value ...]          one run (plain python or under torchrun); no CONFIG: the defaults
+    launch.py [CONFIG] --slurm --partition gpu [...]  the same run submitted to SLURM (bsdist.slurm)
     launch.py --sweep SWEEP.yaml [--jobs N] [--nproc-per-node K] [--slurm ...] [KEY.SUB value ...]
     launch.py CONFIG --seeds 0 1 2 [...]            the run once per seed, as a sweep (also with --sweep)
     launch.py --report RUNS_DIR
-    launch.py CONFIG --check-data [--decode] [KEY.SUB value ...]   what the data holds, and what is wrong with it
+    launch.py [CONFIG] --check-data [--decode] [KEY.SUB value ...]   what the data holds, and what is wrong with it
     launch.py --evaluate RUN_DIR [--posthoc logit-adjust|tau-norm|all] [KEY.SUB value ...]   (also under torchrun)
 
 It parses, validates before any process group or directory exists, and hands over; errors are one
@@ -19,15 +19,19 @@ import os
 import sys
 import traceback
 
+DEFAULTS = ("using the defaults (configs/default.yaml's values); choose another config with "
+            "python launch.py CONFIG [KEY.SUB value ...], e.g. configs/demo.yaml")
+
 
 def parse_args(argv):
     from bsdist.posthoc import METHODS
     parser = argparse.ArgumentParser(
-        prog="launch.py", usage="launch.py CONFIG [KEY.SUB value ...] | --sweep SWEEP.yaml | --report RUNS_DIR | "
+        prog="launch.py", usage="launch.py [CONFIG] [KEY.SUB value ...] | --sweep SWEEP.yaml | --report RUNS_DIR | "
               "--evaluate RUN_DIR [--posthoc METHOD]  [--seeds S ...] [--slurm ...] [--debug]",
         description="Long-tailed image classification with Balanced Softmax on raw torch.distributed.",
         epilog="Example: torchrun --nproc_per_node 8 launch.py configs/cifar100lt_bs.yaml TRAIN.epochs 200")
-    parser.add_argument("config", nargs="?", help="YAML config file (see configs/)")
+    parser.add_argument("config", nargs="?",
+                        help=f"YAML config file (see configs/); without one, {DEFAULTS}")
     parser.add_argument("--sweep", metavar="SWEEP.yaml",
                         help="run every configuration of a sweep file (see configs/sweeps/)")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
@@ -43,7 +47,7 @@ def parse_args(argv):
     parser.add_argument("--posthoc", choices=(*METHODS, "all"),
                         help="with --evaluate: post-hoc adjustment(s), tau tuned on the validation split")
     parser.add_argument("--check-data", action="store_true",
-                        help="with CONFIG: report each split's images and classes and every problem of the data; "
+                        help="report each split's images and classes and every problem of the config's data; "
                              "exit 1 on any")
     parser.add_argument("--decode", action="store_true", help="with --check-data: also decode every image, in parallel")
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
@@ -53,14 +57,16 @@ def parse_args(argv):
     unknown = [a for a in overrides if a.startswith("--")]
     if unknown:
         parser.error(f"unknown option {unknown[0]}; overrides are written KEY.SUB value, without dashes")
-    if (args.sweep or args.report or args.evaluate) and args.config is not None:
-        # with --sweep/--report/--evaluate a positional is an override
+    if args.config is not None and (args.sweep or args.report or args.evaluate or _is_override(args.config)):
+        # with --sweep/--report/--evaluate, or written as a key (TRAIN.epochs), a positional is an override
         overrides, args.config = [args.config, *overrides], None
-    modes = [m for m in (args.config, args.sweep, args.report, args.evaluate) if m is not None]
-    if len(modes) != 1:
-        parser.error("give exactly one of CONFIG, --sweep SWEEP.yaml, --report RUNS_DIR or --evaluate RUN_DIR")
-    if (args.check_data and not args.config) or (args.decode and not args.check_data):
-        parser.error("--check-data goes with a CONFIG (python launch.py CONFIG --check-data [--decode])")
+    modes = [m for m in (args.sweep, args.report, args.evaluate) if m is not None]
+    if len(modes) > 1:
+        parser.error("give at most one of --sweep SWEEP.yaml, --report RUNS_DIR or --evaluate RUN_DIR")
+    if args.check_data and modes:
+        parser.error("--check-data checks the data of a CONFIG (or the defaults'): drop --sweep, --report, --evaluate")
+    if args.decode and not args.check_data:
+        parser.error("--decode goes with --check-data (python launch.py CONFIG --check-data --decode)")
     if args.check_data and (args.slurm or args.seeds):
         parser.error("--check-data runs here; drop --slurm and --seeds")
     if args.posthoc and not args.evaluate:
@@ -69,7 +75,8 @@ def parse_args(argv):
         parser.error("--evaluate runs here (under torchrun for several GPUs); drop --slurm and --seeds")
     if overrides and args.report:
         parser.error(f"extra arguments ({overrides[0]} ...) do not go with --report, which takes just RUNS_DIR")
-    if args.seeds is not None and (args.report or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0):
+    if args.seeds is not None and (not (args.config or args.sweep) or len(set(args.seeds)) != len(args.seeds)
+                                   or min(args.seeds) < 0):
         parser.error("--seeds takes distinct seeds >= 0 (e.g. --seeds 0 1 2) for a CONFIG or a --sweep")
     if (args.jobs is not None and args.jobs < 1) or args.nproc_per_node < 1:
         parser.error("--jobs and --nproc-per-node must be at least 1")
@@ -84,8 +91,17 @@ def parse_args(argv):
     return args
 
 
+def _is_override(token: str) -> bool:
+    """Whether a first positional is a `KEY.SUB` override (its section is a config section) rather than CONFIG."""
+    from bsdist.config import FIELDS
+    return token.split(".", 1)[0] in {key.split(".", 1)[0] for key in FIELDS} and not os.path.exists(token)
+
+
 def run(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.config is None and not (args.sweep or args.report or args.evaluate):
+        from bsdist.output import LOG
+        LOG.info(f"no CONFIG given: {DEFAULTS}")  # the first line, rank 0's alone
     from bsdist import BsdistError, config
     from bsdist.data import check_available
     from bsdist.distributed import launched_as_main, world_size_from_env

@@ -1,6 +1,6 @@
 """SLURM: the same main(cfg) that torchrun runs, submitted through submitit.
 
-    launch.py CONFIG --slurm --partition gpu [--nodes N --gpus-per-node G ...] [KEY.SUB value ...]
+    launch.py [CONFIG] --slurm --partition gpu [--nodes N --gpus-per-node G ...] [KEY.SUB value ...]
     launch.py --sweep SWEEP.yaml --slurm --partition gpu      (one job array, a run per array task)
 
 The launcher validates the config, submits, prints the job id, the log paths and the run directory,

@@ -8,6 +8,8 @@ import sys
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from bsdist import cli
+from cifar_files import write_cifar
 from runs import clean_env, launch
 from paths import ROOT
 
@@ -80,6 +82,26 @@ def test_when_rank_0_fails_to_prepare_the_run_torchrun_s_summary_gives_its_reaso
     root_cause = proc.stderr[proc.stderr.rindex("Root Cause"):]
     said = next(line for line in root_cause.splitlines() if line.strip().startswith("traceback : "))
     assert "could not download" in said and "set DATASET.download false" in said, root_cause
+
+
+def test_without_a_config_a_run_uses_the_defaults_and_says_so_first(tmp_path):
+    args = cli.parse_args(["TRAIN.epochs", "3", "--check-data"])
+    assert args.config is None and args.overrides == ["TRAIN.epochs", "3"]
+    assert cli.parse_args(["configs/demo.yaml", "TRAIN.epochs", "3"]).config == "configs/demo.yaml"
+    said = "no CONFIG given: using the defaults (configs/default.yaml's values); choose another config with python " \
+           "launch.py CONFIG [KEY.SUB value ...], e.g. configs/demo.yaml"
+    cifar10_root = write_cifar(str(tmp_path / "cifar"), 10, train_per_class=100)  # the defaults' factor 100 fits
+    proc = launch("DATASET.datadir", cifar10_root, "--check-data", timeout=120)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and lines[0].endswith(f"] {said}"), proc.stdout + proc.stderr
+    assert lines[1].startswith(f"CIFAR10LT in {cifar10_root}: 10 classes, held in memory (exp profile, factor 100)")
+    proc = launch("DEFAULT.savedir", str(tmp_path / "runs"), "DATASET.datadir", str(tmp_path / "data"),
+                  prefix=(*TORCHRUN, "--nproc_per_node", "2"), timeout=180)
+    assert proc.returncode == 1 and proc.stdout.splitlines()[0].endswith(f"] {said}") and proc.stdout.count(said) == 1
+    # the defaults' dataset, not downloaded: rank 0 says so once (and torchrun's summary again)
+    missing = f"error: CIFAR10LT data not found: {tmp_path}/data/cifar-10-batches-py"
+    assert sum(line.startswith(missing) for line in proc.stderr.splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_an_unknown_option_is_named(tmp_path):

@@ -7,6 +7,8 @@ import cloudpickle
 import pytest
 
 from bsdist import BsdistError, cli, config, slurm
+from cifar_files import write_cifar
+from paths import ROOT
 
 
 def parse(*argv):
@@ -75,6 +77,18 @@ def test_the_config_is_checked_for_the_job_s_world_size_before_submitting(tmp_pa
     assert os.listdir(tmp_path) == []
 
 
+def test_the_readme_s_command_without_a_config_submits_the_defaults(tmp_path, capsys, monkeypatch):
+    write_cifar(str(tmp_path / "data"), 10, train_per_class=100)  # the defaults' DATASET.datadir ./data, here
+    monkeypatch.chdir(tmp_path)
+    submitted = []
+    monkeypatch.setattr(slurm, "submit", lambda args, cfg: submitted.append((args, cfg)) or 0)
+    code, out = run_cli(capsys, "--slurm", "--partition", "gpu")
+    assert code == 0 and out.out.splitlines()[0].endswith(f"] no CONFIG given: {cli.DEFAULTS}"), out
+    (args, cfg), = submitted
+    default_yaml = config.load(os.path.join(ROOT, "configs", "default.yaml"))
+    assert args.partition == "gpu" and cfg == config.validate(default_yaml, device_here=False)
+
+
 def test_device_checks_belong_to_the_nodes_not_the_login_node():
     # a login node without a GPU may submit TRAIN.device cuda; the nodes check it when the job starts
     assert demo("TRAIN.device", "cuda").TRAIN.device == "cuda"
@@ -132,7 +146,6 @@ def test_waiting_on_a_job_slurm_can_never_start_cancels_it_with_the_reason(tmp_p
 def test_the_dev_cluster_counts_the_machine_s_cpus_whatever_omp_num_threads_says():
     # nproc honours OMP_NUM_THREADS: with 1, the node registered one CPU and a 2-task job pended forever
     import subprocess
-    from paths import ROOT
     with open(os.path.join(ROOT, "slurm", "dev-cluster.sh")) as f:
         function = next(line for line in f if line.startswith("real_cpus()"))
     counted = subprocess.run(["bash", "-c", f"{function}\nreal_cpus"], env={**os.environ, "OMP_NUM_THREADS": "1"},
