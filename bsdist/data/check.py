@@ -106,7 +106,8 @@ def _decode_all(paths: list[str], files: ImageFiles) -> list[str]:
     is rewritten in place on a terminal, and written whole every PROGRESS_EVERY_S seconds to a file or a pipe."""
     import multiprocessing
     terminal = sys.stderr.isatty()
-    bad, started, last = [], time.perf_counter(), 0.0
+    bad, started = [], time.perf_counter()
+    last = started  # the first line after a while: a short check writes only its last
     workers = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         for done, problem in enumerate(pool.imap(functools.partial(_problem, files=files), paths, chunksize=64), 1):
