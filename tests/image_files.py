@@ -1,9 +1,12 @@
 """Image-list datasets on disk, generated: real 8x8 digits (scikit-learn) scaled up and tinted per class,
-written as JPEG files (quality 90) in the published layouts: `path label` list files, or class folders."""
+written as JPEG files (quality 90) in the published layouts: `path label` list files, or class folders;
+and files that lie: headers claiming more pixels than they hold, a scan cut short, a large legitimate JPEG."""
 
 from __future__ import annotations
 
+import io
 import os
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -59,3 +62,43 @@ def write_folder_dataset(root: str, train_counts: list[int], test_per_class: int
 def append(list_path: str, line: str) -> None:
     with open(list_path, "a", newline="") as f:
         f.write(line + "\n")
+
+
+def encoded(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def claiming(data: bytes, height: int, width: int) -> bytes:
+    """A real JPEG or PNG file whose header claims height x width pixels, its pixel data unchanged: the
+    JPEG's start-of-frame segment, or the PNG's IHDR (with its checksum made right again)."""
+    data = bytearray(data)
+    if data[:2] == b"\xff\xd8":
+        at = 2
+        while not (0xC0 <= data[at + 1] <= 0xCF and data[at + 1] not in (0xC4, 0xC8, 0xCC)):
+            at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+        data[at + 5:at + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+        return bytes(data)
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
+def scan_cut_short(width: int = 640, height: int = 480) -> bytes:
+    """A real-sized JPEG of noise whose scan stops half way, the file still closed by its end-of-image marker:
+    libjpeg warns "Corrupt JPEG data: premature end of data segment" and fills the missing rows with grey."""
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    data = encoded(Image.fromarray(pixels), quality=90)
+    return data[:len(data) // 2] + b"\xff\xd9"
+
+
+def write_large_jpeg(path: str, width: int = 12000, height: int = 9000, cell: int = 750) -> None:
+    """A width x height JPEG of flat cells of distinct colours (a crop in the wrong place shows), small and
+    quick to encode: libjpeg-turbo codes flat 8 x 8 blocks in a few bits."""
+    image = Image.new("RGB", (width, height))
+    rng = np.random.default_rng(1)
+    for top in range(0, height, cell):
+        for left in range(0, width, cell):
+            image.paste(tuple(int(c) for c in rng.integers(0, 256, 3)), (left, top, left + cell, top + cell))
+    image.save(path, quality=90)

@@ -98,6 +98,11 @@ class Dataset:
     image_size: int = option(224, "image-list datasets: side of the square training and evaluation images "
                                   "(evaluation resizes the shorter side to image_size * 256 / 224 and crops the "
                                   "centre)", check=positive)
+    max_image_pixels: int = option(89_478_485, "image-list datasets: the most pixels an image's header may claim "
+                                               "(PIL's limit); a larger one stops the run before it is decoded. "
+                                               "JPEG files above 4096 x 4096 are decoded reduced in the DCT (1/2, "
+                                               "1/4 or 1/8) to the smallest size that covers their crop",
+                                   check=positive, resumable=True)  # a run that stopped at a large image resumes
     download: bool = option(False, "download CIFAR (md5-checked) into datadir when missing", resumable=True)
     batch_size: int = option(32, "global images per step, split evenly across processes", check=positive)
     test_batch_size: int = option(1024, "images per evaluation batch on each process", check=positive, resumable=True)

@@ -4,12 +4,15 @@ Per split: images, classes, largest and smallest class, imbalance factor, and (f
 medium / few class counts; then every problem: lines that are not `path label`, labels out of range,
 duplicate lines, missing files (named up to MAX_NAMED, then counted), classes absent from a split, a
 preset's profile that differs. `--decode` opens every image in parallel, with a progress line, and
-names each one that cannot be decoded. Exit status 0 when all is well, 1 otherwise: the output is what
-a bug report needs.
+names each one that cannot be decoded: refused by its header (more pixels than DATASET.max_image_pixels,
+a scan too short for them; no decoding is started) or by the decoder, libjpeg's corrupt-data warnings
+included. Images are decoded as evaluation decodes them (reduced in the DCT where that allows). Exit
+status 0 when all is well, 1 otherwise: the output is what a bug report needs.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -19,13 +22,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bsdist.data import imagelist
-from bsdist.data.imagefiles import decoder_message, read_image
+from bsdist.data.imagefiles import HeaderRefused, ImageFiles, decoder_message
 from bsdist.metrics import shot_groups
 
 if TYPE_CHECKING:
     from bsdist.config import Config
 
 MAX_NAMED = 20
+PROGRESS_EVERY_S = 30
 
 
 def _stats(labels: np.ndarray, num_classes: int) -> str:
@@ -37,13 +41,16 @@ def _stats(labels: np.ndarray, num_classes: int) -> str:
             f"imbalance factor {present.max() / present.min():.4g}")
 
 
-def _decodable(path: str) -> str | None:
-    """None, or why the image cannot be decoded."""
+def _problem(path: str, files: ImageFiles) -> str | None:
+    """None, or why the image cannot be used: its header's claim, or the decoder's reason in its own words."""
+    from torchvision.io import read_file
     try:
-        read_image(path)
+        files.pixels(read_file(path), 0, 0)
         return None
-    except Exception as e:  # corrupt, truncated, not an image: the reason in the decoder's words
-        return decoder_message(e)
+    except HeaderRefused as e:
+        return f"{path}: {e}"
+    except Exception as e:  # corrupt, truncated, not an image
+        return f"cannot decode {path}: {decoder_message(e)}"
 
 
 def check_data(cfg: Config, decode: bool = False, stream=None) -> int:
@@ -82,7 +89,9 @@ def check_data(cfg: Config, decode: bool = False, stream=None) -> int:
     if len(missing) > MAX_NAMED:
         problems.append(f"... and {len(missing) - MAX_NAMED:,} more missing files ({len(missing):,} in all)")
     if decode:
-        problems += _decode_all([p for p, ok in zip(paths, exists) if ok])
+        # an evaluation set's decoder: the header checks and reductions of training, no crop draw
+        files = ImageFiles(d.datadir, [], np.zeros(0), d.image_size, False, 0, max_pixels=d.max_image_pixels)
+        problems += _decode_all([p for p, ok in zip(paths, exists) if ok], files)
     if not problems:
         say("problems: none")
         return 0
@@ -92,23 +101,23 @@ def check_data(cfg: Config, decode: bool = False, stream=None) -> int:
     return 1
 
 
-def _decode_all(paths: list[str]) -> list[str]:
-    """Decode every image on all CPU cores, with a progress line on stderr; one problem per bad image."""
+def _decode_all(paths: list[str], files: ImageFiles) -> list[str]:
+    """Decode every image on all CPU cores, with a progress line on stderr; one problem per bad image. The line
+    is rewritten in place on a terminal, and written whole every PROGRESS_EVERY_S seconds to a file or a pipe."""
     import multiprocessing
-    bad, started, last = [], time.perf_counter(), 0.0
+    terminal = sys.stderr.isatty()
+    bad, started = [], time.perf_counter()
+    last = started  # the first line after a while: a short check writes only its last
     workers = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        for done, (path, reason) in enumerate(pool.imap(_decode_one, paths, chunksize=64), 1):
-            if reason:
-                bad.append(f"cannot decode {path}: {reason}")
+        for done, problem in enumerate(pool.imap(functools.partial(_problem, files=files), paths, chunksize=64), 1):
+            if problem:
+                bad.append(problem)
             now = time.perf_counter()
-            if now - last > 1 or done == len(paths):
+            if now - last > (1 if terminal else PROGRESS_EVERY_S) or done == len(paths):
                 last = now
-                print(f"\rdecoded {done:,} / {len(paths):,} images "
-                      f"({done / max(now - started, 1e-9):,.0f}/s), {len(bad)} bad",
-                      end="" if done < len(paths) else "\n", file=sys.stderr, flush=True)
+                line = (f"decoded {done:,} / {len(paths):,} images ({done / max(now - started, 1e-9):,.0f}/s), "
+                        f"{len(bad)} bad")
+                end = "\n" if not terminal or done == len(paths) else ""
+                print(("\r" if terminal else "") + line, end=end, file=sys.stderr, flush=True)
     return bad
-
-
-def _decode_one(path: str) -> tuple[str, str | None]:
-    return path, _decodable(path)

@@ -193,7 +193,7 @@ def load_splits(d: Dataset, seed: int, encoded: bool = False
     def files(listing: Listing, index=None, train_crop=False) -> ImageFiles:
         index = np.arange(len(listing.paths)) if index is None else index
         return ImageFiles(root, [listing.paths[i] for i in index], listing.labels[index], size, train_crop, seed,
-                          encoded)
+                          encoded, d.max_image_pixels)
 
     held = {"val": files(train, val_idx)} if d.val_per_cls else {"val": files(splits["val"])} if "val" in splits else {}
     return files(train, keep, random_crop), {**held, "test": files(splits["test"])}, num_classes, class_names

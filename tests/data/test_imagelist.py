@@ -66,8 +66,9 @@ def test_batches_are_decoded_cropped_and_resized_to_uint8_and_a_crop_depends_on_
     a, _, _ = test.__getitems__([0])
     b, _, _ = test.__getitems__([len(test)])  # evaluation crops do not depend on the epoch
     assert torch.equal(a, b)
-    raw = test.decode(0)
+    raw, size = test.decode(0)
     assert raw.shape[0] == 3 and raw.shape[1] > raw.shape[2]  # the files are taller than wide: a real resize
+    assert size == tuple(raw.shape[1:])  # small files are decoded whole
 
 
 def test_an_image_too_wide_or_tall_for_any_crop_ratio_is_cropped_inside_it_as_torchvision_does(tmp_path):
@@ -212,7 +213,7 @@ def test_a_list_with_a_byte_order_mark_is_read_and_one_not_in_utf8_is_one_proble
 def test_the_frame_header_says_which_jpeg_files_the_device_decodes():
     import io
 
-    from bsdist.data.imagefiles import jpeg_channels
+    from bsdist.data.decoding import jpeg_channels
 
     def encoded(mode, fmt="JPEG", **options):
         out = io.BytesIO()
