@@ -1,0 +1,112 @@
+"""What a check runs with: its context (device, sizes, the --out folder, the deadline), its outcomes (Skip,
+CheckFailed) and the child processes it starts, each ended with everything it started."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+# timing first: it puts the repository root on sys.path
+from timing import ROOT
+
+from bsdist.distributed import LAUNCH_VARIABLES, DistEnv
+
+
+class Skip(Exception):
+    def __init__(self, reason: str, figures: dict | None = None):
+        super().__init__(reason)
+        self.figures = figures or {}
+
+
+class CheckFailed(Exception):
+    def __init__(self, detail: str, figures: dict | None = None):
+        super().__init__(detail)
+        self.figures = figures or {}
+
+
+def require(condition: bool, detail: str, figures: dict | None = None) -> None:
+    if not condition:
+        raise CheckFailed(detail, figures)
+
+
+@dataclass
+class Context:
+    """One check's process: `sizes` "cuda" or "cpu" (the CUDA sizes can be rehearsed on a CPU), `out` the
+    folder everything the check learns goes to, `deadline` (time.time()) by which it must have ended."""
+
+    name: str
+    device: str
+    sizes: str
+    out: str
+    deadline: float
+    env: DistEnv
+    missing: list = field(default_factory=list)  # what preflight found missing (keys of preflight.NEEDS)
+    figures: dict = field(default_factory=dict)  # written to <out>/<name>.json as they come (save)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
+
+    @property
+    def full_size(self) -> bool:
+        return self.sizes == "cuda"
+
+    @property
+    def workdir(self) -> str:
+        path = os.path.join(self.out, self.name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def fits(self, estimate_s: float, what: str, left_out: list) -> bool:
+        """Whether `what` (about `estimate_s` seconds) fits in the time left; if not, it is named in `left_out`."""
+        if self.left() >= estimate_s:
+            return True
+        left_out.append(f"{what} (about {estimate_s:.0f} s, {max(self.left(), 0):.0f} s left)")
+        return False
+
+    def save(self, status: str = "RUNNING", detail: str = "") -> None:
+        """The check's figures so far: what a check cut at the deadline leaves."""
+        with open(os.path.join(self.out, f"{self.name}.json"), "w") as f:
+            json.dump({"status": status, "detail": detail, "figures": self.figures}, f, indent=2, default=str)
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """This environment without a launcher's rank variables (a child starts its own group), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    env.update(extra or {})
+    return env
+
+
+def start_child(command: list, logs: str, env: dict | None = None) -> subprocess.Popen:
+    """A child in its own session (ended with all it starts by end_child), stdout and stderr to logs.out / .err."""
+    with open(logs + ".out", "w") as out, open(logs + ".err", "w") as err:
+        return subprocess.Popen(command, cwd=ROOT, env=child_env(env), stdout=out, stderr=err, start_new_session=True)
+
+
+END_GRACE_S = 3  # from SIGTERM to SIGKILL: time for torchrun to pass the signal on
+
+
+def end_child(proc: subprocess.Popen) -> None:
+    """SIGTERM to the child's session first: torchrun passes it on to its workers, which run in sessions of
+    their own; then SIGKILL to what is left of the session."""
+    for sig, grace in ((signal.SIGTERM, END_GRACE_S), (signal.SIGKILL, None)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    proc.wait()
+
+
+def last_lines(text: str, n: int = 3) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(lines[-n:])[-600:]
