@@ -48,13 +48,14 @@ from bsdist.config import resolve_device  # noqa: E402
 from bsdist.distributed import init_distributed, shutdown  # noqa: E402
 from bsdist.errors import BsdistError  # noqa: E402
 
-# name -> (function, what preflight must have found, seconds it needs at least on the CUDA sizes, on the CPU sizes,
-# its child's start-up included); less time left than that and it is skipped without starting
-CHECKS = {"throughput": (check_throughput, ["sklearn"], 60, 20),
-          "jpeg_input": (check_jpeg_input, [], 30, 10),
-          "gpu_tests": (check_gpu_tests, ["disk"], 60, 10),
-          "checkpoint_cost": (check_checkpoint_cost, [], 20, 10),
-          "grid": (check_grid, ["sklearn"], 150, 60)}
+# name -> (function, what preflight must have found, (least, most) seconds on the CUDA sizes, on the CPU sizes).
+# Less time left than `least` (its child's start-up included) and it is skipped without starting; it ends by
+# `most` after its start, so that one check whose parts took longer than estimated cannot starve the next ones.
+CHECKS = {"throughput": (check_throughput, ["sklearn"], (60, 150), (20, 120)),
+          "jpeg_input": (check_jpeg_input, [], (30, 45), (10, 60)),
+          "gpu_tests": (check_gpu_tests, ["disk"], (60, 200), (10, 120)),
+          "checkpoint_cost": (check_checkpoint_cost, [], (20, 30), (10, 60)),
+          "grid": (check_grid, ["sklearn"], (150, 240), (60, 240))}
 CHILD_MARGIN_S = 5  # a check aims to end this long before the deadline, to write its figures
 
 
@@ -79,13 +80,14 @@ def run_child(args) -> int:
 
 def run_check(name: str, args, deadline: float, missing: list, log_index: int) -> dict:
     """`name` in a child, ended at the deadline; SKIP without starting when it cannot fit or lacks a piece."""
-    _, needs, *least = CHECKS[name]
-    least_s, left = least[args.sizes == "cpu"], deadline - time.time()
+    _, needs, *sizes = CHECKS[name]
+    (least_s, most_s), left = sizes[args.sizes == "cpu"], deadline - time.time()
     lacking = [need for need in needs if need in missing]
     if lacking:
         return {"status": "SKIP", "detail": f"missing: {', '.join(lacking)} (see preflight)"}
     if left < least_s:
         return {"status": "SKIP", "detail": f"budget: {max(left, 0):.0f} s left, it needs at least {least_s} s"}
+    deadline = min(deadline, time.time() + most_s)
     logs = os.path.join(args.out, f"{log_index:02d}-{name}")
     proc = start_child([sys.executable, os.path.abspath(__file__), "--check", name, "--device", args.device,
                         "--sizes", args.sizes, "--out", args.out, "--deadline", repr(deadline - CHILD_MARGIN_S),
@@ -102,7 +104,7 @@ def run_check(name: str, args, deadline: float, missing: list, log_index: int) -
     except (OSError, ValueError):
         with open(logs + ".err") as f:
             result = {"status": "FAIL", "detail": f"exited {proc.returncode} without a result: {last_lines(f.read())}"}
-    if cut:  # a check that ignored the budget: its figures so far are kept
+    if cut:  # a check that ignored its time: its figures so far are kept
         result.update(status="SKIP", cut_at_deadline=True,
                       detail=f"budget: cut at the deadline ({result.get('detail') or 'no result yet'})")
     return result

@@ -31,7 +31,8 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(DEVICE == "cpu" and not REHEARSAL, reason="needs CUDA (BSDIST_GPU_TESTS_ON_CPU=1 "
                                                                            "rehearses it on CPU)")]
 DEADLINE = float(os.environ.get("BSDIST_GPU_DEADLINE", "inf"))
-RUN_TIMEOUT_S = 300  # one launch.py run, start-up and compilation included
+RUN_TIMEOUT_S = 300 if DEVICE == "cuda" else 900  # one launch.py run, start-up and compilation included
+MODEL = "resnet18" if DEVICE == "cuda" else "resnet32"  # a CPU rehearsal trains the small CIFAR ResNet
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 
 
@@ -49,7 +50,7 @@ def write_config(tmp_path, name: str, train_per_class: int, test_per_class: int,
     cfg = {"DEFAULT": {"exp_name": "check"},
            "DATASET": {"name": "CIFAR10LT", "datadir": root, "batch_size": 32, "num_workers": 0, "imbalance_factor": 1},
            "OPTIMIZER": {"lr": 0.05, "momentum": 0.9},
-           "SCHEDULER": {"params": {"warmup_epochs": 0}},
+           "SCHEDULER": {"params": {"warmup_epochs": 0}}, "MODEL": {"name": MODEL},
            "TRAIN": {"epochs": 1, "log_interval": 1000, "check_every_steps": 1, "compile": False,
                      "mixed_precision": "auto", "resume": "auto", "device": DEVICE, **train}}
     path = tmp_path / f"{name}.yaml"
@@ -63,7 +64,7 @@ class Run:
 
     def __init__(self, tmp_path, name: str, config: str, overrides=(), prefix=(sys.executable, "launch.py"),
                  **env):
-        self.run_dir = tmp_path / name / "CIFAR10LT" / "resnet18" / "check"
+        self.run_dir = tmp_path / name / "CIFAR10LT" / MODEL / "check"
         self.logs = tmp_path / f"{name}-{len(list(tmp_path.glob(f'{name}-*.err')))}"
         self.what = f"run {name}"
         with open(f"{self.logs}.out", "w") as out, open(f"{self.logs}.err", "w") as err:
@@ -72,6 +73,7 @@ class Run:
                                          stderr=err)
 
     def wait(self) -> Run:
+        window_ends = DEADLINE - time.time() < RUN_TIMEOUT_S
         try:
             self.proc.wait(timeout=max(1.0, min(RUN_TIMEOUT_S, DEADLINE - time.time())))
         except subprocess.TimeoutExpired:
@@ -80,7 +82,9 @@ class Run:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-            pytest.fail(f"{self.what} did not finish in time (logs {self.logs}.err)")
+            if window_ends:  # the estimate was short, not the run wrong
+                pytest.skip(f"budget: the GPU window ended during {self.what} (logs {self.logs}.err)")
+            pytest.fail(f"{self.what} did not finish within {RUN_TIMEOUT_S} s (logs {self.logs}.err)")
         self.out, self.err = (open(f"{self.logs}.{kind}").read() for kind in ("out", "err"))
         return self
 
@@ -118,7 +122,7 @@ def test_a_run_stopped_by_sigterm_resumes_exactly_in_deterministic_mode(tmp_path
     """Deterministic kernels (tests/deterministic_launch.py), so the resumed run must equal the uninterrupted one
     bit for bit; mid-epoch checkpoints only in the run that is stopped; classes that differ, so that the runs
     learn and equal test metrics mean something."""
-    within_budget(120)
+    within_budget(60)
     # on CUDA 156 steps an epoch, so that SIGTERM lands mid-epoch; on a CPU 6
     per_class, every = ((500, 100), "10") if DEVICE == "cuda" else ((20, 10), "2")
     config = write_config(tmp_path, "cifar", *per_class, epochs=2,
@@ -143,7 +147,7 @@ def test_compiled_sync_batchnorm_on_two_ranks_trains_like_eager(tmp_path):
     """The most fragile GPU path: dynamo rewrites SyncBatchNorm's all-reduce into functional collectives under
     inductor, inside DDP. Two ranks share the one GPU through gloo; fp32 with TF32 off. The compiled run must end
     within a tenth of the distance that separates the eager run from one with per-process BatchNorm."""
-    within_budget(180)
+    within_budget(120)
     config = write_config(tmp_path, "cifar", 20, 10, mixed_precision="no", dist_backend="gloo")
     common = ["OPTIMIZER.lr", "0.01", "OPTIMIZER.momentum", "0.0"]  # a small step keeps fp32 noise from growing
     fp32 = {"NVIDIA_TF32_OVERRIDE": "0"}
@@ -158,9 +162,57 @@ def test_compiled_sync_batchnorm_on_two_ranks_trains_like_eager(tmp_path):
         f"compiled SyncBatchNorm ends {compiled:.2e} from eager (per-process BatchNorm: {per_process:.2e})"
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="torch.cuda.set_sync_debug_mode needs CUDA")
+def test_steady_state_training_steps_never_wait_for_the_device(tmp_path, monkeypatch):
+    """CUDA's sync debug mode at "error" from the second epoch's first optimiser step (the first epoch compiles
+    and autotunes) to each host read point (the ranks' agreement, the loss read at log points), where it goes
+    off until the next batch's augmentation: a synchronising call inside a step raises. Compiled bf16, in this
+    process through bsdist.train.main."""
+    from bsdist import config, engine
+    from bsdist.data.augment import BatchAugment
+    from bsdist.train import main
+    within_budget(75)
+    path = write_config(tmp_path, "cifar", 500, 10, epochs=2, compile=True, mixed_precision="bf16",
+                        check_every_steps=20)
+    cfg = config.validate(config.load(path, ["DEFAULT.savedir", str(tmp_path / "run")]))
+    steps_per_epoch, counts, mode = 500 * 10 // 32, {"steps": 0, "checked": 0, "reads": 0}, ["default"]
+
+    def switch(on: bool) -> None:
+        mode[0] = "error" if on and counts["steps"] >= steps_per_epoch else "default"
+        torch.cuda.set_sync_debug_mode(mode[0])
+
+    def wrapped(function, before=None, after=None):
+        def call(*args, **kwargs):
+            if before:
+                before()
+            result = function(*args, **kwargs)
+            if after:
+                after()
+            return result
+        return call
+
+    def stepped():
+        counts["checked"] += mode[0] == "error"  # this step's forward and backward ran with the mode on
+        counts["steps"] += 1
+        switch(True)
+
+    def read():
+        counts["reads"] += 1
+        switch(False)
+    monkeypatch.setattr(engine, "optimizer_step", wrapped(engine.optimizer_step, after=stepped))
+    monkeypatch.setattr(engine, "agree", wrapped(engine.agree, before=read))
+    monkeypatch.setattr(engine.DeviceTally, "read_loss", wrapped(engine.DeviceTally.read_loss, before=read))
+    monkeypatch.setattr(BatchAugment, "__call__", wrapped(BatchAugment.__call__, before=lambda: switch(True)))
+    try:
+        main(cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert counts["checked"] >= steps_per_epoch - 1 and counts["reads"] > 0, counts  # the wrappers were called
+
+
 @pytest.mark.skipif(DEVICE == "cpu", reason="NCCL needs CUDA")
 def test_two_nccl_ranks_on_one_gpu_are_refused_in_one_line_and_gloo_shares_it(tmp_path):
-    within_budget(60)
+    within_budget(40)
     config = write_config(tmp_path, "cifar", 20, 10)
     first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
     one_gpu = dict(prefix=(*TORCHRUN, "launch.py"), CUDA_VISIBLE_DEVICES=first)
@@ -175,7 +227,7 @@ def test_two_nccl_ranks_on_one_gpu_are_refused_in_one_line_and_gloo_shares_it(tm
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="moves a checkpoint from the GPU to the CPU")
 def test_a_gpu_checkpoint_resumes_on_the_cpu(tmp_path):
-    within_budget(60)
+    within_budget(40)
     config = write_config(tmp_path, "cifar", 500, 10, ckpt_every_steps=10)
     Run(tmp_path, "elsewhere", config).stop_at_first_checkpoint()
     resumed = Run(tmp_path, "elsewhere", config, ["TRAIN.device", "cpu"]).succeeded()
@@ -184,7 +236,7 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu(tmp_path):
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="fp16 autocast on a CPU is emulated and about 15x slower")
 def test_compiled_fp16_with_grad_scaler_ends_finite(tmp_path):
-    within_budget(90)
+    within_budget(75)
     config = write_config(tmp_path, "cifar", 500, 100, mixed_precision="fp16", compile=True)
     run = Run(tmp_path, "fp16", config).succeeded()
     rows = (run.run_dir / "metrics.csv").read_text().splitlines()[1:]
@@ -216,7 +268,7 @@ def test_both_jpeg_loaders_crop_every_kind_of_jpeg_within_rounding(tmp_path):
     from PIL import Image
 
     from bsdist.data.imagefiles import ImageFiles
-    within_budget(20)
+    within_budget(15)
     (picture,) = jpeg_files(tmp_path / "picture", 1)
     names = [f"{kind}.jpg" for kind in KINDS]
     with Image.open(picture) as image:
@@ -259,7 +311,7 @@ def test_decoding_on_the_device_overwrites_no_memory_the_training_stream_still_r
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
     from bsdist.data.imagefiles import decode_jpegs_on
-    within_budget(30)
+    within_budget(20)
     data, device = [read_file(path) for path in jpeg_files(tmp_path / "files", 16)], torch.device("cuda")
     numel = 3 * 375 * 500 // 4  # float32 blocks of one decoded image's bytes, so that the allocator reuses them
 
