@@ -92,12 +92,12 @@ def run_check(name: str, args, deadline: float, missing: list, log_index: int) -
     proc = start_child([sys.executable, os.path.abspath(__file__), "--check", name, "--device", args.device,
                         "--sizes", args.sizes, "--out", args.out, "--deadline", repr(deadline - CHILD_MARGIN_S),
                         "--missing", ",".join(missing)], logs, {"TORCH_LOGS": "recompiles"})
-    cut = False
     try:
         proc.wait(timeout=max(1.0, deadline - END_GRACE_S - time.time()))
+        cut = False
     except subprocess.TimeoutExpired:
         cut = True
-        end_child(proc)
+    end_child(proc)  # the check itself if cut, else anything it left running
     try:
         with open(os.path.join(args.out, f"{name}.json")) as f:
             result = json.load(f)
@@ -105,8 +105,8 @@ def run_check(name: str, args, deadline: float, missing: list, log_index: int) -
         with open(logs + ".err") as f:
             result = {"status": "FAIL", "detail": f"exited {proc.returncode} without a result: {last_lines(f.read())}"}
     if cut:  # a check that ignored its time: its figures so far are kept
-        result.update(status="SKIP", cut_at_deadline=True,
-                      detail=f"budget: cut at the deadline ({result.get('detail') or 'no result yet'})")
+        doing = result.get("detail") or result.get("figures", {}).get("running") or "no result yet"
+        result.update(status="SKIP", cut_at_deadline=True, detail=f"budget: cut at its time limit ({doing})")
     return result
 
 

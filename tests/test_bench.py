@@ -74,7 +74,7 @@ def gpu_check(tmp_path, budget_s, *args):
 
 def test_gpu_check_ends_within_a_tiny_budget_skipping_every_check(tmp_path):
     """20 s at the CUDA sizes, less than any check needs: each says "budget" without starting; a check that ignored
-    the time left would start, be cut at the deadline and fail this."""
+    the time left would start, be cut at its time limit and fail this."""
     stdout, report, wall_s = gpu_check(tmp_path, 20, "--sizes", "cuda")
     checks = report["checks"]
     assert [c["name"] for c in checks] == CHECKS and report["budget_s"] == 20 and report["sizes"] == "cuda"

@@ -84,26 +84,31 @@ def child_env(extra: dict | None = None) -> dict:
     return env
 
 
-def start_child(command: list, logs: str, env: dict | None = None) -> subprocess.Popen:
-    """A child in its own session (ended with all it starts by end_child), stdout and stderr to logs.out / .err."""
+def start_child(command: list, logs: str, env: dict | None = None, own_session: bool = True) -> subprocess.Popen:
+    """A child, stdout and stderr to logs.out / .err: in its own session (ended with all it starts by end_child),
+    or with `own_session` False in this one, so that ending this process's session ends it too."""
     with open(logs + ".out", "w") as out, open(logs + ".err", "w") as err:
-        return subprocess.Popen(command, cwd=ROOT, env=child_env(env), stdout=out, stderr=err, start_new_session=True)
+        return subprocess.Popen(command, cwd=ROOT, env=child_env(env), stdout=out, stderr=err,
+                                start_new_session=own_session)
 
 
 END_GRACE_S = 3  # from SIGTERM to SIGKILL: time for torchrun to pass the signal on
 
 
 def end_child(proc: subprocess.Popen) -> None:
-    """SIGTERM to the child's session first: torchrun passes it on to its workers, which run in sessions of
-    their own; then SIGKILL to what is left of the session."""
-    for sig, grace in ((signal.SIGTERM, END_GRACE_S), (signal.SIGKILL, None)):
-        if proc.poll() is not None:
-            break
+    """End what is left of a child's session (the child, or what it left behind after it exited): SIGTERM first,
+    which torchrun passes on to its workers (they run in sessions of their own), then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        waited = 0.0
         try:
             os.killpg(proc.pid, sig)
-            proc.wait(timeout=grace)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
+            while sig == signal.SIGTERM and waited < END_GRACE_S:
+                proc.poll()  # reaps the child itself, so that an empty session reads as empty
+                time.sleep(0.1)
+                waited += 0.1
+                os.killpg(proc.pid, 0)
+        except ProcessLookupError:  # nothing left in the session
+            break
     proc.wait()
 
 

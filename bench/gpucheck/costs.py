@@ -43,6 +43,8 @@ def check_throughput(ctx: Context):
             continue
         started = time.time()
         entry = {"model": model, "image_size": size, "batch_size": batch}
+        figures["running"] = f"{what}, started {time.strftime('%H:%M:%S')}"  # what a cut check was doing
+        ctx.save()
         try:
             trainer = Trainer(batch, ctx.env, steps, compiled, precision, model=model, image_size=size)
             entry["time_to_first_step_s"] = trainer.first_step()
@@ -59,6 +61,7 @@ def check_throughput(ctx: Context):
             entry["share_of_peak"] = entry["img_per_s"] * entry["gflop_per_image"] / 1e3 / figures[
                 "matmul_peak_tflops_bf16"]
         figures["sweep"].append(entry)
+        figures.pop("running")
         ctx.save()
     parts = [f"{v['model']} {v['image_size']} px batch {v['batch_size']}: "
              + ("out of memory" if v.get("out_of_memory") else f"{v['img_per_s']:,.0f} img/s"

@@ -5,10 +5,11 @@ TORCH_LOGS=recompiles) stay in pytest's folder under --out, a failed test's amon
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
 
-from gpucheck.context import CheckFailed, Context, Skip, end_child, last_lines, start_child
+from gpucheck.context import CheckFailed, Context, Skip, last_lines, start_child
 
 TESTS = os.path.join("tests", "test_gpu.py")
 
@@ -20,11 +21,14 @@ def check_gpu_tests(ctx: Context):
     if "compiler" in ctx.missing:  # Triton cannot build kernels: the compiled tests would fail for that alone
         command += ["-k", "not compiled"]
     logs = os.path.join(ctx.out, "gpu_tests-pytest")
-    proc = start_child(command, logs, {"BSDIST_GPU_DEADLINE": repr(ctx.deadline)})
+    # in this check's session: when gpu_check.py ends the check at its time limit, pytest and its runs end too
+    # the tests' deadline comes early enough for a test cut by it to end its runs and pytest to write its report
+    proc = start_child(command, logs, {"BSDIST_GPU_DEADLINE": repr(ctx.deadline - 15)}, own_session=False)
     try:
         proc.wait(timeout=max(1.0, ctx.left()))
-    except Exception:  # the deadline (TimeoutExpired) or this check's own end: the tests end with it
-        end_child(proc)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        proc.wait()
     if not os.path.exists(report):
         with open(logs + ".out") as f:
             raise CheckFailed(f"pytest exited {proc.returncode} without a report: {last_lines(f.read())}")

@@ -24,7 +24,10 @@ def check_jpeg_input(ctx: Context):
                    workers=[], on_device=[], left_out_for_time=[])
     if not ctx.fits(making_s, f"writing {count} JPEG files", figures["left_out_for_time"]):
         raise Skip(f"budget: {figures['left_out_for_time'][0]}", figures)
+    figures["running"] = f"writing {count} JPEG files"  # what a cut check was doing
+    ctx.save()
     paths = make_images(ctx.workdir, count)  # 500 x 375, quality 90, as bench/jpeg.py
+    figures["running"] = "timing rounds"
     threads = torch.get_num_threads()
     for _ in range(rounds):  # interleaved, the best of each kept; a round takes a few seconds
         if not ctx.fits(5 if ctx.full_size else 2, "a timing round", figures["left_out_for_time"]):
@@ -34,6 +37,7 @@ def check_jpeg_input(ctx: Context):
         torch.set_num_threads(threads)
         figures["on_device"].append(time_device_decode(ctx.workdir, paths, 224, torch.device(ctx.device)))
         ctx.save()
+    figures.pop("running")
     if not figures["on_device"]:
         raise Skip("budget: no timing round fitted", figures)
     per_core, on_device = max(figures["workers"]), max(figures["on_device"])
