@@ -138,8 +138,9 @@ def main() -> int:
 
     try:
         args.device = resolve_device(args.device)
-    except BsdistError as e:
-        record("preflight", {"status": "FAIL", "detail": str(e)}, started)
+    except BsdistError as e:  # with what preflight can tell of why (a driver too old for this torch build)
+        _, lines = preflight("cuda", args.out, report)
+        record("preflight", {"status": "FAIL", "detail": "; ".join([str(e), *lines])}, started)
         return 1
     args.sizes = args.sizes or args.device
     report.update(device=args.device, sizes=args.sizes)

@@ -88,21 +88,28 @@ def test_gpu_check_ends_within_a_tiny_budget_skipping_every_check(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_rehearses_on_cpu(tmp_path):
+    """The default budget at the CPU sizes: every check passes, or is skipped for its time on a busy machine
+    (never cut); the gpu tests are collected and skipped without CUDA."""
     stdout, report, _ = gpu_check(tmp_path, 420)
     checks = {c["name"]: c for c in report["checks"]}
-    assert list(checks) == CHECKS and report["wall_s"] <= 420
-    for name in ("preflight", "throughput", "jpeg_input", "checkpoint_cost", "grid"):
-        assert checks[name]["status"] == "PASS", checks[name]
-    tests = checks["gpu_tests"]["figures"]["tests"]  # collected and skipped without CUDA
+    assert list(checks) == CHECKS and report["wall_s"] <= 420 + 30 and report["device"] == "cpu"
+    assert checks["preflight"]["status"] == checks["throughput"]["status"] == "PASS"
+    for check in checks.values():
+        assert not check.get("cut_at_deadline") and check["status"] != "FAIL", check
+    tests = checks["gpu_tests"]["figures"]["tests"]
     assert checks["gpu_tests"]["status"] == "SKIP" and tests and all(t["status"] == "SKIP" for t in tests.values())
     (measured,) = checks["throughput"]["figures"]["sweep"]
-    assert rate(measured["img_per_s"]) and measured["model"] == "resnet18"
-    cost = checks["checkpoint_cost"]["figures"]
-    assert 0 < cost["host_copy_s"] < cost["full_write_s"]
-    assert rate(checks["jpeg_input"]["figures"]["workers"][0]) and checks["grid"]["figures"]["best"]["minutes"] > 0
+    assert rate(measured["img_per_s"]) and measured["model"] == "resnet18" and measured["gflop_per_image"] > 1
+    if checks["checkpoint_cost"]["status"] == "PASS":
+        cost = checks["checkpoint_cost"]["figures"]
+        assert 0 < cost["host_copy_s"] < cost["full_write_s"]
+    if checks["jpeg_input"]["status"] == "PASS":
+        assert rate(checks["jpeg_input"]["figures"]["workers"][0])
+    if checks["grid"]["status"] == "PASS":
+        assert checks["grid"]["figures"]["best"]["minutes"] > 0
     out = tmp_path / "out"
     assert (out / "01-throughput.err").exists() and (out / "gpu_tests.xml").exists()
-    assert report["torch"] and report["date"].startswith("20") and report["device"] == "cpu"
+    assert report["torch"] and report["date"].startswith("20")
 
 
 def test_jpeg_benchmark_times_both_input_paths_on_the_same_files(tmp_path):
