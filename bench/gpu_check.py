@@ -51,7 +51,7 @@ from bsdist.errors import BsdistError  # noqa: E402
 # name -> (function, what preflight must have found, (least, most) seconds on the CUDA sizes, on the CPU sizes).
 # Less time left than `least` (its child's start-up included) and it is skipped without starting; it ends by
 # `most` after its start, so that one check whose parts took longer than estimated cannot starve the next ones.
-CHECKS = {"throughput": (check_throughput, ["sklearn"], (60, 150), (20, 120)),
+CHECKS = {"throughput": (check_throughput, ["sklearn"], (60, 150), (20, 200)),
           "jpeg_input": (check_jpeg_input, [], (30, 45), (10, 60)),
           "gpu_tests": (check_gpu_tests, ["disk"], (60, 200), (10, 120)),
           "checkpoint_cost": (check_checkpoint_cost, [], (20, 30), (10, 60)),
