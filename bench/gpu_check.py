@@ -51,11 +51,11 @@ from bsdist.errors import BsdistError  # noqa: E402
 # name -> (function, what preflight must have found, (least, most) seconds on the CUDA sizes, on the CPU sizes).
 # Less time left than `least` (its child's start-up included) and it is skipped without starting; it ends by
 # `most` after its start, so that one check whose parts took longer than estimated cannot starve the next ones.
-CHECKS = {"throughput": (check_throughput, ["sklearn"], (60, 150), (20, 200)),
+CHECKS = {"throughput": (check_throughput, ["sklearn", "compiler"], (60, 150), (20, 200)),
           "jpeg_input": (check_jpeg_input, [], (30, 45), (10, 60)),
           "gpu_tests": (check_gpu_tests, ["disk"], (60, 200), (10, 120)),
           "checkpoint_cost": (check_checkpoint_cost, [], (20, 30), (10, 60)),
-          "grid": (check_grid, ["sklearn"], (150, 240), (60, 240))}
+          "grid": (check_grid, ["sklearn", "compiler"], (150, 240), (60, 240))}
 CHILD_MARGIN_S = 5  # a check aims to end this long before the deadline, to write its figures
 
 
@@ -82,13 +82,14 @@ def run_check(name: str, args, deadline: float, missing: list, log_index: int) -
     """`name` in a child, ended at the deadline; SKIP without starting when it cannot fit or lacks a piece."""
     _, needs, *sizes = CHECKS[name]
     (least_s, most_s), left = sizes[args.sizes == "cpu"], deadline - time.time()
-    lacking = [need for need in needs if need in missing]
+    # the CPU sizes compile nothing
+    lacking = [need for need in needs if need in missing and (need != "compiler" or args.sizes == "cuda")]
     if lacking:
         return {"status": "SKIP", "detail": f"missing: {', '.join(lacking)} (see preflight)"}
     if left < least_s:
         return {"status": "SKIP", "detail": f"budget: {max(left, 0):.0f} s left, it needs at least {least_s} s"}
     deadline = min(deadline, time.time() + most_s)
-    logs = os.path.join(args.out, f"{log_index:02d}-{name}")
+    logs, result_file = os.path.join(args.out, f"{log_index:02d}-{name}"), os.path.join(args.out, f"{name}.json")
     proc = start_child([sys.executable, os.path.abspath(__file__), "--check", name, "--device", args.device,
                         "--sizes", args.sizes, "--out", args.out, "--deadline", repr(deadline - CHILD_MARGIN_S),
                         "--missing", ",".join(missing)], logs, {"TORCH_LOGS": "recompiles"})
@@ -99,7 +100,7 @@ def run_check(name: str, args, deadline: float, missing: list, log_index: int) -
         cut = True
     end_child(proc)  # the check itself if cut, else anything it left running
     try:
-        with open(os.path.join(args.out, f"{name}.json")) as f:
+        with open(result_file) as f:
             result = json.load(f)
     except (OSError, ValueError):
         with open(logs + ".err") as f:
@@ -124,6 +125,9 @@ def main() -> int:
         return run_child(args)
     started = STARTED
     deadline = started + args.budget_s
+    if os.path.exists(os.path.join(args.out, "gpu_check.json")):  # its evidence is kept, never overwritten
+        print(f"error: {args.out} already holds a GPU check's report; give another --out", file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
     report = {**versions(), "budget_s": args.budget_s, "checks": []}
 

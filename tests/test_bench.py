@@ -84,6 +84,9 @@ def test_gpu_check_ends_within_a_tiny_budget_skipping_every_check(tmp_path):
         assert f"SKIP {check['name']}: {check['detail']}" in stdout
     # the script's own accounting, which starts before its imports: these alone took 20 s on 2 busy cores
     assert report["wall_s"] <= 20 + 30 and wall_s < 20 + 90
+    again = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--out", str(tmp_path / "out")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already holds a GPU check's report; give another --out" in again.stderr
 
 
 @pytest.mark.slow
