@@ -14,9 +14,8 @@ per second over all processes and as a ratio to DDP's defaults:
   the first call, inside DDP's forward, and then splits the graph at the buckets (DDPOptimizer) so
   that all-reduces can overlap the backward; the number of graphs compiled is printed. Wrapping
   first keeps DDP's graph dynamic (DDPOptimizer with a static graph: pytorch#109261).
-BatchNorm is per process in every variant (MODEL.sync_bn false), so that only the DDP options differ;
-the cost of SyncBatchNorm is measured by bench/gpu_check.py. Images are scikit-learn's real digits
-scaled to CIFAR's shape, so the benchmark runs offline.
+BatchNorm is per process in every variant (MODEL.sync_bn false), so that only the DDP options differ.
+Images are scikit-learn's real digits scaled to CIFAR's shape, so the benchmark runs offline.
 """
 
 from __future__ import annotations

@@ -8,16 +8,17 @@ import time
 import numpy as np
 import torch
 
-from bsdist.data import Data, DeviceLoader, ResumableBatchSampler, worker_loader
+from bsdist.data import Data, DeviceLoader, ResumableBatchSampler
 from bsdist.data.augment import BatchAugment
 from bsdist.data.datasets import CIFAR10LT, ImageArrays
 
 
-def cifar_shaped_digits(n: int) -> tuple[np.ndarray, np.ndarray]:
+def cifar_shaped_digits(n: int, side: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """n of scikit-learn's 8 x 8 digits scaled to side x side x 3 (side a multiple of 8)."""
     from sklearn.datasets import load_digits
     digits = load_digits()
     images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
-    images = np.repeat(np.kron(images, np.ones((4, 4), np.uint8))[..., None], 3, axis=3)  # 32 x 32 x 3
+    images = np.repeat(np.kron(images, np.ones((side // 8, side // 8), np.uint8))[..., None], 3, axis=3)
     reps = -(-n // len(images))
     return np.tile(images, (reps, 1, 1, 1))[:n], np.tile(digits.target, reps)[:n].astype(np.int64)
 
@@ -44,17 +45,16 @@ def reference_loader(data, targets, batch_size):
     return torch.utils.data.DataLoader(PILDataset(), batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)
 
 
-def bsdist_data(data, targets, batch_size, device, seed=0, world_size=1, rank=0, workers=None):
-    """bsdist's training data with batch augmentation, batch_size per process: the default device loader, or
-    with `workers` (0 or more) a DataLoader as DATASET.loader dataloader builds it."""
+def bsdist_data(data, targets, batch_size, device, seed=0, world_size=1, rank=0):
+    """bsdist's training data with batch augmentation, batch_size per process, from the default device loader."""
     ds = ImageArrays(data, targets)
     sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                                   drop_last=True)
     augment = BatchAugment(len(ds), CIFAR10LT.mean, CIFAR10LT.std, ["RandomCrop", "RandomHorizontalFlip"], 4, seed,
                            device)
     batches = ResumableBatchSampler(sampler, batch_size, True)
-    loader = DeviceLoader(ds, batches, device) if workers is None else worker_loader(ds, batches, workers, device)
-    return Data(loader, sampler, {}, augment, {c: int((targets == c).sum()) for c in range(10)}, 10, 3)
+    counts = {c: int((targets == c).sum()) for c in range(10)}
+    return Data(DeviceLoader(ds, batches, device), sampler, {}, augment, counts, 10, 3)
 
 
 def images_per_second(n_images, seconds):

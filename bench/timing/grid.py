@@ -7,7 +7,6 @@ import glob
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -90,7 +89,7 @@ def runs_side_by_side(device_type: str, k: int, steps: int, eval_batches: int, t
                 [sys.executable, THROUGHPUT, "--grid-worker", directory, "--index", str(i),
                  "--count", str(k), "--launched-at", repr(launched_at), "--device", device_type, "--steps", str(steps),
                  "--eval-batches", str(eval_batches), "--test-batch", str(test_batch)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                env=env, stdout=log, stderr=subprocess.STDOUT))  # in this session: ending it ends them
     deadline = time.time() + timeout
     try:
         for proc in procs:
@@ -100,7 +99,7 @@ def runs_side_by_side(device_type: str, k: int, steps: int, eval_batches: int, t
     finally:
         for proc in procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
                 proc.wait()
     for i, proc in enumerate(procs):
         if proc.returncode != 0:
@@ -136,10 +135,11 @@ GRID_INCLUDES = ("training at batch 32 and evaluation at the measured rates, and
                  "writes, and the tail of the sweep where fewer than k runs remain")
 
 
-def measure_grid(device_type: str, ks, steps: int, eval_batches: int, test_batch: int, workdir: str) -> dict:
-    """Side-by-side measurements for each k and the estimate from the best of them."""
+def measure_grid(device_type: str, ks, steps: int, eval_batches: int, test_batch: int, workdir: str,
+                 timeout: float = 600) -> dict:
+    """Side-by-side measurements for each k (each within `timeout`) and the estimate from the best of them."""
     compiled = device_type == "cuda"
-    measured = [runs_side_by_side(device_type, k, steps, eval_batches, test_batch, workdir) for k in ks]
+    measured = [runs_side_by_side(device_type, k, steps, eval_batches, test_batch, workdir, timeout) for k in ks]
     estimates = [grid_estimate(m, compiled) for m in measured]
     best = min(estimates, key=lambda e: e["minutes"])
     return {"side_by_side": measured, "estimates": estimates, "best": best, "includes": GRID_INCLUDES}

@@ -1,5 +1,5 @@
 """JPEG input timings on generated ImageNet-like files: bsdist's worker path, the ImageFolder + PIL reference,
-and DATASET.loader device's decoding on the training device (bench/jpeg.py and gpu_check's check 10)."""
+and DATASET.loader device's decoding on the training device (bench/jpeg.py and gpu_check's jpeg_input)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import torch
 
 from timing.data_path import sync
 
-from bsdist.models import resnet18
+from bsdist.models import MODELS
 
 
 def matmul_peak_tflops(device, n=8192, repeats=20):
@@ -25,12 +25,14 @@ def matmul_peak_tflops(device, n=8192, repeats=20):
     return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12
 
 
-def train_flops_per_image():
+def train_flops_per_image(model_name: str = "resnet18", image_size: int = 32):
+    """Forward and backward FLOPs of one image through the model MODEL.name `model_name` builds at that size."""
+    stem = "imagenet" if image_size > 64 else "cifar"  # as timing.training.model_overrides
     from torch.utils.flop_counter import FlopCounterMode
-    model = resnet18(10, 3)
+    model = MODELS[model_name](10, 3, stem)
     counter = FlopCounterMode(display=False)
     with counter:
-        model(torch.randn(1, 3, 32, 32)).sum().backward()
+        model(torch.randn(1, 3, image_size, image_size)).sum().backward()
     return counter.get_total_flops()
 
 

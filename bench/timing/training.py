@@ -61,27 +61,35 @@ def train_state(cfg, module, runnable, data, env, steps_per_epoch, check_every=2
                       cfg.TRAIN.grad_accum_steps, check_every=check_every)
 
 
-class Trainer:
-    """ResNet-18 built as a run builds it (build_model), training on digits through the real train_one_epoch.
+def model_overrides(model: str, image_size: int) -> list[str]:
+    """MODEL.name and the stem a run on images of that size gets (config's MODEL.stem auto)."""
+    return ["MODEL.name", model, "MODEL.stem", "imagenet" if image_size > 64 else "cifar"]
 
-    `batch_size` is per process; an epoch is `steps` optimiser steps; with `workers` the batches come from a
-    DataLoader (DATASET.loader dataloader), else from the device loader. Dynamo is reset first, so a
-    compiled Trainer compiles its own graphs (none left from an earlier batch size or precision).
+
+class Trainer:
+    """A model built as a run builds it (build_model), training on digits through the real train_one_epoch.
+
+    `batch_size` is per process; an epoch is `steps` optimiser steps of the device loader; `model` one of
+    MODEL.name's choices, on digits scaled to `image_size` pixels. Dynamo is reset first, so a compiled
+    Trainer compiles its own graphs (none left from an earlier batch size or precision).
     """
 
-    def __init__(self, batch_size, env, steps, compile_model, precision, sync_bn=False, check_every=20, workers=None):
+    def __init__(self, batch_size, env, steps, compile_model, precision, check_every=20, model="resnet18",
+                 image_size=32):
         torch._dynamo.reset()
         self.env, self.batch_size, self.steps, self.compiled = env, batch_size, steps, compile_model
         self.started = time.perf_counter()
-        self.cfg = bench_config(batch_size, precision, env, sync_bn)
-        self.built = build_model(self.cfg, 10, 3, env.device, compile_model, sync_bn)
+        if env.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # as a run sets it (bsdist/train.py)
+        self.cfg = bench_config(batch_size, precision, env, overrides=model_overrides(model, image_size))
+        self.built = build_model(self.cfg, 10, 3, env.device, compile_model)
         images = batch_size * env.world_size
-        data, targets = cifar_shaped_digits(images * steps)
+        data, targets = cifar_shaped_digits(images * steps, image_size)
         if len(set(targets.tolist())) < 10:
             raise ValueError(f"{images * steps} images do not hold every digit class; "
                              "raise the batch size or the steps")
         shard = dict(world_size=env.world_size, rank=env.rank)
-        self.data = bsdist_data(data, targets, batch_size, env.device, workers=workers, **shard)
+        self.data = bsdist_data(data, targets, batch_size, env.device, **shard)
         self.one_step = bsdist_data(data[:images], targets[:images], batch_size, env.device, **shard)
         self.state = train_state(self.cfg, self.built.module, self.built.train, self.data, env, steps, check_every)
         self.epochs_run = 0

@@ -66,7 +66,7 @@ def decode_jpegs_on(data: list[torch.Tensor], device: torch.device) -> list[torc
     handed a block the training stream freed while its queued kernels still read it, and overwrite it. A
     stream of its own has freed only the decoder's earlier outputs, and record_stream holds each output
     back from reuse until the training stream's work on it is done; the training stream waits for the
-    decode before it reads. Check 10 of bench/gpu_check.py shows both the overwrite and its absence here.
+    decode before it reads. tests/test_gpu.py (run by bench/gpu_check.py) counts both on a GPU.
     """
     from torchvision.io import ImageReadMode, decode_jpeg
     if device.type != "cuda":  # libjpeg-turbo, whose warnings say which scans are corrupt

@@ -229,8 +229,8 @@ def test_the_frame_header_says_which_jpeg_files_the_device_decodes():
 def test_nvjpeg_decodes_on_a_stream_of_its_own_that_the_training_stream_waits_for(monkeypatch):
     """CI has no GPU, so the CUDA branch runs against stand-ins for the streams: the decode must run with the
     side stream current (torchvision's decoder allocates on the current stream and writes from another), the
-    training stream must wait for it, and each output must be held for the training stream (check 10 of
-    bench/gpu_check.py measures the overwrite itself on a GPU)."""
+    training stream must wait for it, and each output must be held for the training stream (tests/test_gpu.py
+    measures the overwrite itself on a GPU)."""
     import contextlib
 
     import torchvision.io
