@@ -277,7 +277,7 @@ class Trainer:
         seconds = time.perf_counter() - started
         out.scalars({"train/epoch_acc": train_acc, "train/epoch_seconds": seconds}, step)
         out.epoch_row({"epoch": epoch + 1, "step": step, "train_loss": train_loss, "train_acc": train_acc,
-                       "lr": self.state.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
+                       "lr": self.state.lr, "seconds": round(seconds, 3),
                        **{f"{split}_{k}": m[k] for split, m in evaluated.items()
                           for k in ("loss", "acc", "bcr", "many", "medium", "few", "ece")}})
         out.info(f"epoch {epoch + 1}: "
