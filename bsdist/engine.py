@@ -44,6 +44,7 @@ class TrainState:
     stop_requested: Callable[[], int] = lambda: 0  # the signal asking to stop, or 0
     last_checkpoint: str = ""  # where the last checkpoint written stands ("epoch 2 step 40"), for messages
     step: int = 0
+    lr: float = math.nan  # the learning rate of the last optimiser step (the scheduler has moved on since)
     running_stats: RunningStats | None = None  # BatchNorm statistics a skipped step puts back (nonfinite skip)
 
     def __post_init__(self):
@@ -209,6 +210,7 @@ def _optimizer_step(state: TrainState, tally: DeviceTally) -> float:
     state.optimizer.zero_grad(set_to_none=True)
     state.scheduler.step()
     state.step += 1
+    state.lr = lr
     return lr
 
 

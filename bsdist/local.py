@@ -17,7 +17,8 @@ from bsdist.errors import BsdistError
 from bsdist.metrics import describe_best
 from bsdist.output import LOG
 from bsdist.rundir import finished_results
-from bsdist.sweep import Run, check_runs, load_runs, savedir, unfinished
+from bsdist.runlock import RunDirBusy
+from bsdist.sweep import Run, check_runs, done_or_held, load_runs, savedir
 
 
 def command(base: str, run: Run, nproc_per_node: int) -> list[str]:
@@ -90,15 +91,21 @@ def run_sweep(path: str | None, jobs: int = 1, nproc_per_node: int = 1, override
         raise BsdistError(f"--nproc-per-node {nproc_per_node} needs that many GPUs for each run, and {len(gpus)} are "
                           f"visible: use --nproc-per-node {len(gpus)} or fewer")
     slots = GpuSlots(gpus, nproc_per_node)
-    total, failed, running, pending = len(runs), [], [], unfinished(runs)
+    # each run is looked at right before it would start (done_or_held): the same sweep started twice, or
+    # another process, may have finished it or hold it by then
+    total, failed, left, running, pending = len(runs), [], [], [], list(enumerate(runs, 1))
     try:
-        _run_all(base, runs, pending, running, failed, jobs, nproc_per_node, slots, env)
+        _run_all(base, runs, pending, running, failed, left, jobs, nproc_per_node, slots, env)
     except KeyboardInterrupt:
         return _interrupt(running)
     if failed:
         LOG.warning(f"{len(failed)} of {total} runs failed: {', '.join(r.label for r in failed)}; "
                     "run the same command again to resume them")
         return 1
+    if left:
+        LOG.info(f"{total - len(left)} of {total} runs finished; {', '.join(r.label for r in left)} were held by "
+                 "another process (the same sweep started twice?): run the same command again once it has ended")
+        return 0
     LOG.info(f"all {total} runs finished; tabulate them with: python launch.py --report {savedir(runs)}")
     return 0
 
@@ -124,7 +131,7 @@ def _interrupt(running: list) -> int:
     return 130
 
 
-def _run_all(base, runs, pending, running, failed, jobs, nproc_per_node, slots, env) -> None:
+def _run_all(base, runs, pending, running, failed, left, jobs, nproc_per_node, slots, env) -> None:
     total = len(runs)
     while pending or running:
         for entry in [e for e in running if e[2].poll() is not None]:
@@ -136,12 +143,19 @@ def _run_all(base, runs, pending, running, failed, jobs, nproc_per_node, slots, 
             if proc.returncode == 0:
                 best = finished_results(run.cfg)["best"]
                 LOG.info(f"[{i}/{total}] {run.label}: done in {minutes:.1f} min, {describe_best(best)}")
+            elif proc.returncode == RunDirBusy.exit_code:  # another process took the directory first
+                left.append(run)
+                LOG.info(f"[{i}/{total}] {run.label}: another process took its run directory first; left to it")
             else:
                 failed.append(run)
                 LOG.info(f"[{i}/{total}] {run.label}: FAILED (exit {proc.returncode}) after {minutes:.1f} min: "
                          f"{_last_line(run.log_path)!r}; see {run.log_path}")
         while pending and len(running) < jobs and (slots.available() or not pending[0][1].uses_gpus):
             i, run = pending.pop(0)
+            status = done_or_held(i, run, total)
+            if status:
+                left += [run] if status == "held" else []
+                continue
             os.makedirs(os.path.dirname(run.log_path), exist_ok=True)
             log = open(run.log_path, "a")
             gpus_of_run = slots.take() if run.uses_gpus else None

@@ -30,6 +30,7 @@ from bsdist.models import classifier as classifier_of
 from bsdist.models import create
 from bsdist.output import make_output
 from bsdist.rundir import saved_config, selected_checkpoint
+from bsdist.runlock import hold_run_dir
 
 TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0, 0.1, ..., 2.0
 METHODS = ("logit-adjust", "tau-norm")
@@ -64,17 +65,20 @@ def evaluation_config(run_dir: str, overrides: list[str]) -> config.Config:
 def evaluate_run(run_dir: str, methods: list[str], overrides: list[str] = ()) -> dict:
     """Every rank: evaluate the run's best.pt plainly and with `methods`; rank 0 writes evaluate.json."""
     cfg = evaluation_config(run_dir, list(overrides))
-    device = config.check_device(cfg)
-    env = init_distributed(device, cfg.TRAIN.dist_startup_timeout_s, cfg.TRAIN.dist_backend)
-    out = make_output(env, run_dir)
-    orderly = False  # a rank that failed alone must not wait at a barrier its peers meet as another collective
-    try:
-        variants = _evaluate(cfg, env, out, run_dir, methods)
-        orderly = True
-        return variants
-    finally:
-        out.close()
-        shutdown(wait_for=env if orderly else None)
+    # It writes evaluate.json, so it holds the run directory like a run: two evaluations with different
+    # --posthoc would otherwise leave whichever wrote last, and a training run cannot start there meanwhile.
+    with hold_run_dir(run_dir):
+        device = config.check_device(cfg)
+        env = init_distributed(device, cfg.TRAIN.dist_startup_timeout_s, cfg.TRAIN.dist_backend)
+        out = make_output(env, run_dir)
+        orderly = False  # a rank that failed alone must not wait at a barrier its peers meet as another collective
+        try:
+            variants = _evaluate(cfg, env, out, run_dir, methods)
+            orderly = True
+            return variants
+        finally:
+            out.close()
+            shutdown(wait_for=env if orderly else None)
 
 
 @torch.no_grad()

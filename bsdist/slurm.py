@@ -197,8 +197,10 @@ def submit(args, cfg: Config) -> int:
     """Submit one run; return at once (0), or with --wait once it ended (0 on success)."""
     from bsdist.metrics import describe_best
     from bsdist.rundir import finished_results, resume_checkpoint
+    from bsdist.runlock import check_free
     resume_checkpoint(cfg)  # a directory that holds another run refuses before anything is submitted
     run_dir = config.run_dir(cfg)
+    check_free(run_dir)  # and so does one that a run is writing now
     if finished_results(cfg) is not None:
         LOG.info(f"run already finished; results in {run_dir}/results.json (nothing submitted)")
         return 0

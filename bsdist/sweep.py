@@ -28,6 +28,7 @@ from bsdist.data import prepare
 from bsdist.errors import BsdistError
 from bsdist.output import LOG
 from bsdist.rundir import finished_results, resume_checkpoint, stage1_checkpoint
+from bsdist.runlock import describe, holder_of
 
 SWEEP_KEYS = {"base", "overrides", "axes", "exclude"}
 
@@ -189,14 +190,22 @@ def check_runs(runs: list[Run]) -> None:
 
 
 def unfinished(runs: list[Run]) -> list[tuple[int, Run]]:
-    """(position, run) of the runs still to do; the finished ones are reported as skipped."""
-    pending = []
-    for i, run in enumerate(runs, 1):
-        if finished_results(run.cfg) is not None:
-            LOG.info(f"[{i}/{len(runs)}] {run.label}: finished before, skipped ({run.run_dir})")
-        else:
-            pending.append((i, run))
-    return pending
+    """(position, run) of the runs still to do; the finished ones, and those another process is running (the
+    same sweep started twice), are reported as skipped."""
+    return [(i, run) for i, run in enumerate(runs, 1) if not done_or_held(i, run, len(runs))]
+
+
+def done_or_held(i: int, run: Run, total: int) -> str | None:
+    """"finished" or "held" (another process holds its directory now), said in one line, for a run this sweep
+    leaves; None for a run to start."""
+    if finished_results(run.cfg) is not None:
+        LOG.info(f"[{i}/{total}] {run.label}: finished before, skipped ({run.run_dir})")
+        return "finished"
+    holder = holder_of(run.run_dir)
+    if holder is not None:
+        LOG.info(f"[{i}/{total}] {run.label}: held by {describe(holder)}, left to it")
+        return "held"
+    return None
 
 
 def savedir(runs: list[Run]) -> str:

@@ -33,10 +33,16 @@ from bsdist.models import build_model
 from bsdist.optim import build_optimizer, build_scheduler
 from bsdist.output import BEST, make_output
 from bsdist.rundir import finished_results, resume_checkpoint, stage1_checkpoint
+from bsdist.runlock import hold_run_dir
 
 
 def main(cfg: Config) -> dict:
     """Train and evaluate as the validated cfg says; return the results written to results.json."""
+    with hold_run_dir(config.run_dir(cfg)):  # a second run aimed at this directory stops here, before any write
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> dict:
     resume_from = resume_checkpoint(cfg)  # refuses a directory holding another run before anything happens
     stage1 = stage1_checkpoint(cfg)  # a stage 2's stage-1 run, finished and fitting this one
     device = config.check_device(cfg)  # on the machine that trains, SLURM nodes included
@@ -271,7 +277,7 @@ class Trainer:
         seconds = time.perf_counter() - started
         out.scalars({"train/epoch_acc": train_acc, "train/epoch_seconds": seconds}, step)
         out.epoch_row({"epoch": epoch + 1, "step": step, "train_loss": train_loss, "train_acc": train_acc,
-                       "lr": self.state.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
+                       "lr": self.state.lr, "seconds": round(seconds, 3),
                        **{f"{split}_{k}": m[k] for split, m in evaluated.items()
                           for k in ("loss", "acc", "bcr", "many", "medium", "few", "ece")}})
         out.info(f"epoch {epoch + 1}: "

@@ -271,8 +271,9 @@ def test_a_full_disk_during_a_checkpoint_write_stops_the_run_keeping_the_previou
     monkeypatch.setattr(torch, "save", real_save)
     kept = checkpoint.load(os.path.join(config.run_dir(cfg), "last.pt"))
     assert (kept["epoch"], kept["progress"]["step"]) == (0, 4)  # the second write (step 4 of epoch 1), whole
-    assert sorted(os.listdir(config.run_dir(cfg))) == sorted(
-        ["config.yaml", "last.pt", "log.txt", *[f for f in os.listdir(config.run_dir(cfg)) if "tfevents" in f]])
+    assert sorted(os.listdir(config.run_dir(cfg))) == sorted(["config.yaml", "last.pt", "log.txt", "run.lock",
+                                                              *[f for f in os.listdir(config.run_dir(cfg))
+                                                                if "tfevents" in f]])
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from runs import run_until, snapshot
 from bsdist import BsdistError, checkpoint, config
 from bsdist.data.longtail import long_tail_counts
 from bsdist.models import resnet18
+from bsdist.optim import LRFactor
 from bsdist.train import main
 
 tiny_model.register()
@@ -94,6 +95,26 @@ def test_a_run_writes_checkpoints_metrics_results_and_tensorboard(tmp_path):
     assert acc.Scalars("test/ece")[-1].value == pytest.approx(saved["last"]["ece"])
     assert [e.value for e in acc.Scalars("test/acc")][-1] == pytest.approx(saved["last"]["acc"])
     assert_hparams(acc, saved)
+    assert_lr_is_the_one_each_step_used(cfg, rows, acc)
+
+
+def assert_lr_is_the_one_each_step_used(cfg, rows, acc):
+    """metrics.csv, TensorBoard and the console log the learning rate the optimiser used for the step they
+    describe: the schedule's value before the step, not the one the scheduler moved on to after it (which at
+    the end of a cosine cycle is the next cycle's peak)."""
+    factor = LRFactor(cfg, int(rows[0]["step"]))
+
+    def used(step):  # steps count from 1; the schedule from 0
+        return cfg.OPTIMIZER.lr * factor(step - 1)
+    assert [float(r["lr"]) for r in rows] == [used(int(r["step"])) for r in rows]
+    assert float(rows[-1]["lr"]) < cfg.OPTIMIZER.lr / 10  # the cycle's end, not its restart
+    logged = acc.Scalars("train/lr")
+    assert len(logged) > 2 and all(e.value == pytest.approx(used(e.step), rel=1e-6) for e in logged)
+    lines = [line.split() for line in open(os.path.join(run_dir(cfg), "log.txt")) if " lr " in line]
+    for words in lines:
+        epoch, step, steps = int(words[2].split("/")[0]), *map(int, words[4].split("/"))
+        assert words[words.index("lr") + 1] == f"{used((epoch - 1) * steps + step):.5f}", words
+    assert len(lines) == len(logged)
 
 
 def assert_hparams(acc, results):
