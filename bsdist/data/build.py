@@ -1,0 +1,126 @@
+"""config -> datasets -> loaders: the training shard of this rank and exact evaluation shards."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from bsdist.data import imagefiles, imagelist
+from bsdist.data.augment import BatchAugment
+from bsdist.data.datasets import ARRAY_DATASETS, LongTailDataset
+from bsdist.data.imagefiles import DecodeOnDevice
+from bsdist.data.loaders import DeviceLoader, fits_on_device, worker_loader
+from bsdist.data.samplers import ClassBalancedSampler, ResumableBatchSampler, ShardSampler
+from bsdist.distributed import DistEnv, main_process_first
+from bsdist.errors import BsdistError
+
+if TYPE_CHECKING:  # config reads this package's registry as it validates: at run time the import goes one way
+    from bsdist.config import Config
+
+# The DATASET.name registry: datasets held in memory as one uint8 array, then those that read image files.
+DATASETS = (*ARRAY_DATASETS, *imagelist.FILE_DATASETS)
+
+
+@dataclass
+class Data:
+    train: DeviceLoader | DataLoader | DecodeOnDevice
+    train_sampler: DistributedSampler
+    eval: dict  # split name ("val", "test") -> loader over this rank's exact shard
+    augment: BatchAugment
+    num_per_cls: dict
+    num_classes: int
+    in_channels: int
+    class_names: list[str] | None = None  # None: the class indices
+
+
+def is_file_list(name: str) -> bool:
+    """Whether DATASET.name reads image files through lists or folders (decoded as loaded)."""
+    return name in imagelist.FILE_DATASETS
+
+
+def check_available(cfg: Config, download: bool | None = None) -> None:
+    """The dataset's files are there (or will be downloaded: DATASET.download, unless `download` says)."""
+    d = cfg.DATASET
+    if is_file_list(d.name):
+        if not os.path.isdir(d.datadir):
+            raise BsdistError(f"DATASET.datadir {d.datadir} is not a directory; set it to the folder that holds the "
+                              f"images (and the split lists) of {d.name}")
+        return
+    ARRAY_DATASETS[d.name].check_available(d.datadir, d.download if download is None else download)
+
+
+def prepare(cfg: Config) -> None:
+    """The data on disk now: downloaded once if missing and allowed, else one clear error (for a sweep,
+    before its first run, rather than every run failing on its own)."""
+    d = cfg.DATASET
+    if d.download and not is_file_list(d.name):
+        ARRAY_DATASETS[d.name].download(d.datadir)
+    check_available(cfg, download=False)
+
+
+@dataclass
+class Splits:
+    """A dataset config's images: the long-tailed training split and the evaluation splits."""
+    train: torch.utils.data.Dataset
+    eval: dict  # "val" (where there is one), "test"
+    num_classes: int
+    class_names: list[str] | None
+    mean: tuple
+    std: tuple
+    in_channels: int
+    files: bool  # decoded from files as loaded (else held in memory as one uint8 array)
+
+
+def load_splits(cfg: Config) -> Splits:
+    d = cfg.DATASET
+    if is_file_list(d.name):
+        train, splits, num_classes, names = imagelist.load_splits(d, cfg.DEFAULT.seed, encoded=d.loader == "device")
+        return Splits(train, splits, num_classes, names, imagefiles.IMAGENET_MEAN, imagefiles.IMAGENET_STD, 3, True)
+    cls: type[LongTailDataset] = ARRAY_DATASETS[d.name]
+    train = cls(d.datadir, train=True, download=d.download, imbalance_type=d.imbalance_type,
+                imbalance_factor=d.imbalance_factor, seed=d.split_seed, val_per_cls=d.val_per_cls)
+    test = cls(d.datadir, train=False)
+    splits = {"val": train.val, "test": test} if train.val is not None else {"test": test}
+    return Splits(train, splits, cls.num_classes, train.class_names, cls.mean, cls.std, train.data.shape[-1], False)
+
+
+def build_data(cfg: Config, env: DistEnv) -> Data:
+    d, seed = cfg.DATASET, cfg.DEFAULT.seed
+    with main_process_first(env):  # rank 0 downloads, then one process per node; the others then find the files
+        loaded = load_splits(cfg)
+    train, splits = loaded.train, loaded.eval
+    num_per_cls = {c: int(n) for c, n in enumerate(np.bincount(train.targets, minlength=loaded.num_classes))}
+    local_batch = d.batch_size // env.world_size
+    if d.sampler == "class_balanced":
+        sampler = ClassBalancedSampler(train, env.world_size, env.rank, seed)
+    else:
+        sampler = DistributedSampler(train, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed,
+                                     drop_last=True)
+    if len(sampler) < local_batch:
+        raise BsdistError(f"the {len(train)} training images give each of {env.world_size} processes {len(sampler)}, "
+                          f"fewer than one batch of {local_batch}; lower DATASET.batch_size")
+    eval_samplers = {name: ShardSampler(len(ds), env.rank, env.world_size) for name, ds in splits.items()}
+    on_device = not loaded.files and (d.loader == "device" or
+                                      (d.loader == "auto" and fits_on_device([train, *splits.values()], env.device)))
+
+    def loader(dataset, sampler, batch_size: int, drop_last: bool, workers: int):
+        if loaded.files:
+            sampler = imagefiles.KeyedSampler(sampler, len(dataset))  # a training crop depends on the epoch
+        batches = ResumableBatchSampler(sampler, batch_size, drop_last)
+        if on_device:
+            return DeviceLoader(dataset, batches, env.device)
+        workers_loader = worker_loader(dataset, batches, workers, env.device, prefetch=4 if loaded.files else None)
+        return DecodeOnDevice(workers_loader, env.device) if loaded.files and d.loader == "device" else workers_loader
+
+    train_loader = loader(train, sampler, local_batch, True, d.num_workers)
+    eval_workers = d.num_workers if loaded.files else 0  # decoding files is work; slicing an array is not
+    eval_loaders = {name: loader(ds, eval_samplers[name], d.test_batch_size, False, eval_workers)
+                    for name, ds in splits.items()}
+    augment = BatchAugment(len(train), loaded.mean, loaded.std, d.aug_info, d.crop_padding, seed, env.device)
+    return Data(train_loader, sampler, eval_loaders, augment, num_per_cls, loaded.num_classes, loaded.in_channels,
+                loaded.class_names)
