@@ -263,7 +263,7 @@ class RunOutput:
                 value = str(value).lower()  # true / false / auto / none, not 1 / 0
                 domains[key] = ["false", "true"] + (["auto"] if f.kind == "auto_bool" else [])
             elif f.kind == "choice":
-                domains[key] = [str(c) for c in f.allowed] + (["none"] if f.nullable else [])
+                domains[key] = [str(c) for c in f.choices] + (["none"] if f.nullable else [])
             values[key] = value if isinstance(value, (int, float, str)) else str(value)
         splits = ["val", "test"] if cfg.DATASET.val_per_cls else ["test"]
         metrics = {f"test/best_{m}": 0.0 for m in BEST}

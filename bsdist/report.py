@@ -22,7 +22,6 @@ import sys
 
 from bsdist import config
 from bsdist.config import Config
-from bsdist.data import is_file_list
 from bsdist.errors import BsdistError
 from bsdist.plots import plot, plot_classes
 from bsdist.rundir import results_of, saved_config
@@ -94,7 +93,8 @@ def run_entries(directory: str, runs_dir: str) -> list[dict]:
     if d.imbalance_type in ("exp", None) and all(config.get(cfg, k) == v for k, v in REFERENCE_RECIPE.items()):
         reference = REFERENCE_ACC.get((d.name, method), {}).get(factor)
     entry = {
-        "dataset": d.name, "imbalance_type": d.imbalance_type or ("as listed" if is_file_list(d.name) else "balanced"),
+        "dataset": d.name,
+        "imbalance_type": d.imbalance_type or ("as listed" if config.is_file_list(d.name) else "balanced"),
         "imbalance_factor": int(factor) if float(factor).is_integer() else factor, "method": method,
         "seed": cfg.DEFAULT.seed, "selected_on": best["selected_on"], "cfg": cfg, "reference_acc": reference,
         "settings": setting_values(cfg, stage1),

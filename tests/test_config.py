@@ -256,7 +256,7 @@ def test_shipped_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_shipped_configs_validate(path):
     cfg = validate(load(path))
-    assert cfg.DATASET.name in config.FIELDS["DATASET.name"].allowed
+    assert cfg.DATASET.name in config.FIELDS["DATASET.name"].choices
     assert cfg.DEFAULT.exp_name
 
 
@@ -354,3 +354,30 @@ def test_a_node_with_gpus_that_cuda_cannot_see_refuses_to_train_on_cpu(tmp_path,
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "0")
     monkeypatch.setattr(config.device, "gpus_expected", lambda dev="/dev": None)
     assert config.resolve_device("auto") == "cpu"
+
+
+# ------------------------------------------------------------------------------------------ registries
+
+def test_every_registry_holds_exactly_the_names_the_schema_declares():
+    from bsdist.config import schema
+    from bsdist.data.datasets import ARRAY_DATASETS
+    from bsdist.data.imagelist import FILE_DATASETS
+    from bsdist.losses import LOSSES
+    from bsdist.models.zoo import MODELS
+    own_models = [name for name, build in MODELS.items() if build.__module__.startswith("bsdist.")]  # not tiny_model's
+    assert (tuple(ARRAY_DATASETS), FILE_DATASETS, tuple(LOSSES), tuple(own_models)) == (
+        schema.ARRAY_DATASET_NAMES, schema.FILE_DATASET_NAMES, schema.LOSS_NAMES, schema.MODEL_NAMES)
+    with pytest.raises(BsdistError, match=r"bsdist.losses.LOSSES holds CrossEntropyLoss, BalancedSoftmax, LDAM but "
+                                          r"bsdist/config/schema.py declares CrossEntropyLoss, BalancedSoftmax"):
+        schema.check_registry("bsdist.losses.LOSSES", [*LOSSES, "LDAM"], schema.LOSS_NAMES)
+
+
+def test_validation_imports_no_registry():
+    """config sits below data, losses and models: validating a config loads none of them."""
+    import subprocess
+    import sys
+    code = ("import sys; from bsdist import config; config.validate(config.load(None, ['DATASET.name', 'ImageNetLT', "
+            "'DATASET.datadir', '.'])); print(sorted(m for m in sys.modules if m.startswith('bsdist.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(sorted(["bsdist.config", "bsdist.config.device", "bsdist.config.loading",
+                                      "bsdist.config.schema", "bsdist.config.validation", "bsdist.errors"]))

@@ -139,7 +139,7 @@ def reference_markdown() -> str:
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     for key, f in FIELDS.items():
         default = yaml.safe_dump(f.default, default_flow_style=True).strip().removesuffix("...").strip()
-        allowed = f" ({', '.join(f.allowed)})" if f.allowed and f.kind == "choice" else ""
+        allowed = f" ({', '.join(f.choices)})" if f.choices and f.kind == "choice" else ""
         rows.append(f"| `{key}` | `{default}` | {f.help}{allowed} |")
     return "\n".join(rows)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from bsdist.config.device import check_device
 from bsdist.config.loading import lookup, to_dict
-from bsdist.config.schema import FIELDS, Config, Field, build
+from bsdist.config.schema import FIELDS, Config, Field, build, is_file_list
 from bsdist.errors import BsdistError
 
 
@@ -41,21 +41,21 @@ def _coerce(key: str, f: Field, v: Any) -> Any:
             raise bad
         v = float(v)
     elif f.kind in ("str", "choice"):
-        if isinstance(v, bool) and {False: "no", True: "yes"}[v] in f.allowed:
+        if isinstance(v, bool) and {False: "no", True: "yes"}[v] in f.choices:
             v = {False: "no", True: "yes"}[v]  # YAML 1.1 reads `no` as false
         if not isinstance(v, str):
             raise bad
-        if f.allowed and v not in f.allowed:
-            near = (difflib.get_close_matches(v, f.allowed, n=1)
-                    or [c for c in f.allowed if c.lower().startswith(v.lower())])
+        if f.choices and v not in f.choices:
+            near = (difflib.get_close_matches(v, f.choices, n=1)
+                    or [c for c in f.choices if c.lower().startswith(v.lower())])
             hint = f"; did you mean {near[0]}?" if near else ""
-            raise BsdistError(f"{key} must be one of {', '.join(f.allowed)}, got {v!r}{hint}")
+            raise BsdistError(f"{key} must be one of {', '.join(f.choices)}, got {v!r}{hint}")
     elif f.kind == "list":
         if not isinstance(v, (list, tuple)):
             raise bad
         for item in v:
-            if f.allowed and item not in f.allowed:
-                raise BsdistError(f"{key} has unknown entry {item!r}; allowed: {', '.join(f.allowed)}")
+            if f.choices and item not in f.choices:
+                raise BsdistError(f"{key} has unknown entry {item!r}; allowed: {', '.join(f.choices)}")
         v = list(v)
     if f.check is not None:
         problem = f.check(v)
@@ -69,7 +69,7 @@ def _article(word: str) -> str:
 
 
 def _describe(f: Field) -> str:
-    kinds = {"auto_bool": "true, false or auto", "choice": "one of " + ", ".join(f.allowed or ())}
+    kinds = {"auto_bool": "true, false or auto", "choice": "one of " + ", ".join(f.choices or ())}
     return kinds.get(f.kind, f"{_article(f.kind)} {f.kind}") + (" or null" if f.nullable else "")
 
 
@@ -79,7 +79,6 @@ def validate(raw: dict | Config, world_size: int = 1, device_here: bool = True) 
 
     device_here=False leaves the device checks to the machine that will train (a SLURM submission).
     """
-    from bsdist.data import is_file_list  # the data registry knows which datasets read image files
     if isinstance(raw, Config):
         raw = to_dict(raw)
     flat = {key: _coerce(key, f, lookup(raw, key)) for key, f in FIELDS.items()}

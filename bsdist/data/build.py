@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from bsdist.config.schema import is_file_list
 from bsdist.data import imagefiles, imagelist
 from bsdist.data.augment import BatchAugment
 from bsdist.data.datasets import ARRAY_DATASETS, LongTailDataset
@@ -19,7 +20,7 @@ from bsdist.data.samplers import ClassBalancedSampler, ResumableBatchSampler, Sh
 from bsdist.distributed import DistEnv, main_process_first
 from bsdist.errors import BsdistError
 
-if TYPE_CHECKING:  # config reads this package's registry as it validates: at run time the import goes one way
+if TYPE_CHECKING:
     from bsdist.config import Config
 
 # The DATASET.name registry: datasets held in memory as one uint8 array, then those that read image files.
@@ -36,11 +37,6 @@ class Data:
     num_classes: int
     in_channels: int
     class_names: list[str] | None = None  # None: the class indices
-
-
-def is_file_list(name: str) -> bool:
-    """Whether DATASET.name reads image files through lists or folders (decoded as loaded)."""
-    return name in imagelist.FILE_DATASETS
 
 
 def check_available(cfg: Config, download: bool | None = None) -> None:

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bsdist.config.schema import is_file_list
 from bsdist.data import imagelist
+from bsdist.data.build import load_splits
 from bsdist.data.imagefiles import decoder_message, read_image
 from bsdist.metrics import shot_groups
 
@@ -48,7 +50,6 @@ def _decodable(path: str) -> str | None:
 
 def check_data(cfg: Config, decode: bool = False, stream=None) -> int:
     """Print the report (to stdout unless a stream is given); return the exit status (0: no problem)."""
-    from bsdist.data import is_file_list, load_splits
     d = cfg.DATASET
     say = lambda line: print(line, file=stream or sys.stdout, flush=True)  # noqa: E731
     if not is_file_list(d.name):
