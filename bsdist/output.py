@@ -17,6 +17,7 @@ import shutil
 import sys
 
 from bsdist import checkpoint, config
+from bsdist.atomic import remove_orphans, write_atomic, write_text
 from bsdist.config import Config, dump
 from bsdist.distributed import DistEnv
 from bsdist.errors import BsdistError
@@ -108,7 +109,7 @@ class RunOutput:
                               "set DEFAULT.savedir to a writable directory") from None
         self.log_file.setFormatter(LINE)
         LOG.addHandler(self.log_file)
-        orphans = checkpoint.remove_orphans(self.run_dir)
+        orphans = remove_orphans(self.run_dir)
         if orphans:
             self.info(f"removed {', '.join(orphans)}: what remained of a checkpoint write cut short")
         free = shutil.disk_usage(self.run_dir).free
@@ -116,9 +117,7 @@ class RunOutput:
             raise BsdistError(f"{self.run_dir} has {free / 2**20:.0f} MiB free, less than the "
                               f"{2 * checkpoint_bytes / 2**20:.0f} MiB two checkpoints need; "
                               "free space or set DEFAULT.savedir elsewhere")
-        with open(self.path("config.yaml.tmp"), "w") as f:
-            f.write(dump(cfg))
-        os.replace(self.path("config.yaml.tmp"), self.path("config.yaml"))
+        write_text(self.path("config.yaml"), dump(cfg))
         self._truncate_csv(resumed_epoch)
         # purge_step hides events an earlier attempt logged after the checkpoint (all of them when starting afresh)
         self.writer = SummaryWriter(self.run_dir, purge_step=0 if resumed_step is None else resumed_step + 1)
@@ -205,15 +204,12 @@ class RunOutput:
         if "calibration" in best:  # a run begun before bsdist measured calibration has none
             figure = reliability_figure(best["calibration"],
                                         f"test reliability of the selected model (epoch {best['epoch']})")
-            Image.fromarray(figure).save(self.path("reliability.png.tmp"), format="PNG")
-            os.replace(self.path("reliability.png.tmp"), self.path("reliability.png"))
+            write_atomic(self.path("reliability.png"), lambda tmp: Image.fromarray(figure).save(tmp, format="PNG"))
         self.write_json("results.json", results)
 
     def write_json(self, name: str, content: dict) -> None:
         """A JSON file in the run directory, written atomically."""
-        with open(self.path(name + ".tmp"), "w") as f:
-            json.dump(content, f, indent=2)
-        os.replace(self.path(name + ".tmp"), self.path(name))
+        write_text(self.path(name), json.dumps(content, indent=2))
 
     def close(self) -> None:
         self.checkpoints.wait(raise_error=False)  # a write under way finishes, even when the run failed
@@ -236,11 +232,13 @@ class RunOutput:
         kept = [r for r in rows if keep_epochs is None or int(r["epoch"]) <= keep_epochs]
         if len(kept) == len(rows) and fieldnames == reader.fieldnames:
             return
-        with open(path + ".tmp", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fieldnames, restval="", extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(kept)
-        os.replace(path + ".tmp", path)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fieldnames, restval="", extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(kept)
+        write_atomic(path, write)
 
     def _layout(self, splits: list[str]) -> None:
         """TensorBoard's CUSTOM SCALARS page: the curves read together on one chart each."""
