@@ -79,7 +79,7 @@ def check_throughput(ctx: Context):
 
 def check_checkpoint_cost(ctx: Context):
     cfg = bench_config(32, "no", ctx.env, overrides=["OPTIMIZER.momentum", "0.9"])
-    model = create(cfg, 10, 3, ctx.env.device, sync_bn=False)
+    model = create(cfg, num_classes=10, in_channels=3, device=ctx.env.device, sync_bn=False)
     optimizer = build_optimizer(cfg, model)  # momentum buffers: a second model's worth
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 0}
     path = os.path.join(ctx.workdir, "cost.pt")

@@ -74,7 +74,8 @@ class Trainer:
         self.env, self.batch_size, self.steps, self.compiled = env, batch_size, steps, compile_model
         self.started = time.perf_counter()
         self.cfg = bench_config(batch_size, precision, env, sync_bn)
-        self.built = build_model(self.cfg, 10, 3, env.device, compile_model, sync_bn)
+        self.built = build_model(self.cfg, num_classes=10, in_channels=3, device=env.device,
+                                 compile_model=compile_model, sync_bn=sync_bn)
         images = batch_size * env.world_size
         data, targets = cifar_shaped_digits(images * steps)
         if len(set(targets.tolist())) < 10:
@@ -83,7 +84,7 @@ class Trainer:
         shard = dict(world_size=env.world_size, rank=env.rank)
         self.data = bsdist_data(data, targets, batch_size, env.device, workers=workers, **shard)
         self.one_step = bsdist_data(data[:images], targets[:images], batch_size, env.device, **shard)
-        self.state = train_state(self.cfg, self.built.module, self.built.train, self.data, env, steps, check_every)
+        self.state = train_state(self.cfg, self.built.module, self.built.wrapped, self.data, env, steps, check_every)
         self.epochs_run = 0
 
     def epoch(self, data: Data | None = None) -> tuple[float, int]:

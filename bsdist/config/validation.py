@@ -100,35 +100,36 @@ def validate(raw: dict | Config, world_size: int = 1, device_here: bool = True) 
 
 def _check_rules(cfg: Config, world_size: int, files: bool) -> None:
     """The rules that tie keys together."""
-    d, t, o, s = cfg.DATASET, cfg.TRAIN, cfg.OPTIMIZER, cfg.SCHEDULER.params
-    if d.batch_size % world_size:
-        raise BsdistError(f"DATASET.batch_size {d.batch_size} does not divide by the {world_size} processes; "
+    dataset, train, optimizer, schedule = cfg.DATASET, cfg.TRAIN, cfg.OPTIMIZER, cfg.SCHEDULER.params
+    if dataset.batch_size % world_size:
+        raise BsdistError(f"DATASET.batch_size {dataset.batch_size} does not divide by the {world_size} processes; "
                           f"use a multiple of {world_size}")
-    if o.nesterov and o.momentum == 0:
+    if optimizer.nesterov and optimizer.momentum == 0:
         raise BsdistError("OPTIMIZER.nesterov needs OPTIMIZER.momentum > 0; set a momentum or nesterov false")
-    if s.warmup_epochs >= t.epochs:
-        raise BsdistError(f"SCHEDULER.params.warmup_epochs {s.warmup_epochs} must be below TRAIN.epochs {t.epochs}")
+    if schedule.warmup_epochs >= train.epochs:
+        raise BsdistError(f"SCHEDULER.params.warmup_epochs {schedule.warmup_epochs} must be below TRAIN.epochs "
+                          f"{train.epochs}")
     if cfg.SCHEDULER.sched_name == "multistep":
-        m = list(s.milestones)
-        if (not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x < t.epochs for x in m)
-                or m != sorted(set(m))):
+        milestones = list(schedule.milestones)
+        if (not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x < train.epochs for x in milestones)
+                or milestones != sorted(set(milestones))):
             raise BsdistError(f"SCHEDULER.params.milestones must be increasing whole epochs between 1 and "
-                              f"{t.epochs - 1}, got {m}")
-    elif s.milestones:
+                              f"{train.epochs - 1}, got {milestones}")
+    elif schedule.milestones:
         raise BsdistError("SCHEDULER.params.milestones is only used by multistep; remove it or set sched_name "
                           "multistep")
-    if "RandomResizedCrop" in d.aug_info and not files:
-        raise BsdistError(f"DATASET.aug_info RandomResizedCrop crops image files as they are decoded; {d.name} is "
-                          "held in memory at its own size: use RandomCrop")
-    if not files and (d.train_list or d.val_list or d.test_list):
-        raise BsdistError(f"DATASET.train_list, val_list and test_list name image lists; {d.name} has its own files: "
-                          "set DATASET.name ImageList (or a preset) to train from lists")
-    if d.imbalance_type is None and d.imbalance_factor != 1:
+    if "RandomResizedCrop" in dataset.aug_info and not files:
+        raise BsdistError(f"DATASET.aug_info RandomResizedCrop crops image files as they are decoded; {dataset.name} "
+                          "is held in memory at its own size: use RandomCrop")
+    if not files and (dataset.train_list or dataset.val_list or dataset.test_list):
+        raise BsdistError(f"DATASET.train_list, val_list and test_list name image lists; {dataset.name} has its own "
+                          "files: set DATASET.name ImageList (or a preset) to train from lists")
+    if dataset.imbalance_type is None and dataset.imbalance_factor != 1:
         raise BsdistError(f"DATASET.imbalance_type null keeps every training image but imbalance_factor is "
-                          f"{d.imbalance_factor}; set imbalance_type exp or step to draw a long tail, or "
+                          f"{dataset.imbalance_factor}; set imbalance_type exp or step to draw a long tail, or "
                           "imbalance_factor 1")
-    if len(set(d.aug_info)) != len(d.aug_info):
-        raise BsdistError(f"DATASET.aug_info lists an augmentation twice: {list(d.aug_info)}")
+    if len(set(dataset.aug_info)) != len(dataset.aug_info):
+        raise BsdistError(f"DATASET.aug_info lists an augmentation twice: {list(dataset.aug_info)}")
     name = cfg.DEFAULT.exp_name
     if any(c in name for c in "/\\") or name in ("", ".", ".."):
         raise BsdistError(f"DEFAULT.exp_name {name!r} must be a plain directory name")

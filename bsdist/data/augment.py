@@ -19,7 +19,7 @@ def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
 
 
 class BatchAugment:
-    def __init__(self, num_samples: int, mean, std, aug_info, padding: int, seed: int, device):
+    def __init__(self, num_samples: int, *, mean, std, aug_info, padding: int, seed: int, device):
         self.num_samples, self.padding, self.seed = num_samples, padding, seed
         self.crop = "RandomCrop" in aug_info
         self.flip = "RandomHorizontalFlip" in aug_info

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 DATASETS = (*ARRAY_DATASETS, *imagelist.FILE_DATASETS)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Data:
     train: DeviceLoader | DataLoader | DecodeOnDevice
     train_sampler: DistributedSampler
@@ -41,25 +41,25 @@ class Data:
 
 def check_available(cfg: Config, download: bool | None = None) -> None:
     """The dataset's files are there (or will be downloaded: DATASET.download, unless `download` says)."""
-    d = cfg.DATASET
-    if is_file_list(d.name):
-        if not os.path.isdir(d.datadir):
-            raise BsdistError(f"DATASET.datadir {d.datadir} is not a directory; set it to the folder that holds the "
-                              f"images (and the split lists) of {d.name}")
+    dataset = cfg.DATASET
+    if is_file_list(dataset.name):
+        if not os.path.isdir(dataset.datadir):
+            raise BsdistError(f"DATASET.datadir {dataset.datadir} is not a directory; set it to the folder that holds "
+                              f"the images (and the split lists) of {dataset.name}")
         return
-    ARRAY_DATASETS[d.name].check_available(d.datadir, d.download if download is None else download)
+    ARRAY_DATASETS[dataset.name].check_available(dataset.datadir, dataset.download if download is None else download)
 
 
 def prepare(cfg: Config) -> None:
     """The data on disk now: downloaded once if missing and allowed, else one clear error (for a sweep,
     before its first run, rather than every run failing on its own)."""
-    d = cfg.DATASET
-    if d.download and not is_file_list(d.name):
-        ARRAY_DATASETS[d.name].download(d.datadir)
+    dataset = cfg.DATASET
+    if dataset.download and not is_file_list(dataset.name):
+        ARRAY_DATASETS[dataset.name].download(dataset.datadir)
     check_available(cfg, download=False)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Splits:
     """A dataset config's images: the long-tailed training split and the evaluation splits."""
     train: torch.utils.data.Dataset
@@ -73,26 +73,29 @@ class Splits:
 
 
 def load_splits(cfg: Config) -> Splits:
-    d = cfg.DATASET
-    if is_file_list(d.name):
-        train, splits, num_classes, names = imagelist.load_splits(d, cfg.DEFAULT.seed, encoded=d.loader == "device")
-        return Splits(train, splits, num_classes, names, imagefiles.IMAGENET_MEAN, imagefiles.IMAGENET_STD, 3, True)
-    cls: type[LongTailDataset] = ARRAY_DATASETS[d.name]
-    train = cls(d.datadir, train=True, download=d.download, imbalance_type=d.imbalance_type,
-                imbalance_factor=d.imbalance_factor, seed=d.split_seed, val_per_cls=d.val_per_cls)
-    test = cls(d.datadir, train=False)
+    dataset = cfg.DATASET
+    if is_file_list(dataset.name):
+        train, splits, num_classes, names = imagelist.load_splits(dataset, cfg.DEFAULT.seed,
+                                                                  encoded=dataset.loader == "device")
+        return Splits(train=train, eval=splits, num_classes=num_classes, class_names=names,
+                      mean=imagefiles.IMAGENET_MEAN, std=imagefiles.IMAGENET_STD, in_channels=3, files=True)
+    cls: type[LongTailDataset] = ARRAY_DATASETS[dataset.name]
+    train = cls(dataset.datadir, train=True, download=dataset.download, imbalance_type=dataset.imbalance_type,
+                imbalance_factor=dataset.imbalance_factor, seed=dataset.split_seed, val_per_cls=dataset.val_per_cls)
+    test = cls(dataset.datadir, train=False)
     splits = {"val": train.val, "test": test} if train.val is not None else {"test": test}
-    return Splits(train, splits, cls.num_classes, train.class_names, cls.mean, cls.std, train.data.shape[-1], False)
+    return Splits(train=train, eval=splits, num_classes=cls.num_classes, class_names=train.class_names, mean=cls.mean,
+                  std=cls.std, in_channels=train.data.shape[-1], files=False)
 
 
 def build_data(cfg: Config, env: DistEnv) -> Data:
-    d, seed = cfg.DATASET, cfg.DEFAULT.seed
+    dataset, seed = cfg.DATASET, cfg.DEFAULT.seed
     with main_process_first(env):  # rank 0 downloads, then one process per node; the others then find the files
         loaded = load_splits(cfg)
     train, splits = loaded.train, loaded.eval
     num_per_cls = {c: int(n) for c, n in enumerate(np.bincount(train.targets, minlength=loaded.num_classes))}
-    local_batch = d.batch_size // env.world_size
-    if d.sampler == "class_balanced":
+    local_batch = dataset.batch_size // env.world_size
+    if dataset.sampler == "class_balanced":
         sampler = ClassBalancedSampler(train, env.world_size, env.rank, seed)
     else:
         sampler = DistributedSampler(train, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed,
@@ -101,22 +104,24 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
         raise BsdistError(f"the {len(train)} training images give each of {env.world_size} processes {len(sampler)}, "
                           f"fewer than one batch of {local_batch}; lower DATASET.batch_size")
     eval_samplers = {name: ShardSampler(len(ds), env.rank, env.world_size) for name, ds in splits.items()}
-    on_device = not loaded.files and (d.loader == "device" or
-                                      (d.loader == "auto" and fits_on_device([train, *splits.values()], env.device)))
+    on_device = not loaded.files and (dataset.loader == "device" or (
+        dataset.loader == "auto" and fits_on_device([train, *splits.values()], env.device)))
 
-    def loader(dataset, sampler, batch_size: int, drop_last: bool, workers: int):
+    def loader(split, sampler, batch_size: int, drop_last: bool, workers: int):
         if loaded.files:
-            sampler = imagefiles.KeyedSampler(sampler, len(dataset))  # a training crop depends on the epoch
+            sampler = imagefiles.KeyedSampler(sampler, len(split))  # a training crop depends on the epoch
         batches = ResumableBatchSampler(sampler, batch_size, drop_last)
         if on_device:
-            return DeviceLoader(dataset, batches, env.device)
-        workers_loader = worker_loader(dataset, batches, workers, env.device, prefetch=4 if loaded.files else None)
-        return DecodeOnDevice(workers_loader, env.device) if loaded.files and d.loader == "device" else workers_loader
+            return DeviceLoader(split, batches, env.device)
+        workers_loader = worker_loader(split, batches, workers, env.device, prefetch=4 if loaded.files else None)
+        decode_on_device = loaded.files and dataset.loader == "device"
+        return DecodeOnDevice(workers_loader, env.device) if decode_on_device else workers_loader
 
-    train_loader = loader(train, sampler, local_batch, True, d.num_workers)
-    eval_workers = d.num_workers if loaded.files else 0  # decoding files is work; slicing an array is not
-    eval_loaders = {name: loader(ds, eval_samplers[name], d.test_batch_size, False, eval_workers)
+    train_loader = loader(train, sampler, local_batch, True, dataset.num_workers)
+    eval_workers = dataset.num_workers if loaded.files else 0  # decoding files is work; slicing an array is not
+    eval_loaders = {name: loader(ds, eval_samplers[name], dataset.test_batch_size, False, eval_workers)
                     for name, ds in splits.items()}
-    augment = BatchAugment(len(train), loaded.mean, loaded.std, d.aug_info, d.crop_padding, seed, env.device)
-    return Data(train_loader, sampler, eval_loaders, augment, num_per_cls, loaded.num_classes, loaded.in_channels,
-                loaded.class_names)
+    augment = BatchAugment(len(train), mean=loaded.mean, std=loaded.std, aug_info=dataset.aug_info,
+                           padding=dataset.crop_padding, seed=seed, device=env.device)
+    return Data(train=train_loader, train_sampler=sampler, eval=eval_loaders, augment=augment, num_per_cls=num_per_cls,
+                num_classes=loaded.num_classes, in_channels=loaded.in_channels, class_names=loaded.class_names)

@@ -22,10 +22,9 @@ def create(cfg: Config, num_classes: int, in_channels: int, device: torch.device
     initialised from MODEL.pretrained where set (pretrained=False: a checkpoint's weights follow),
     SyncBatchNorm if asked for; for a stage 2 (CRT.stage1) with its backbone frozen, loaded from
     `backbone` where given."""
-    m = cfg.MODEL
-    model = MODELS[m.name](num_classes, in_channels, stem=m.stem)
-    if m.pretrained and pretrained and backbone is None:
-        load_pretrained(model, m.pretrained, CLASSIFIER)
+    model = MODELS[cfg.MODEL.name](num_classes, in_channels, stem=cfg.MODEL.stem)
+    if cfg.MODEL.pretrained and pretrained and backbone is None:
+        load_pretrained(model, cfg.MODEL.pretrained, CLASSIFIER)
     if cfg.CRT.stage1:
         model = freeze_backbone(model, backbone)
     if sync_bn:
@@ -52,14 +51,15 @@ def distribute(module: nn.Module, device: torch.device, bucket_mb: float, static
 
 
 @dataclass
-class Built:
+class Model:
+    """One model in the three forms a run uses."""
     module: nn.Module  # the plain model: its state_dict is what checkpoints hold
     compiled: nn.Module  # what evaluation runs: torch.compile(module), or module itself
-    train: nn.Module  # what training runs: compiled, DDP-wrapped where there are several processes
+    wrapped: nn.Module  # what training runs: compiled, DDP-wrapped where there are several processes
 
 
 def build_model(cfg: Config, num_classes: int, in_channels: int, device: torch.device, compile_model: bool,
-                sync_bn: bool = False, backbone: dict | None = None, pretrained: bool = True) -> Built:
+                sync_bn: bool = False, backbone: dict | None = None, pretrained: bool = True) -> Model:
     """The model as a run uses it.
 
     Either order of compile and DDP compiles on the first call, inside DDP's forward, where dynamo
@@ -68,8 +68,8 @@ def build_model(cfg: Config, num_classes: int, in_channels: int, device: torch.d
     """
     model = create(cfg, num_classes, in_channels, device, sync_bn, backbone, pretrained)
     compiled = torch.compile(model) if compile_model else model
-    t = cfg.TRAIN
-    return Built(model, compiled, distribute(compiled, device, t.ddp_bucket_mb, static_graph=t.grad_accum_steps == 1))
+    wrapped = distribute(compiled, device, cfg.TRAIN.ddp_bucket_mb, static_graph=cfg.TRAIN.grad_accum_steps == 1)
+    return Model(module=model, compiled=compiled, wrapped=wrapped)
 
 
 def no_sync(model: nn.Module, last_micro_batch: bool):
