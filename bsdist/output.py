@@ -173,11 +173,6 @@ class RunOutput:
 
     def epoch_row(self, row: dict) -> None:
         path = self.path("metrics.csv")
-        if os.path.exists(path):
-            with open(path, newline="") as f:
-                header = next(csv.reader(f), [])
-            if header != list(row):  # written by a bsdist with other columns: rewrite it with these, keeping its rows
-                self._rewrite_csv(list(row), keep_epochs=None)
         new = not os.path.exists(path)
         with open(path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))
@@ -201,10 +196,9 @@ class RunOutput:
         """results.json, and reliability.png: the test calibration of the selected model."""
         from PIL import Image
         best = results["best"]
-        if "calibration" in best:  # a run begun before bsdist measured calibration has none
-            figure = reliability_figure(best["calibration"],
-                                        f"test reliability of the selected model (epoch {best['epoch']})")
-            write_atomic(self.path("reliability.png"), lambda tmp: Image.fromarray(figure).save(tmp, format="PNG"))
+        title = f"test reliability of the selected model (epoch {best['epoch']})"
+        figure = reliability_figure(best["calibration"], title)
+        write_atomic(self.path("reliability.png"), lambda tmp: Image.fromarray(figure).save(tmp, format="PNG"))
         self.write_json("results.json", results)
 
     def write_json(self, name: str, content: dict) -> None:
@@ -220,17 +214,15 @@ class RunOutput:
             self.log_file.close()
 
     def _truncate_csv(self, keep_epochs: int) -> None:
-        if os.path.exists(self.path("metrics.csv")):
-            self._rewrite_csv(None, keep_epochs)
-
-    def _rewrite_csv(self, fieldnames: list[str] | None, keep_epochs: int | None) -> None:
-        """metrics.csv with only the epochs up to keep_epochs (None: all), under fieldnames (None: its own)."""
+        """metrics.csv with only the epochs up to keep_epochs: a resumed run writes the later ones again."""
         path = self.path("metrics.csv")
+        if not os.path.exists(path):
+            return
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            rows, fieldnames = list(reader), fieldnames or reader.fieldnames
-        kept = [r for r in rows if keep_epochs is None or int(r["epoch"]) <= keep_epochs]
-        if len(kept) == len(rows) and fieldnames == reader.fieldnames:
+            rows, fieldnames = list(reader), reader.fieldnames
+        kept = [r for r in rows if int(r["epoch"]) <= keep_epochs]
+        if len(kept) == len(rows):
             return
 
         def write(tmp: str) -> None:

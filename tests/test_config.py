@@ -305,24 +305,6 @@ def test_changed_keys():
     assert changed_keys(base, two) == ["OPTIMIZER.lr", "TRAIN.epochs"]
 
 
-def test_a_config_saved_before_split_seed_existed_drew_its_split_with_its_seed():
-    old = config.to_dict(ok(["DEFAULT.exp_name", "run", "DEFAULT.seed", "3"]))
-    del old["DATASET"]["split_seed"]
-    upgraded = validate(config.upgrade(old))
-    assert upgraded.DATASET.split_seed == 3 and "split_seed" not in old["DATASET"]
-    assert changed_keys(upgraded, ok(["DEFAULT.exp_name", "run", "DEFAULT.seed", "3"])) == ["DATASET.split_seed"]
-    assert changed_keys(upgraded, ok(["DEFAULT.exp_name", "run", "DEFAULT.seed", "3", "DATASET.split_seed", "3"])) == []
-
-
-def test_a_key_missing_from_a_saved_config_takes_its_default_or_what_was_done_before_it():
-    old = config.to_dict(ok(["DEFAULT.exp_name", "run", "OPTIMIZER.lr", "0.2"]))
-    del old["SCHEDULER"]["params"]["warmup_epochs"], old["MODEL"]["stem"], old["MODEL"]["sync_bn"], old["CRT"]
-    upgraded = config.upgrade(old)
-    assert upgraded["SCHEDULER"]["params"]["warmup_epochs"] == 0.0 and upgraded["CRT"] == {"stage1": None}
-    assert upgraded["MODEL"]["stem"] == "cifar" and upgraded["MODEL"]["sync_bn"] is False  # not today's auto
-    assert upgraded["OPTIMIZER"]["lr"] == 0.2
-
-
 @pytest.mark.parametrize("overrides, world_size, expected, reason", [
     ([], 1, False, "one process"),
     (["DATASET.batch_size", "32"], 8, True, "4 images per process is below MODEL.sync_bn_batch 32"),

@@ -110,22 +110,6 @@ def load(path: str | None, overrides: list[str] = (), base: dict | None = None) 
     return raw
 
 
-def upgrade(saved: dict) -> dict:
-    """A config.yaml written by an earlier bsdist, with the keys added since set to what that version did:
-    the field's `legacy` value where that differs from today's default, the default otherwise (a key's
-    default is chosen to keep what runs did before it existed)."""
-    if not isinstance(saved, dict):
-        return saved
-    upgraded = copy.deepcopy(saved)
-    for key, f in FIELDS.items():
-        if lookup(saved, key, missing=_MISSING) is _MISSING:
-            _set(upgraded, key, f.legacy(saved) if f.legacy else copy.deepcopy(f.default))
-    return upgraded
-
-
-_MISSING = object()
-
-
 def changed_keys(old: Config, new: Config) -> list[str]:
     """Keys whose values differ between two validated configs, ignoring those a resume may change."""
     return [k for k, f in FIELDS.items() if not f.resumable and get(old, k) != get(new, k)]

@@ -17,8 +17,6 @@ from typing import Any, Callable
 from bsdist.errors import BsdistError
 
 KINDS = {bool: "bool", int: "int", float: "float", str: "str", list: "list"}
-# A config saved before a key existed meant this for it, where today's default means something else.
-Legacy = Callable[[dict], Any]
 
 
 @dataclass(frozen=True)
@@ -30,16 +28,14 @@ class Field:
     nullable: bool = False
     check: Callable[[Any], str | None] | None = None  # returns a problem description or None
     resumable: bool = False  # may differ between a run and its resumption: changes speed or logging, never results
-    legacy: Legacy | None = None
 
 
 def option(default, help: str, *, kind: str | None = None, choices=(), nullable: bool | None = None,
-           check=None, resumable: bool = False, legacy: Legacy | None = None):
+           check=None, resumable: bool = False):
     """A dataclass field carrying its Field; the kind follows from the default unless given."""
     if kind is None:
         kind = "choice" if choices and not isinstance(default, list) else KINDS[type(default)]
-    meta = Field(default, kind, help, choices, default is None if nullable is None else nullable, check, resumable,
-                 legacy)
+    meta = Field(default, kind, help, choices, default is None if nullable is None else nullable, check, resumable)
     if isinstance(default, list):  # held as a tuple, so the config stays immutable
         return dataclasses.field(default=tuple(default), metadata={"field": meta})
     return dataclasses.field(default=default, metadata={"field": meta})
@@ -134,8 +130,7 @@ class Dataset:
                                                 "for CIFAR and digits and null for image lists",
                                         choices=("auto", "exp", "step"), nullable=True)
     split_seed: int = option(0, "seed of the long-tailed subset and the validation hold-out; 0 is the standard "
-                                "subset of LDAM-DRW and the reference trainer", check=non_negative,
-                             legacy=lambda saved: saved.get("DEFAULT", {}).get("seed", 0))  # one seed drew both
+                                "subset of LDAM-DRW and the reference trainer", check=non_negative)
     imbalance_factor: float = option(100.0, "largest / smallest class count (1 = balanced)", check=at_least_one)
     val_per_cls: int = option(0, "balanced validation images per class, taken from training images the long-tailed "
                                  "subset left unused; 0 selects the best model on the test set", check=non_negative)
@@ -236,15 +231,13 @@ class Model:
                        choices=MODEL_NAMES)
     stem: str = option("auto", "first layers: cifar (3x3 stride-1 convolution, no max-pool) or imagenet (7x7 stride-2 "
                                "and max-pool); auto is cifar up to 64 px images (CIFAR, digits, image lists at "
-                               "DATASET.image_size <= 64) and imagenet above", choices=("auto", "cifar", "imagenet"),
-                       legacy=lambda saved: "cifar")  # the only stem there was
+                               "DATASET.image_size <= 64) and imagenet above", choices=("auto", "cifar", "imagenet"))
     pretrained: str | None = option(None, "a local weights file (a state dict, or a checkpoint holding one) to start "
                                           "from, read with weights_only; the classifier starts afresh when its class "
                                           "count differs; nothing is downloaded", kind="str")
     sync_bn: bool | str = option("auto", "BatchNorm statistics over the global batch (all processes' images), as one "
                                          "process with the same batch computes them; auto: when several processes "
-                                         "each hold fewer than MODEL.sync_bn_batch images", kind="auto_bool",
-                                 legacy=lambda saved: False)  # BatchNorm was per process
+                                         "each hold fewer than MODEL.sync_bn_batch images", kind="auto_bool")
     sync_bn_batch: int = option(32, "with MODEL.sync_bn auto, the per-process batch below which BatchNorm "
                                     "synchronises", check=positive)
 
