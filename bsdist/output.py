@@ -21,8 +21,8 @@ from bsdist.atomic import remove_orphans, write_atomic, write_text
 from bsdist.config import Config, dump
 from bsdist.distributed import DistEnv
 from bsdist.errors import BsdistError
-from bsdist.figures import MAX_HEATMAP_CLASSES, class_figure, reliability_figure
 from bsdist.metrics import CONFUSION_CLASSES, FEW_SHOT, MANY_SHOT, shot_groups
+from bsdist.plots import MAX_HEATMAP_CLASSES, class_figure, reliability_figure, save
 
 SCALARS = ("acc", "bcr", "loss", "many", "medium", "few", "ece")  # an evaluation's loss is its NLL
 BEST = ("bcr", "acc", "many", "medium", "few", "epoch")  # of the selected model (best.pt), in TensorBoard's test/best_*
@@ -164,11 +164,9 @@ class RunOutput:
         heatmap = len(self.num_per_cls) <= MAX_HEATMAP_CLASSES
         figure = class_figure(metrics, self.num_per_cls, self.class_names,
                               f"{split} {'confusion' if heatmap else 'recall by class'}, step {step}")
-        self.writer.add_image(f"{split}/{'confusion' if heatmap else 'recall_by_class'}", figure, step,
-                              dataformats="HWC")
-        self.writer.add_image(f"{split}/reliability",
-                              reliability_figure(metrics["calibration"], f"{split} reliability, step {step}"),
-                              step, dataformats="HWC")
+        self.writer.add_figure(f"{split}/{'confusion' if heatmap else 'recall_by_class'}", figure, step)
+        self.writer.add_figure(f"{split}/reliability",
+                               reliability_figure(metrics["calibration"], f"{split} reliability, step {step}"), step)
 
 
     def epoch_row(self, row: dict) -> None:
@@ -194,11 +192,9 @@ class RunOutput:
 
     def results(self, results: dict) -> None:
         """results.json, and reliability.png: the test calibration of the selected model."""
-        from PIL import Image
         best = results["best"]
         title = f"test reliability of the selected model (epoch {best['epoch']})"
-        figure = reliability_figure(best["calibration"], title)
-        write_atomic(self.path("reliability.png"), lambda tmp: Image.fromarray(figure).save(tmp, format="PNG"))
+        save(reliability_figure(best["calibration"], title), self.path("reliability.png"))
         self.write_json("results.json", results)
 
     def write_json(self, name: str, content: dict) -> None:
