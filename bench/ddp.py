@@ -65,9 +65,10 @@ def variants(compile_model: bool, bucket_mb: float) -> dict[str, dict]:
 def build(cfg, spec, env):
     """(plain module, what training runs) for one variant."""
     if spec.get("bsdist"):  # exactly what a run builds
-        built = build_model(cfg, 10, 3, env.device, compile_model=spec.get("compile") == "before")
-        return built.module, built.train
-    model = create(cfg, 10, 3, env.device, sync_bn=False)
+        built = build_model(cfg, num_classes=10, in_channels=3, device=env.device,
+                            compile_model=spec.get("compile") == "before")
+        return built.module, built.wrapped
+    model = create(cfg, num_classes=10, in_channels=3, device=env.device, sync_bn=False)
     runnable = torch.compile(model) if spec.get("compile") == "before" else model
     if spec["ddp"] is not None:
         runnable = distribute(runnable, env.device, **spec["ddp"])

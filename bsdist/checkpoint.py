@@ -1,5 +1,5 @@
-"""Checkpoints: written to a temporary file and renamed into place, so a reader never sees half of one;
-written on a background thread from a host copy; read without unpickling code."""
+"""Checkpoints: written atomically (bsdist.atomic), so a reader never sees half of one; written on a
+background thread from a host copy; read without unpickling code."""
 
 from __future__ import annotations
 
@@ -11,38 +11,17 @@ import threading
 import numpy as np
 import torch
 
+from bsdist.atomic import write_atomic
 from bsdist.errors import BsdistError
 
 
 def save_atomic(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def link_atomic(source: str, path: str) -> None:
     """path becomes another name of source's file, atomically; replacing source later leaves path as it is."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        os.link(source, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def remove_orphans(directory: str) -> list[str]:
-    """Remove the temporary files of writes cut short (a SIGKILL during a save); returns their names."""
-    orphans = [f for f in os.listdir(directory) if ".pt.tmp." in f]
-    for name in orphans:
-        os.remove(os.path.join(directory, name))
-    return orphans
+    write_atomic(path, lambda tmp: os.link(source, tmp))
 
 
 def to_host(obj):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bsdist.config.schema import LOSS_NAMES, check_registry
 from bsdist.distributed import DistEnv, all_reduce_max, broadcast_from_main
 from bsdist.errors import BsdistError
 
@@ -36,6 +37,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
 
 
 LOSSES = {"CrossEntropyLoss": CrossEntropyLoss, "BalancedSoftmax": BalancedSoftmax}  # LOSS.name
+check_registry("bsdist.losses.LOSSES", LOSSES, LOSS_NAMES)
 
 
 def broadcast_class_prior(num_per_cls: dict, env: DistEnv) -> list[int]:

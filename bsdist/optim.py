@@ -18,12 +18,12 @@ class LRFactor:
     """Multiplier of the peak learning rate at a given optimiser step (picklable, so resumable)."""
 
     def __init__(self, cfg: Config, steps_per_epoch: int):
-        s, p = cfg.SCHEDULER, cfg.SCHEDULER.params
-        self.name, self.steps_per_epoch = s.sched_name, steps_per_epoch
-        self.warmup = p.warmup_epochs
-        self.t_initial = p.t_initial or (cfg.TRAIN.epochs - self.warmup)
-        self.t_mult, self.min_factor = p.t_mult, p.eta_min / cfg.OPTIMIZER.lr
-        self.milestones, self.gamma = p.milestones, p.gamma
+        params = cfg.SCHEDULER.params
+        self.name, self.steps_per_epoch = cfg.SCHEDULER.sched_name, steps_per_epoch
+        self.warmup = params.warmup_epochs
+        self.t_initial = params.t_initial or (cfg.TRAIN.epochs - self.warmup)
+        self.t_mult, self.min_factor = params.t_mult, params.eta_min / cfg.OPTIMIZER.lr
+        self.milestones, self.gamma = params.milestones, params.gamma
 
     def __call__(self, step: int) -> float:
         warmup_steps = self.warmup * self.steps_per_epoch
@@ -51,11 +51,11 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     fused SGD otherwise allocates them uninitialised on the first step and, when that step is skipped
     through `found_inf`, keeps the uninitialised memory as momentum.
     """
-    o = cfg.OPTIMIZER
+    settings = cfg.OPTIMIZER
     trained = [p for p in model.parameters() if p.requires_grad]  # a frozen backbone (CRT.stage1) is left out
-    optimizer = torch.optim.SGD(trained, lr=o.lr, momentum=o.momentum,
-                                weight_decay=o.weight_decay, nesterov=o.nesterov, fused=True)
-    if o.momentum:
+    optimizer = torch.optim.SGD(trained, lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay, nesterov=settings.nesterov, fused=True)
+    if settings.momentum:
         for group in optimizer.param_groups:
             for p in group["params"]:
                 optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)

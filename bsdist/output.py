@@ -17,11 +17,12 @@ import shutil
 import sys
 
 from bsdist import checkpoint, config
+from bsdist.atomic import remove_orphans, write_atomic, write_text
 from bsdist.config import Config, dump
 from bsdist.distributed import DistEnv
 from bsdist.errors import BsdistError
-from bsdist.figures import MAX_HEATMAP_CLASSES, class_figure, reliability_figure
 from bsdist.metrics import CONFUSION_CLASSES, FEW_SHOT, MANY_SHOT, shot_groups
+from bsdist.plots import MAX_HEATMAP_CLASSES, class_figure, reliability_figure, save
 
 SCALARS = ("acc", "bcr", "loss", "many", "medium", "few", "ece")  # an evaluation's loss is its NLL
 BEST = ("bcr", "acc", "many", "medium", "few", "epoch")  # of the selected model (best.pt), in TensorBoard's test/best_*
@@ -108,7 +109,7 @@ class RunOutput:
                               "set DEFAULT.savedir to a writable directory") from None
         self.log_file.setFormatter(LINE)
         LOG.addHandler(self.log_file)
-        orphans = checkpoint.remove_orphans(self.run_dir)
+        orphans = remove_orphans(self.run_dir)
         if orphans:
             self.info(f"removed {', '.join(orphans)}: what remained of a checkpoint write cut short")
         free = shutil.disk_usage(self.run_dir).free
@@ -116,9 +117,7 @@ class RunOutput:
             raise BsdistError(f"{self.run_dir} has {free / 2**20:.0f} MiB free, less than the "
                               f"{2 * checkpoint_bytes / 2**20:.0f} MiB two checkpoints need; "
                               "free space or set DEFAULT.savedir elsewhere")
-        with open(self.path("config.yaml.tmp"), "w") as f:
-            f.write(dump(cfg))
-        os.replace(self.path("config.yaml.tmp"), self.path("config.yaml"))
+        write_text(self.path("config.yaml"), dump(cfg))
         self._truncate_csv(resumed_epoch)
         # purge_step hides events an earlier attempt logged after the checkpoint (all of them when starting afresh)
         self.writer = SummaryWriter(self.run_dir, purge_step=0 if resumed_step is None else resumed_step + 1)
@@ -165,20 +164,13 @@ class RunOutput:
         heatmap = len(self.num_per_cls) <= MAX_HEATMAP_CLASSES
         figure = class_figure(metrics, self.num_per_cls, self.class_names,
                               f"{split} {'confusion' if heatmap else 'recall by class'}, step {step}")
-        self.writer.add_image(f"{split}/{'confusion' if heatmap else 'recall_by_class'}", figure, step,
-                              dataformats="HWC")
-        self.writer.add_image(f"{split}/reliability",
-                              reliability_figure(metrics["calibration"], f"{split} reliability, step {step}"),
-                              step, dataformats="HWC")
+        self.writer.add_figure(f"{split}/{'confusion' if heatmap else 'recall_by_class'}", figure, step)
+        self.writer.add_figure(f"{split}/reliability",
+                               reliability_figure(metrics["calibration"], f"{split} reliability, step {step}"), step)
 
 
     def epoch_row(self, row: dict) -> None:
         path = self.path("metrics.csv")
-        if os.path.exists(path):
-            with open(path, newline="") as f:
-                header = next(csv.reader(f), [])
-            if header != list(row):  # written by a bsdist with other columns: rewrite it with these, keeping its rows
-                self._rewrite_csv(list(row), keep_epochs=None)
         new = not os.path.exists(path)
         with open(path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))
@@ -200,20 +192,14 @@ class RunOutput:
 
     def results(self, results: dict) -> None:
         """results.json, and reliability.png: the test calibration of the selected model."""
-        from PIL import Image
         best = results["best"]
-        if "calibration" in best:  # a run begun before bsdist measured calibration has none
-            figure = reliability_figure(best["calibration"],
-                                        f"test reliability of the selected model (epoch {best['epoch']})")
-            Image.fromarray(figure).save(self.path("reliability.png.tmp"), format="PNG")
-            os.replace(self.path("reliability.png.tmp"), self.path("reliability.png"))
+        title = f"test reliability of the selected model (epoch {best['epoch']})"
+        save(reliability_figure(best["calibration"], title), self.path("reliability.png"))
         self.write_json("results.json", results)
 
     def write_json(self, name: str, content: dict) -> None:
         """A JSON file in the run directory, written atomically."""
-        with open(self.path(name + ".tmp"), "w") as f:
-            json.dump(content, f, indent=2)
-        os.replace(self.path(name + ".tmp"), self.path(name))
+        write_text(self.path(name), json.dumps(content, indent=2))
 
     def close(self) -> None:
         self.checkpoints.wait(raise_error=False)  # a write under way finishes, even when the run failed
@@ -224,23 +210,23 @@ class RunOutput:
             self.log_file.close()
 
     def _truncate_csv(self, keep_epochs: int) -> None:
-        if os.path.exists(self.path("metrics.csv")):
-            self._rewrite_csv(None, keep_epochs)
-
-    def _rewrite_csv(self, fieldnames: list[str] | None, keep_epochs: int | None) -> None:
-        """metrics.csv with only the epochs up to keep_epochs (None: all), under fieldnames (None: its own)."""
+        """metrics.csv with only the epochs up to keep_epochs: a resumed run writes the later ones again."""
         path = self.path("metrics.csv")
+        if not os.path.exists(path):
+            return
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            rows, fieldnames = list(reader), fieldnames or reader.fieldnames
-        kept = [r for r in rows if keep_epochs is None or int(r["epoch"]) <= keep_epochs]
-        if len(kept) == len(rows) and fieldnames == reader.fieldnames:
+            rows, fieldnames = list(reader), reader.fieldnames
+        kept = [r for r in rows if int(r["epoch"]) <= keep_epochs]
+        if len(kept) == len(rows):
             return
-        with open(path + ".tmp", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fieldnames, restval="", extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(kept)
-        os.replace(path + ".tmp", path)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fieldnames, restval="", extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(kept)
+        write_atomic(path, write)
 
     def _layout(self, splits: list[str]) -> None:
         """TensorBoard's CUSTOM SCALARS page: the curves read together on one chart each."""
@@ -263,7 +249,7 @@ class RunOutput:
                 value = str(value).lower()  # true / false / auto / none, not 1 / 0
                 domains[key] = ["false", "true"] + (["auto"] if f.kind == "auto_bool" else [])
             elif f.kind == "choice":
-                domains[key] = [str(c) for c in f.allowed] + (["none"] if f.nullable else [])
+                domains[key] = [str(c) for c in f.choices] + (["none"] if f.nullable else [])
             values[key] = value if isinstance(value, (int, float, str)) else str(value)
         splits = ["val", "test"] if cfg.DATASET.val_per_cls else ["test"]
         metrics = {f"test/best_{m}": 0.0 for m in BEST}

@@ -22,7 +22,6 @@ import sys
 
 from bsdist import config
 from bsdist.config import Config
-from bsdist.data import is_file_list
 from bsdist.errors import BsdistError
 from bsdist.plots import plot, plot_classes
 from bsdist.rundir import results_of, saved_config
@@ -86,15 +85,16 @@ def run_entries(directory: str, runs_dir: str) -> list[dict]:
     """One entry per method a finished run directory holds: the run's selected model, and each post-hoc
     variant of it that `--evaluate --posthoc` wrote (with the tau it tuned on the validation split)."""
     cfg, results = saved_config(directory), results_of(directory)
-    d, best = cfg.DATASET, results["best"]
-    factor = d.imbalance_factor if d.imbalance_type else 1.0
+    dataset, best = cfg.DATASET, results["best"]
+    factor = dataset.imbalance_factor if dataset.imbalance_type else 1.0
     stage1 = stage1_config(cfg, results)
     method = method_of(cfg, stage1)
     reference = None
-    if d.imbalance_type in ("exp", None) and all(config.get(cfg, k) == v for k, v in REFERENCE_RECIPE.items()):
-        reference = REFERENCE_ACC.get((d.name, method), {}).get(factor)
+    if dataset.imbalance_type in ("exp", None) and all(config.get(cfg, k) == v for k, v in REFERENCE_RECIPE.items()):
+        reference = REFERENCE_ACC.get((dataset.name, method), {}).get(factor)
     entry = {
-        "dataset": d.name, "imbalance_type": d.imbalance_type or ("as listed" if is_file_list(d.name) else "balanced"),
+        "dataset": dataset.name,
+        "imbalance_type": dataset.imbalance_type or ("as listed" if config.is_file_list(dataset.name) else "balanced"),
         "imbalance_factor": int(factor) if float(factor).is_integer() else factor, "method": method,
         "seed": cfg.DEFAULT.seed, "selected_on": best["selected_on"], "cfg": cfg, "reference_acc": reference,
         "settings": setting_values(cfg, stage1),

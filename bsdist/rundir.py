@@ -21,15 +21,14 @@ SAME_AS_STAGE1 = ("DATASET.name", "DATASET.imbalance_type", "DATASET.imbalance_f
 
 
 def saved_config(run_dir: str) -> Config:
-    """The config.yaml of a run directory (with keys added since it was written filled in), validated as
-    it was when the run started (all but the device, which is the business of whoever trains), or one error."""
+    """The config.yaml of a run directory, validated as it was when the run started (all but the device,
+    which is the business of whoever trains), or one error."""
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         raise BsdistError(f"{run_dir} holds no config.yaml, so it is not a bsdist run directory; "
                           "name a directory <savedir>/<dataset>/<model>/<exp_name> that a run wrote")
     try:
-        return config.validate(config.upgrade(config.read_yaml(path, "saved config", "config.yaml")),
-                               device_here=False)
+        return config.validate(config.read_yaml(path, "saved config", "config.yaml"), device_here=False)
     except BsdistError as e:
         raise BsdistError(f"{path}: {e}") from None
 

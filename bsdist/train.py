@@ -155,8 +155,8 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES[agreed_precision(t.mixed_precision, env)]
         optimizer = build_optimizer(cfg, self.model.module)
         steps_per_epoch = -(-len(self.data.train) // t.grad_accum_steps)
-        self.state = TrainState(self.model.train, build_loss(cfg.LOSS.name, self.num_per_cls).to(env.device), optimizer,
-                                build_scheduler(cfg, optimizer, steps_per_epoch),
+        self.state = TrainState(self.model.wrapped, build_loss(cfg.LOSS.name, self.num_per_cls).to(env.device),
+                                optimizer, build_scheduler(cfg, optimizer, steps_per_epoch),
                                 torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16),
                                 self.amp_dtype,
                                 t.grad_accum_steps, t.nonfinite, t.ckpt_every_steps, t.check_every_steps,

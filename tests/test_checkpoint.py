@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from bsdist import BsdistError, checkpoint
+from bsdist import BsdistError, atomic, checkpoint
 
 WRITER = """
 import sys, torch
@@ -164,9 +164,9 @@ def test_a_failed_link_leaves_no_temporary_file(tmp_path):
 
 
 def test_the_temporary_files_of_interrupted_writes_are_removed(tmp_path):
-    for name in ("last.pt", "last.pt.tmp.4242", "best.pt.tmp.7", "notes.tmp", "results.json"):
+    for name in ("last.pt", "last.pt.tmp.4242", "best.pt.tmp.7", "config.yaml.tmp.9", "notes.tmp", "results.json"):
         (tmp_path / name).write_bytes(b"")
-    assert sorted(checkpoint.remove_orphans(str(tmp_path))) == ["best.pt.tmp.7", "last.pt.tmp.4242"]
+    assert sorted(atomic.remove_orphans(str(tmp_path))) == ["best.pt.tmp.7", "config.yaml.tmp.9", "last.pt.tmp.4242"]
     assert sorted(os.listdir(tmp_path)) == ["last.pt", "notes.tmp", "results.json"]
 
 

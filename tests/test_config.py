@@ -256,7 +256,7 @@ def test_shipped_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_shipped_configs_validate(path):
     cfg = validate(load(path))
-    assert cfg.DATASET.name in config.FIELDS["DATASET.name"].allowed
+    assert cfg.DATASET.name in config.FIELDS["DATASET.name"].choices
     assert cfg.DEFAULT.exp_name
 
 
@@ -305,24 +305,6 @@ def test_changed_keys():
     assert changed_keys(base, two) == ["OPTIMIZER.lr", "TRAIN.epochs"]
 
 
-def test_a_config_saved_before_split_seed_existed_drew_its_split_with_its_seed():
-    old = config.to_dict(ok(["DEFAULT.exp_name", "run", "DEFAULT.seed", "3"]))
-    del old["DATASET"]["split_seed"]
-    upgraded = validate(config.upgrade(old))
-    assert upgraded.DATASET.split_seed == 3 and "split_seed" not in old["DATASET"]
-    assert changed_keys(upgraded, ok(["DEFAULT.exp_name", "run", "DEFAULT.seed", "3"])) == ["DATASET.split_seed"]
-    assert changed_keys(upgraded, ok(["DEFAULT.exp_name", "run", "DEFAULT.seed", "3", "DATASET.split_seed", "3"])) == []
-
-
-def test_a_key_missing_from_a_saved_config_takes_its_default_or_what_was_done_before_it():
-    old = config.to_dict(ok(["DEFAULT.exp_name", "run", "OPTIMIZER.lr", "0.2"]))
-    del old["SCHEDULER"]["params"]["warmup_epochs"], old["MODEL"]["stem"], old["MODEL"]["sync_bn"], old["CRT"]
-    upgraded = config.upgrade(old)
-    assert upgraded["SCHEDULER"]["params"]["warmup_epochs"] == 0.0 and upgraded["CRT"] == {"stage1": None}
-    assert upgraded["MODEL"]["stem"] == "cifar" and upgraded["MODEL"]["sync_bn"] is False  # not today's auto
-    assert upgraded["OPTIMIZER"]["lr"] == 0.2
-
-
 @pytest.mark.parametrize("overrides, world_size, expected, reason", [
     ([], 1, False, "one process"),
     (["DATASET.batch_size", "32"], 8, True, "4 images per process is below MODEL.sync_bn_batch 32"),
@@ -354,3 +336,30 @@ def test_a_node_with_gpus_that_cuda_cannot_see_refuses_to_train_on_cpu(tmp_path,
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "0")
     monkeypatch.setattr(config.device, "gpus_expected", lambda dev="/dev": None)
     assert config.resolve_device("auto") == "cpu"
+
+
+# ------------------------------------------------------------------------------------------ registries
+
+def test_every_registry_holds_exactly_the_names_the_schema_declares():
+    from bsdist.config import schema
+    from bsdist.data.datasets import ARRAY_DATASETS
+    from bsdist.data.imagelist import FILE_DATASETS
+    from bsdist.losses import LOSSES
+    from bsdist.models.zoo import MODELS
+    own_models = [name for name, build in MODELS.items() if build.__module__.startswith("bsdist.")]  # not tiny_model's
+    assert (tuple(ARRAY_DATASETS), FILE_DATASETS, tuple(LOSSES), tuple(own_models)) == (
+        schema.ARRAY_DATASET_NAMES, schema.FILE_DATASET_NAMES, schema.LOSS_NAMES, schema.MODEL_NAMES)
+    with pytest.raises(BsdistError, match=r"bsdist.losses.LOSSES holds CrossEntropyLoss, BalancedSoftmax, LDAM but "
+                                          r"bsdist/config/schema.py declares CrossEntropyLoss, BalancedSoftmax"):
+        schema.check_registry("bsdist.losses.LOSSES", [*LOSSES, "LDAM"], schema.LOSS_NAMES)
+
+
+def test_validation_imports_no_registry():
+    """config sits below data, losses and models: validating a config loads none of them."""
+    import subprocess
+    import sys
+    code = ("import sys; from bsdist import config; config.validate(config.load(None, ['DATASET.name', 'ImageNetLT', "
+            "'DATASET.datadir', '.'])); print(sorted(m for m in sys.modules if m.startswith('bsdist.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(sorted(["bsdist.config", "bsdist.config.device", "bsdist.config.loading",
+                                      "bsdist.config.schema", "bsdist.config.validation", "bsdist.errors"]))

@@ -80,7 +80,7 @@ def epoch_of_training(env, batch_size, *overrides, poisoned_call=0, out=None, ep
     optimizer = build_optimizer(cfg, model.module)
     amp = AMP_DTYPES[t.mixed_precision]
     criterion = PoisonedLoss(list(data.num_per_cls.values()), poisoned_call)
-    state = TrainState(model.train, criterion, optimizer, build_scheduler(cfg, optimizer, len(data.train)),
+    state = TrainState(model.wrapped, criterion, optimizer, build_scheduler(cfg, optimizer, len(data.train)),
                        torch.amp.GradScaler("cpu", enabled=amp == torch.float16), amp, t.grad_accum_steps, t.nonfinite,
                        **{"check_every": 10**6, **fields})
     with counting_host_transfers() as counts:

@@ -60,9 +60,9 @@ def test_converting_to_sync_batchnorm_keeps_parameters_and_keys():
 
 def test_one_process_trains_without_ddp(env):
     cfg = config.validate(config.load(None, ["TRAIN.device", "cpu"]))
-    built = build_model(cfg, 10, 3, env.device, compile_model=False)
-    assert built.train is built.module is built.compiled
-    assert not isinstance(built.train, nn.parallel.DistributedDataParallel)
+    model = build_model(cfg, num_classes=10, in_channels=3, device=env.device, compile_model=False)
+    assert model.wrapped is model.module is model.compiled
+    assert not isinstance(model.wrapped, nn.parallel.DistributedDataParallel)
 
 
 @pytest.mark.parametrize("name, classes, parameters", [

@@ -7,7 +7,6 @@ import os
 import statistics
 
 import pytest
-import yaml
 
 from bsdist import BsdistError, config
 from bsdist.report import aggregate, collect, write_report
@@ -92,18 +91,3 @@ def test_published_numbers_stand_only_beside_the_recipe_that_produced_them(tmp_p
     rows = aggregate(collect(str(tmp_path))[0])
     assert [(r["setting"], r["reference_acc"]) for r in rows] == [("OPTIMIZER.momentum 0.0", .7065),
                                                                   ("OPTIMIZER.momentum 0.9", None)]
-
-
-def test_runs_from_before_calibration_was_measured_show_a_dash(tmp_path):
-    directory = fake_run(tmp_path, "old", 0.9)
-    with open(os.path.join(directory, "results.json")) as f:
-        results = json.load(f)
-    del results["best"]["ece"], results["best"]["nll"]
-    with open(os.path.join(directory, "results.json"), "w") as f:
-        json.dump(results, f)
-    saved = yaml.safe_load(open(os.path.join(directory, "config.yaml")))
-    del saved["DATASET"]["split_seed"], saved["TRAIN"]["nonfinite"], saved["CRT"]  # written before these keys existed
-    open(os.path.join(directory, "config.yaml"), "w").write(yaml.safe_dump(saved))
-    write_report(str(tmp_path))
-    assert ("| DigitsLT | exp 10 | BS | 1 | 0.9000 | 0.9000 | 0.9000 | 0.9000 | - | - |"
-            in (tmp_path / "report.md").read_text())

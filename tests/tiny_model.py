@@ -4,8 +4,11 @@ BatchNorm statistics are per process unless MODEL.sync_bn is on, so only a model
 with synchronised ones) ends a 2-process run with the weights of a 1-process run.
 """
 
+import dataclasses
+
 from torch import nn
 
+from bsdist.config import FIELDS
 from bsdist.models import MODELS
 
 
@@ -21,10 +24,11 @@ def wide(num_classes: int, in_channels: int, stem: str = "cifar") -> nn.Module:
 
 
 def register() -> None:
-    MODELS["tiny"] = tiny
-    MODELS["wide"] = wide
-    MODELS["tiny_bn"] = tiny_bn
-    MODELS["tiny_fc"] = TinyFc
+    """The test models in the registry, and their names among MODEL.name's choices (bsdist's own are declared
+    in the schema)."""
+    MODELS.update(tiny=tiny, wide=wide, tiny_bn=tiny_bn, tiny_fc=TinyFc)
+    name = FIELDS["MODEL.name"]
+    FIELDS["MODEL.name"] = dataclasses.replace(name, choices=tuple(dict.fromkeys((*name.choices, *MODELS))))
 
 
 def tiny_bn(num_classes: int, in_channels: int, stem: str = "cifar") -> nn.Module:

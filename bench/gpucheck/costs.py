@@ -86,7 +86,7 @@ def check_checkpoint_cost(ctx: Context):
     if not ctx.fits(10, "building ResNet-18 and its optimiser", left_out):
         raise Skip(f"budget: {left_out[0]}")
     cfg = bench_config(32, "no", ctx.env, overrides=["OPTIMIZER.momentum", "0.9"])
-    model = create(cfg, 10, 3, ctx.env.device, sync_bn=False)
+    model = create(cfg, num_classes=10, in_channels=3, device=ctx.env.device, sync_bn=False)
     optimizer = build_optimizer(cfg, model)  # momentum buffers: a second model's worth
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 0}
     path = os.path.join(ctx.workdir, "cost.pt")

@@ -50,11 +50,12 @@ def bsdist_data(data, targets, batch_size, device, seed=0, world_size=1, rank=0)
     ds = ImageArrays(data, targets)
     sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                                   drop_last=True)
-    augment = BatchAugment(len(ds), CIFAR10LT.mean, CIFAR10LT.std, ["RandomCrop", "RandomHorizontalFlip"], 4, seed,
-                           device)
+    augment = BatchAugment(len(ds), mean=CIFAR10LT.mean, std=CIFAR10LT.std,
+                           aug_info=["RandomCrop", "RandomHorizontalFlip"], padding=4, seed=seed, device=device)
     batches = ResumableBatchSampler(sampler, batch_size, True)
     counts = {c: int((targets == c).sum()) for c in range(10)}
-    return Data(DeviceLoader(ds, batches, device), sampler, {}, augment, counts, 10, 3)
+    return Data(train=DeviceLoader(ds, batches, device), train_sampler=sampler, eval={}, augment=augment,
+                num_per_cls=counts, num_classes=10, in_channels=3)
 
 
 def images_per_second(n_images, seconds):

@@ -82,7 +82,8 @@ class Trainer:
         if env.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # as a run sets it (bsdist/train.py)
         self.cfg = bench_config(batch_size, precision, env, overrides=model_overrides(model, image_size))
-        self.built = build_model(self.cfg, 10, 3, env.device, compile_model)
+        self.built = build_model(self.cfg, num_classes=10, in_channels=3, device=env.device,
+                                 compile_model=compile_model)
         images = batch_size * env.world_size
         data, targets = cifar_shaped_digits(images * steps, image_size)
         if len(set(targets.tolist())) < 10:
@@ -91,7 +92,7 @@ class Trainer:
         shard = dict(world_size=env.world_size, rank=env.rank)
         self.data = bsdist_data(data, targets, batch_size, env.device, **shard)
         self.one_step = bsdist_data(data[:images], targets[:images], batch_size, env.device, **shard)
-        self.state = train_state(self.cfg, self.built.module, self.built.train, self.data, env, steps, check_every)
+        self.state = train_state(self.cfg, self.built.module, self.built.wrapped, self.data, env, steps, check_every)
         self.epochs_run = 0
 
     def epoch(self, data: Data | None = None) -> tuple[float, int]:

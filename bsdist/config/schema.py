@@ -3,20 +3,20 @@ default, type, allowed values, check and help. It is the one source of the keys:
 validation, `configs/default.yaml`, the README's reference and typed access (`cfg.TRAIN.epochs`)
 all come from it.
 
-Names that a registry owns (datasets, losses, models) are read from the registry when they are first
-needed, so a registry declares them once and this module stays free of torch.
+The names of the registries (datasets, augmentations, losses, models) are declared here, so validation
+reads no registry and config imports none of data, losses or models; each registry checks at import that it
+holds exactly the declared names (check_registry). This module stays free of torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from bsdist.errors import BsdistError
+
 KINDS = {bool: "bool", int: "int", float: "float", str: "str", list: "list"}
-# A config saved before a key existed meant this for it, where today's default means something else.
-Legacy = Callable[[dict], Any]
 
 
 @dataclass(frozen=True)
@@ -24,24 +24,18 @@ class Field:
     default: Any
     kind: str  # int, float, str, bool, list, choice, auto_bool
     help: str
-    choices: tuple | Callable[[], tuple] = ()  # a callable reads a registry's names when first needed
+    choices: tuple = ()
     nullable: bool = False
     check: Callable[[Any], str | None] | None = None  # returns a problem description or None
     resumable: bool = False  # may differ between a run and its resumption: changes speed or logging, never results
-    legacy: Legacy | None = None
-
-    @property
-    def allowed(self) -> tuple:
-        return self.choices() if callable(self.choices) else self.choices
 
 
 def option(default, help: str, *, kind: str | None = None, choices=(), nullable: bool | None = None,
-           check=None, resumable: bool = False, legacy: Legacy | None = None):
+           check=None, resumable: bool = False):
     """A dataclass field carrying its Field; the kind follows from the default unless given."""
     if kind is None:
         kind = "choice" if choices and not isinstance(default, list) else KINDS[type(default)]
-    meta = Field(default, kind, help, choices, default is None if nullable is None else nullable, check, resumable,
-                 legacy)
+    meta = Field(default, kind, help, choices, default is None if nullable is None else nullable, check, resumable)
     if isinstance(default, list):  # held as a tuple, so the config stays immutable
         return dataclasses.field(default=tuple(default), metadata={"field": meta})
     return dataclasses.field(default=default, metadata={"field": meta})
@@ -51,9 +45,28 @@ def section(cls):
     return dataclasses.field(default_factory=cls, metadata={"section": cls})
 
 
-def registry(module: str, name: str) -> Callable[[], tuple]:
-    """The names of a registry (a dict or tuple in `module`), read when first needed."""
-    return lambda: tuple(getattr(importlib.import_module(module), name))
+# The registries' names, in their order. A dataset held in memory as one uint8 array (bsdist.data.datasets), or
+# one that reads image files through lists or folders (bsdist.data.imagelist).
+ARRAY_DATASET_NAMES = ("CIFAR10LT", "CIFAR100LT", "DigitsLT")
+FILE_DATASET_NAMES = ("ImageList", "ImageNetLT", "PlacesLT", "iNat2018")
+# DATASET.aug_info: the first two run on batches on the device (bsdist.data.augment); RandomResizedCrop crops
+# image files as they are decoded (bsdist.data.imagefiles).
+AUGMENTATION_NAMES = ("RandomCrop", "RandomHorizontalFlip", "RandomResizedCrop")
+LOSS_NAMES = ("CrossEntropyLoss", "BalancedSoftmax")  # bsdist.losses.LOSSES
+MODEL_NAMES = ("resnet32", "resnet10", "resnet18", "resnet50", "resnext50_32x4d", "resnet152")  # bsdist.models.zoo
+
+
+def check_registry(registry: str, names, declared: tuple) -> None:
+    """A registry (its names, in order) against the names declared here: a name added to one but not the
+    other fails when the registry is imported, not when a run asks for it."""
+    if tuple(names) != declared:
+        raise BsdistError(f"{registry} holds {', '.join(names)} but bsdist/config/schema.py declares "
+                          f"{', '.join(declared)}; declare each name in both, in the same order")
+
+
+def is_file_list(name: str) -> bool:
+    """Whether DATASET.name reads image files through lists or folders (decoded as loaded)."""
+    return name in FILE_DATASET_NAMES
 
 
 def positive(v):
@@ -85,7 +98,7 @@ class Default:
 class Dataset:
     name: str = option("CIFAR10LT", "dataset: CIFAR-LT and the offline digits held in memory; ImageList (split lists "
                                     "or a class-per-folder tree) and its presets ImageNetLT, PlacesLT, iNat2018 read "
-                                    "image files", choices=registry("bsdist.data", "DATASETS"))
+                                    "image files", choices=(*ARRAY_DATASET_NAMES, *FILE_DATASET_NAMES))
     datadir: str = option("./data", "directory holding cifar-10-batches-py/ or cifar-100-python/, or the images (and "
                                     "split lists) of an image-list dataset", resumable=True)
     train_list: str | None = option(None, "image-list datasets: the training list (`relative/path label` lines; "
@@ -122,20 +135,19 @@ class Dataset:
                                                 "for CIFAR and digits and null for image lists",
                                         choices=("auto", "exp", "step"), nullable=True)
     split_seed: int = option(0, "seed of the long-tailed subset and the validation hold-out; 0 is the standard "
-                                "subset of LDAM-DRW and the reference trainer", check=non_negative,
-                             legacy=lambda saved: saved.get("DEFAULT", {}).get("seed", 0))  # one seed drew both
+                                "subset of LDAM-DRW and the reference trainer", check=non_negative)
     imbalance_factor: float = option(100.0, "largest / smallest class count (1 = balanced)", check=at_least_one)
     val_per_cls: int = option(0, "balanced validation images per class, taken from training images the long-tailed "
                                  "subset left unused; 0 selects the best model on the test set", check=non_negative)
     aug_info: tuple[str, ...] = option(["RandomCrop", "RandomHorizontalFlip"], "training augmentations, applied per "
                                        "batch on the device (RandomResizedCrop: as image files are decoded)",
-                                       choices=registry("bsdist.data", "AUGMENTATIONS"))
+                                       choices=AUGMENTATION_NAMES)
     crop_padding: int = option(4, "zero padding of RandomCrop, in pixels", check=non_negative)
 
 
 @dataclass(frozen=True)
 class Loss:
-    name: str = option("BalancedSoftmax", "training loss", choices=registry("bsdist.losses", "LOSSES"))
+    name: str = option("BalancedSoftmax", "training loss", choices=LOSS_NAMES)
 
 
 @dataclass(frozen=True)
@@ -221,18 +233,16 @@ class Crt:
 class Model:
     name: str = option("resnet18", "model: resnet32 is the CIFAR ResNet of LDAM-DRW and BALMS, the others are "
                                    "torchvision's with MODEL.stem (see bsdist.models.zoo)",
-                       choices=registry("bsdist.models", "MODELS"))
+                       choices=MODEL_NAMES)
     stem: str = option("auto", "first layers: cifar (3x3 stride-1 convolution, no max-pool) or imagenet (7x7 stride-2 "
                                "and max-pool); auto is cifar up to 64 px images (CIFAR, digits, image lists at "
-                               "DATASET.image_size <= 64) and imagenet above", choices=("auto", "cifar", "imagenet"),
-                       legacy=lambda saved: "cifar")  # the only stem there was
+                               "DATASET.image_size <= 64) and imagenet above", choices=("auto", "cifar", "imagenet"))
     pretrained: str | None = option(None, "a local weights file (a state dict, or a checkpoint holding one) to start "
                                           "from, read with weights_only; the classifier starts afresh when its class "
                                           "count differs; nothing is downloaded", kind="str")
     sync_bn: bool | str = option("auto", "BatchNorm statistics over the global batch (all processes' images), as one "
                                          "process with the same batch computes them; auto: when several processes "
-                                         "each hold fewer than MODEL.sync_bn_batch images", kind="auto_bool",
-                                 legacy=lambda saved: False)  # BatchNorm was per process
+                                         "each hold fewer than MODEL.sync_bn_batch images", kind="auto_bool")
     sync_bn_batch: int = option(32, "with MODEL.sync_bn auto, the per-process batch below which BatchNorm "
                                     "synchronises", check=positive)
 

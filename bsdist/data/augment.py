@@ -18,13 +18,8 @@ def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
 
 
-# DATASET.aug_info: the first two run here on batches; RandomResizedCrop crops image files as they are
-# decoded (bsdist.data.imagelist).
-AUGMENTATIONS = ("RandomCrop", "RandomHorizontalFlip", "RandomResizedCrop")
-
-
 class BatchAugment:
-    def __init__(self, num_samples: int, mean, std, aug_info, padding: int, seed: int, device):
+    def __init__(self, num_samples: int, *, mean, std, aug_info, padding: int, seed: int, device):
         self.num_samples, self.padding, self.seed = num_samples, padding, seed
         self.crop = "RandomCrop" in aug_info
         self.flip = "RandomHorizontalFlip" in aug_info

@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bsdist.config.schema import is_file_list
 from bsdist.data import imagelist
+from bsdist.data.build import load_splits
 from bsdist.data.imagefiles import HeaderRefused, ImageFiles, decoder_message
 from bsdist.metrics import shot_groups
 
@@ -55,21 +57,21 @@ def _problem(path: str, files: ImageFiles) -> str | None:
 
 def check_data(cfg: Config, decode: bool = False, stream=None) -> int:
     """Print the report (to stdout unless a stream is given); return the exit status (0: no problem)."""
-    from bsdist.data import is_file_list, load_splits
-    d = cfg.DATASET
+    dataset = cfg.DATASET
     say = lambda line: print(line, file=stream or sys.stdout, flush=True)  # noqa: E731
-    if not is_file_list(d.name):
+    if not is_file_list(dataset.name):
         loaded = load_splits(cfg)
-        say(f"{d.name} in {d.datadir}: {loaded.num_classes} classes, held in memory ({d.imbalance_type or 'balanced'} "
-            f"profile, factor {d.imbalance_factor:g})")
-        for split, dataset in {"train": loaded.train, **loaded.eval}.items():
-            say(f"{split}: {_stats(dataset.targets, loaded.num_classes)}")
+        say(f"{dataset.name} in {dataset.datadir}: {loaded.num_classes} classes, held in memory "
+            f"({dataset.imbalance_type or 'balanced'} profile, factor {dataset.imbalance_factor:g})")
+        for split, images in {"train": loaded.train, **loaded.eval}.items():
+            say(f"{split}: {_stats(images.targets, loaded.num_classes)}")
         say("problems: none")
         return 0
-    splits, num_classes, names = imagelist.listings(d)
+    splits, num_classes, names = imagelist.listings(dataset)
     sources = ", ".join(f"{split} {listing.source}" for split, listing in splits.items())
-    say(f"{d.name} in {d.datadir}: {num_classes} classes ({sources})")
-    problems = [p for listing in splits.values() for p in listing.problems] + imagelist.profile_problems(d, splits)
+    say(f"{dataset.name} in {dataset.datadir}: {num_classes} classes ({sources})")
+    problems = [p for listing in splits.values() for p in listing.problems]
+    problems += imagelist.profile_problems(dataset, splits)
     for split, listing in splits.items():
         line = f"{split}: {_stats(listing.labels, num_classes)}"
         if split == "train" and len(listing.labels):
@@ -81,7 +83,7 @@ def check_data(cfg: Config, decode: bool = False, stream=None) -> int:
         if absent and listing.paths:
             problems.append(f"{split}: {len(absent)} of {num_classes} classes have no image "
                             f"(e.g. {', '.join(map(str, absent[:5]))})")
-    paths = [os.path.join(d.datadir, p) for listing in splits.values() for p in listing.paths]
+    paths = [os.path.join(dataset.datadir, p) for listing in splits.values() for p in listing.paths]
     with ThreadPoolExecutor(16) as pool:
         exists = list(pool.map(os.path.isfile, paths, chunksize=256))
     missing = [p for p, ok in zip(paths, exists) if not ok]
@@ -90,7 +92,8 @@ def check_data(cfg: Config, decode: bool = False, stream=None) -> int:
         problems.append(f"... and {len(missing) - MAX_NAMED:,} more missing files ({len(missing):,} in all)")
     if decode:
         # an evaluation set's decoder: the header checks and reductions of training, no crop draw
-        files = ImageFiles(d.datadir, [], np.zeros(0), d.image_size, False, 0, max_pixels=d.max_image_pixels)
+        files = ImageFiles(dataset.datadir, [], np.zeros(0), dataset.image_size, random_crop=False, seed=0,
+                           max_pixels=dataset.max_image_pixels)
         problems += _decode_all([p for p, ok in zip(paths, exists) if ok], files)
     if not problems:
         say("problems: none")

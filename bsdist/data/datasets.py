@@ -13,6 +13,7 @@ import pickle
 import numpy as np
 import torch
 
+from bsdist.config.schema import ARRAY_DATASET_NAMES, check_registry
 from bsdist.data.longtail import long_tail_split
 from bsdist.errors import BsdistError
 
@@ -213,3 +214,4 @@ class DigitsLT(LongTailDataset):
 
 
 ARRAY_DATASETS = {cls.__name__: cls for cls in (CIFAR10LT, CIFAR100LT, DigitsLT)}  # held in memory
+check_registry("bsdist.data.datasets.ARRAY_DATASETS", ARRAY_DATASETS, ARRAY_DATASET_NAMES)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bsdist.config.schema import FILE_DATASET_NAMES, check_registry
 from bsdist.data.imagefiles import CHECK_DATA_HINT, ImageFiles
 from bsdist.errors import BsdistError
 
@@ -53,6 +54,7 @@ PRESETS = {
 }
 # The DATASET.name values that read image files: any list or folder tree, and the presets.
 FILE_DATASETS = ("ImageList", *PRESETS)
+check_registry("bsdist.data.imagelist.FILE_DATASETS", FILE_DATASETS, FILE_DATASET_NAMES)
 
 
 @dataclass

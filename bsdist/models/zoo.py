@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bsdist.config.schema import MODEL_NAMES, check_registry
 from bsdist.errors import BsdistError
 
 STEMS = ("cifar", "imagenet")
@@ -111,6 +112,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnext50_32x4d": _torchvision("resnext50_32x4d"),
     "resnet152": _torchvision("resnet152"),
 }
+check_registry("bsdist.models.MODELS", MODELS, MODEL_NAMES)
 resnet18 = MODELS["resnet18"]
 
 

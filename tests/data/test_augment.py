@@ -12,7 +12,7 @@ BOTH = ["RandomCrop", "RandomHorizontalFlip"]
 
 
 def make(num_samples=64, aug_info=BOTH, padding=4, seed=0, mean=MEAN, std=STD, epoch=0):
-    aug = BatchAugment(num_samples, mean, std, aug_info, padding, seed, "cpu")
+    aug = BatchAugment(num_samples, mean=mean, std=std, aug_info=aug_info, padding=padding, seed=seed, device="cpu")
     if epoch is not None:
         aug.set_epoch(epoch)
     return aug

@@ -96,7 +96,7 @@ def test_a_class_folder_tree_keeps_its_names_and_a_balanced_tree_becomes_long_ta
 
 
 def test_the_config_accepts_exactly_the_datasets_of_the_data_registry():
-    names = config.FIELDS["DATASET.name"].allowed
+    names = config.FIELDS["DATASET.name"].choices
     assert names == ("CIFAR10LT", "CIFAR100LT", "DigitsLT", "ImageList", "ImageNetLT", "PlacesLT", "iNat2018")
     assert [n for n in names if is_file_list(n)] == ["ImageList", *PRESETS]
 

@@ -41,13 +41,13 @@ def batches(loader, epoch, sampler=None):
 
 
 def test_the_loader_setting_chooses_where_batches_are_gathered(cifar10_root, tmp_path, monkeypatch):
-    import bsdist.data
+    import bsdist.data.build
     from torch.utils.data import DataLoader
     data = build_data(cifar_cfg(cifar10_root, tmp_path), CPU)  # auto, and the arrays fit
     assert isinstance(data.train, DeviceLoader) and all(isinstance(l, DeviceLoader) for l in data.eval.values())
     data = build_data(cifar_cfg(cifar10_root, tmp_path, "DATASET.loader", "dataloader"), CPU)
     assert isinstance(data.train, DataLoader) and all(isinstance(l, DataLoader) for l in data.eval.values())
-    monkeypatch.setattr(bsdist.data, "fits_on_device", lambda datasets, device: False)  # a GPU without room
+    monkeypatch.setattr(bsdist.data.build, "fits_on_device", lambda datasets, device: False)  # a GPU without room
     assert isinstance(build_data(cifar_cfg(cifar10_root, tmp_path), CPU).train, DataLoader)
     assert isinstance(build_data(cifar_cfg(cifar10_root, tmp_path, "DATASET.loader", "device"), CPU).train,
                       DeviceLoader)
