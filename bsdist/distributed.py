@@ -173,14 +173,23 @@ def main_process_first(env: DistEnv):
             try:
                 yield
             except BaseException:
-                _any_failed(env, True)
+                any_rank(True, env.device)
                 raise
-        if _any_failed(env, False):
+        if any_rank(False, env.device):
             raise BsdistError("another process failed while preparing the run; its error message says why")
 
 
-def _any_failed(env: DistEnv, failed: bool) -> bool:
-    return bool(all_reduce_max(torch.tensor([float(failed)], device=env.device)).item())
+def rank_max(device: torch.device, *values: float, on_device: torch.Tensor | None = None) -> list[float]:
+    """Each value's maximum over all ranks, after the float64 tensor `on_device` if given: one all-reduce and
+    one host read, so called by every rank or none, and never inside a training step. This is how the
+    ranks agree: a flag any rank raised, a stop signal any rank received."""
+    values = torch.tensor(values, dtype=torch.float64, device=device)
+    return all_reduce_max(values if on_device is None else torch.cat([on_device, values])).tolist()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether flag is true on any rank (every rank gets the same answer, so all of them act on it together)."""
+    return bool(rank_max(device, float(flag))[0])
 
 
 def sync_buffers_from_main(module: torch.nn.Module) -> None:

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -5,15 +6,23 @@ import torch
 import torch.nn.functional as F
 
 from bsdist.errors import BsdistError
-from bsdist.losses import BalancedSoftmax, CrossEntropyLoss, broadcast_class_prior, build_loss
+from bsdist.config import Config
+from bsdist.losses import LOSSES, BalancedSoftmax, CrossEntropyLoss, build_loss
+from bsdist.method import MethodContext, broadcast_class_prior
 from spawn import run_ranks
+
+
+def built(name, counts, **settings):
+    """The loss LOSS.name `name` builds for a run whose training set has `counts` per class."""
+    loss_settings = dataclasses.replace(Config().LOSS, name=name, **settings)
+    return build_loss(loss_settings, MethodContext.of(counts, head=lambda: None))
 
 
 def test_balanced_softmax_is_cross_entropy_on_logits_plus_log_counts():
     counts = [500, 100, 10, 1]
     logits = torch.randn(16, 4, requires_grad=True)
     target = torch.randint(0, 4, (16,))
-    loss = BalancedSoftmax(counts)(logits, target)
+    loss = built("BalancedSoftmax", counts)(logits, target)
     log_prior = torch.log(torch.tensor(counts, dtype=torch.float))
     manual = -(torch.log_softmax(logits + log_prior, 1)[torch.arange(16), target]).mean()
     assert torch.allclose(loss, manual, atol=1e-6)
@@ -28,22 +37,22 @@ def test_balanced_softmax_is_cross_entropy_on_logits_plus_log_counts():
 
 def test_balanced_softmax_equals_cross_entropy_when_balanced():
     logits, target = torch.randn(8, 5), torch.randint(0, 5, (8,))
-    assert torch.allclose(BalancedSoftmax([7] * 5)(logits, target), F.cross_entropy(logits, target), atol=1e-6)
+    assert torch.allclose(built("BalancedSoftmax", [7] * 5)(logits, target), F.cross_entropy(logits, target), atol=1e-6)
 
 
 def test_balanced_softmax_computes_in_float32_under_low_precision_logits():
     logits, target = torch.randn(8, 3).bfloat16(), torch.randint(0, 3, (8,))
-    assert BalancedSoftmax([3, 2, 1])(logits, target).dtype == torch.float32
+    assert built("BalancedSoftmax", [3, 2, 1])(logits, target).dtype == torch.float32
 
 
 def test_balanced_softmax_rejects_a_class_without_images():
     with pytest.raises(BsdistError, match="positive count"):
-        BalancedSoftmax([10, 0, 3])
+        built("BalancedSoftmax", [10, 0, 3])
 
 
 def test_build_loss_by_name():
-    assert isinstance(build_loss("BalancedSoftmax", [2, 1]), BalancedSoftmax)
-    ce = build_loss("CrossEntropyLoss", [2, 1])
+    assert isinstance(built("BalancedSoftmax", [2, 1]), BalancedSoftmax)
+    ce = built("CrossEntropyLoss", [2, 1])
     assert isinstance(ce, CrossEntropyLoss)
     logits, target = torch.randn(4, 2), torch.tensor([0, 1, 1, 0])
     assert torch.allclose(ce(logits, target), F.cross_entropy(logits, target))
@@ -75,7 +84,7 @@ def test_every_rank_stops_when_a_rank_built_another_training_set():
 
 def test_balanced_softmax_reduces_as_the_official_implementation_allows():
     counts, logits, target = [50, 5, 1], torch.randn(6, 3), torch.randint(0, 3, (6,))
-    loss = BalancedSoftmax(counts)
+    loss = built("BalancedSoftmax", counts)
     per_image = loss(logits, target, reduction="none")
     assert per_image.shape == (6,)
     assert torch.allclose(loss(logits, target, reduction="sum"), per_image.sum())
@@ -89,7 +98,8 @@ def test_the_reference_dataset_import_works():
 
 def test_the_log_prior_is_computed_in_float64_and_rounded_once():
     # float32's log(7) and log(47) are one unit in the last place off the correctly rounded values
-    assert BalancedSoftmax([7, 47, 1]).log_prior.tolist() == torch.tensor([math.log(7), math.log(47), 0.0]).tolist()
+    log_prior = built("BalancedSoftmax", [7, 47, 1]).log_prior
+    assert log_prior.tolist() == torch.tensor([math.log(7), math.log(47), 0.0]).tolist()
 
 
 @pytest.fixture
@@ -106,9 +116,17 @@ def test_class_prior_of_a_single_process_is_its_counts_in_class_order(one_rank):
 
 
 def test_a_rank_whose_counts_differ_from_rank_0_s_raises(one_rank, monkeypatch):
-    import bsdist.losses
+    import bsdist.method
     # rank 0 counted one more image of class 1 than this rank
-    monkeypatch.setattr(bsdist.losses, "broadcast_from_main", lambda t: t + torch.tensor([0.0, 1.0], dtype=t.dtype))
+    monkeypatch.setattr(bsdist.method, "broadcast_from_main", lambda t: t + torch.tensor([0.0, 1.0], dtype=t.dtype))
     with pytest.raises(BsdistError, match=r"class counts differ from rank 0's\); make sure every node reads the same "
                                           r"DATASET\.datadir files"):
         broadcast_class_prior({0: 50, 1: 20}, one_rank)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_loss_takes_class_probabilities_as_targets_as_mixup_makes_them(name):
+    """Soft targets (a mixing augmentation's) that are one-hot give the loss of the class indices."""
+    counts, logits, target = [50, 5, 1], torch.randn(6, 3), torch.randint(0, 3, (6,))
+    loss = built(name, counts)
+    assert torch.allclose(loss(logits, F.one_hot(target, 3).float()), loss(logits, target), atol=1e-6)

@@ -236,15 +236,15 @@ def test_mixed_precision_trains_like_fp32(tmp_path, precision):
 def test_compiled_model_trains_without_recompiling_and_saves_plain_keys(tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
 
-    import bsdist.train
+    import bsdist.trainer
     graphs_at_eval = []
-    original = bsdist.train.evaluate
+    original = bsdist.trainer.evaluate
 
     def counting_evaluate(*args, **kwargs):
         result = original(*args, **kwargs)
         graphs_at_eval.append(counters["stats"]["unique_graphs"])
         return result
-    monkeypatch.setattr(bsdist.train, "evaluate", counting_evaluate)
+    monkeypatch.setattr(bsdist.trainer, "evaluate", counting_evaluate)
     # 486 images: the test set of 500 in batches of 300 ends with a short batch
     cfg = demo_cfg(tmp_path, "TRAIN.compile", "true", "TRAIN.epochs", "2", "DATASET.test_batch_size", "300")
     main(cfg)
