@@ -130,3 +130,62 @@ def test_every_loss_takes_class_probabilities_as_targets_as_mixup_makes_them(nam
     counts, logits, target = [50, 5, 1], torch.randn(6, 3), torch.randint(0, 3, (6,))
     loss = built(name, counts)
     assert torch.allclose(loss(logits, F.one_hot(target, 3).float()), loss(logits, target), atol=1e-6)
+
+
+def google_research_logit_adjusted_loss(logits, target, counts, tau):
+    """google-research/logit_adjustment main.py, `loss` mode, written out in float64: the training label
+    frequencies base_probs, logit_adjustments = tau * log(base_probs), then the softmax cross-entropy of
+    logits + logit_adjustments, averaged over the batch."""
+    base_probs = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+    adjusted = logits + tau * torch.log(base_probs)
+    return -(adjusted.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(adjusted, 1)).mean()
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0, 1.5])
+def test_the_logit_adjusted_loss_has_the_reference_implementation_s_values_and_gradients(tau):
+    counts = [500, 120, 31, 7, 1]
+    generator = torch.Generator().manual_seed(0)
+    logits, target = 3 * torch.randn(16, 5, generator=generator), torch.randint(0, 5, (16,), generator=generator)
+    ours_logits, reference_logits = logits.clone().requires_grad_(), logits.double().requires_grad_()
+    ours = built("LogitAdjustedLoss", counts, tau=tau)(ours_logits, target)
+    reference = google_research_logit_adjusted_loss(reference_logits, target, counts, tau)
+    ours.backward()
+    reference.backward()
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert torch.allclose(ours_logits.grad.double(), reference_logits.grad, atol=1e-7)
+
+
+def test_the_logit_adjusted_loss_at_tau_1_is_balanced_softmax_and_at_tau_0_cross_entropy():
+    counts, logits, target = [50, 20, 5, 1], torch.randn(8, 4), torch.randint(0, 4, (8,))
+    balanced = built("BalancedSoftmax", counts)
+    assert torch.equal(built("LogitAdjustedLoss", counts, tau=1.0)(logits, target), balanced(logits, target))
+    assert torch.equal(built("LogitAdjustedLoss", counts, tau=0.0)(logits, target),
+                       built("CrossEntropyLoss", counts)(logits, target))
+    with pytest.raises(BsdistError, match="LogitAdjustedLoss needs a positive count for every class"):
+        built("LogitAdjustedLoss", [3, 0, 1], tau=0.5)
+
+
+def test_a_negative_loss_tau_is_refused_in_one_line():
+    from bsdist import config
+    with pytest.raises(BsdistError, match=r"^LOSS\.tau must be >= 0, got -0\.5$"):
+        config.validate(config.load(None, ["LOSS.tau", "-0.5"]))
+
+
+def test_a_run_trains_with_the_logit_adjusted_loss_end_to_end(tmp_path):
+    import json
+    import os
+
+    import tiny_model
+    from bsdist import config
+    from bsdist.train import main
+    tiny_model.register()
+    cfg = config.validate(config.load("configs/demo.yaml", [
+        "DEFAULT.savedir", str(tmp_path), "TRAIN.epochs", "1", "TRAIN.device", "cpu", "TRAIN.compile", "false",
+        "SCHEDULER.params.warmup_epochs", "0", "MODEL.name", "tiny", "LOSS.name", "LogitAdjustedLoss",
+        "LOSS.tau", "1.5"]))
+    results = main(cfg)
+    assert os.path.basename(config.run_dir(cfg)).startswith("LogitAdjustedLoss-")
+    with open(os.path.join(config.run_dir(cfg), "config.yaml")) as f:
+        assert "tau: 1.5" in f.read()
+    with open(os.path.join(config.run_dir(cfg), "results.json")) as f:
+        assert json.load(f)["last"]["acc"] == results["last"]["acc"] > 0

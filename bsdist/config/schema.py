@@ -131,6 +131,8 @@ class Dataset:
 @dataclass(frozen=True)
 class Loss:
     name: str = option("BalancedSoftmax", "training loss", choices=registry("bsdist.losses", "LOSSES"))
+    tau: float = option(1.0, "LogitAdjustedLoss: trains on logits + tau * log(class prior) (Menon et al. 2021); 1 is "
+                             "Balanced Softmax, 0 cross-entropy", check=non_negative)
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from bsdist.losses.balanced_softmax import BalancedSoftmax
 from bsdist.losses.base import Loss
 from bsdist.losses.cross_entropy import CrossEntropyLoss
+from bsdist.losses.logit_adjusted import LogitAdjustedLoss
 from bsdist.method import MethodContext
 
 LOSSES = {
     "CrossEntropyLoss": CrossEntropyLoss,
     "BalancedSoftmax": BalancedSoftmax,
+    "LogitAdjustedLoss": LogitAdjustedLoss,
 }
 
 
