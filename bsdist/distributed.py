@@ -187,6 +187,19 @@ def _first_failure(message: str | None) -> str | None:
     return f"rank {failures[0][0]} failed while preparing the run: {failures[0][1]}" if failures else None
 
 
+def rank_max(device: torch.device, *values: float, on_device: torch.Tensor | None = None) -> list[float]:
+    """Each value's maximum over all ranks, after the float64 tensor `on_device` if given: one all-reduce and
+    one host read, so called by every rank or none, and never inside a training step. This is how the
+    ranks agree: a flag any rank raised, a stop signal any rank received."""
+    values = torch.tensor(values, dtype=torch.float64, device=device)
+    return all_reduce_max(values if on_device is None else torch.cat([on_device, values])).tolist()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether flag is true on any rank (every rank gets the same answer, so all of them act on it together)."""
+    return bool(rank_max(device, float(flag))[0])
+
+
 def sync_buffers_from_main(module: torch.nn.Module) -> None:
     """Give every rank rank 0's BatchNorm statistics, so that the evaluated model is the saved one."""
     for b in module.buffers():

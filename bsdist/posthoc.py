@@ -21,16 +21,17 @@ import torch
 
 from bsdist import checkpoint, config
 from bsdist.data import build_data
-from bsdist.distributed import DistEnv, all_reduce_sum, init_distributed, shutdown
-from bsdist.engine import AMP_DTYPES, autocast
+from bsdist.distributed import DistEnv, all_reduce_sum
 from bsdist.errors import BsdistError
-from bsdist.losses import broadcast_class_prior
+from bsdist.evaluation import forward_batches
+from bsdist.method import broadcast_class_prior
 from bsdist.metrics import EvalTally
 from bsdist.models import classifier as classifier_of
 from bsdist.models import create
-from bsdist.output import make_output
 from bsdist.rundir import saved_config, selected_checkpoint
 from bsdist.runlock import hold_run_dir
+from bsdist.runtime import Runtime, resolve_runtime
+from bsdist.session import session
 
 TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0, 0.1, ..., 2.0
 METHODS = ("logit-adjust", "tau-norm")
@@ -67,18 +68,8 @@ def evaluate_run(run_dir: str, methods: list[str], overrides: list[str] = ()) ->
     cfg = evaluation_config(run_dir, list(overrides))
     # It writes evaluate.json, so it holds the run directory like a run: two evaluations with different
     # --posthoc would otherwise leave whichever wrote last, and a training run cannot start there meanwhile.
-    with hold_run_dir(run_dir):
-        device = config.check_device(cfg)
-        env = init_distributed(device, cfg.TRAIN.dist_startup_timeout_s, cfg.TRAIN.dist_backend)
-        out = make_output(env, run_dir)
-        orderly = False  # a rank that failed alone must not wait at a barrier its peers meet as another collective
-        try:
-            variants = _evaluate(cfg, env, out, run_dir, methods)
-            orderly = True
-            return variants
-        finally:
-            out.close()
-            shutdown(wait_for=env if orderly else None)
+    with hold_run_dir(run_dir), session(cfg, run_dir) as (env, out):
+        return _evaluate(cfg, env, out, run_dir, methods)
 
 
 @torch.no_grad()
@@ -92,9 +83,9 @@ def _evaluate(cfg: config.Config, env: DistEnv, out, run_dir: str, methods: list
     model = create(cfg, data.num_classes, data.in_channels, env.device, sync_bn=False, pretrained=False)
     model.load_state_dict(checkpoint.load(os.path.join(run_dir, "best.pt"))["model"])
     model.eval()
-    amp_dtype = AMP_DTYPES[config.resolve_precision(cfg.TRAIN.mixed_precision, env.device.type)]
+    runtime = resolve_runtime(cfg, env)
     classifier = classifier_of(model)
-    features = {split: _features(model, classifier, loader, data.augment.normalize, env, amp_dtype)
+    features = {split: _features(model, classifier, loader, data.augment.normalize, runtime)
                 for split, loader in data.eval.items()}
     weight, bias = classifier.weight.float(), classifier.bias.float()
     log_prior = torch.tensor(num_per_cls, dtype=torch.float32, device=env.device).log()
@@ -118,20 +109,19 @@ def _evaluate(cfg: config.Config, env: DistEnv, out, run_dir: str, methods: list
     return variants
 
 
-def _features(model, classifier, loader, normalize, env: DistEnv, amp_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the classifier's inputs, targets) of this rank's shard of a split, on the device."""
+def _features(model, classifier, loader, normalize, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the classifier's inputs, targets) of this rank's shard of a split, on the device: evaluation's
+    forward pass, with the classifier's inputs kept."""
     captured, targets = [], []
     hook = classifier.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].float()))
     try:
-        for images, batch_targets, _ in loader:
-            with autocast(env.device, amp_dtype):
-                model(normalize(images.to(env.device, non_blocking=True)))
-            targets.append(batch_targets.to(env.device, non_blocking=True))
+        for _, batch_targets in forward_batches(model, loader, normalize, runtime):
+            targets.append(batch_targets)
     finally:
         hook.remove()
     if not captured:  # a shard with no image: a split smaller than the world size
-        return (torch.empty(0, classifier.in_features, device=env.device),
-                torch.empty(0, dtype=torch.long, device=env.device))
+        return (torch.empty(0, classifier.in_features, device=runtime.device),
+                torch.empty(0, dtype=torch.long, device=runtime.device))
     return torch.cat(captured), torch.cat(targets)
 
 

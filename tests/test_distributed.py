@@ -22,7 +22,8 @@ def _eval_worker(raw_cfg):
     import tiny_model
     from bsdist.data import build_data
     from bsdist.distributed import init_distributed, world_size_from_env
-    from bsdist.engine import evaluate
+    from bsdist.evaluation import evaluate
+    from bsdist.runtime import resolve_runtime
     tiny_model.register()
     cfg = config.validate(raw_cfg, world_size_from_env())
     env = init_distributed("cpu", 60)
@@ -31,8 +32,8 @@ def _eval_worker(raw_cfg):
         torch.manual_seed(0)
         model = tiny_model.tiny(10, 3)
         shard = sum(len(targets) for _, targets, _ in data.eval["test"])  # images this rank evaluates
-        metrics = evaluate(model, data.eval["test"], data.augment.normalize, 10, list(data.num_per_cls.values()), env,
-                           None)
+        metrics = evaluate(model, data.eval["test"], data.augment.normalize, 10, list(data.num_per_cls.values()),
+                           resolve_runtime(cfg, env))
         return shard, metrics
     finally:
         dist.destroy_process_group()
@@ -151,7 +152,7 @@ def test_files_are_prepared_by_rank_0_then_one_process_per_node_then_the_rest():
 def _precision_worker(per_rank):
     import bsdist.config
     from bsdist.distributed import init_distributed, shutdown
-    from bsdist.train import agreed_precision
+    from bsdist.runtime import agreed_precision
     rank = int(os.environ["RANK"])
     bsdist.config.resolve_precision = lambda name, device: per_rank[rank] if name == "auto" else name
     env = init_distributed("cpu", 60)

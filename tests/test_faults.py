@@ -219,17 +219,17 @@ def test_a_full_disk_is_refused_before_training(tmp_path, monkeypatch):
 def _hanging_peer_worker(raw_cfg):
     import time as clock
 
-    import bsdist.engine as engine
+    import bsdist.tally as tally
     from bsdist.distributed import world_size_from_env
     tiny_model.register()
-    calls, original = [], engine.all_reduce_max
+    calls, original = [], tally.all_reduce_max
 
     def stall_rank_1(tensor):
         calls.append(1)
         if os.environ["RANK"] == "1" and len(calls) == 10:  # in the second epoch: the steady timeout applies
             clock.sleep(8)
         return original(tensor)
-    engine.all_reduce_max = stall_rank_1
+    tally.all_reduce_max = stall_rank_1  # every optimiser step's
     started = clock.time()
     try:
         main(config.validate(raw_cfg, world_size_from_env()))
@@ -271,9 +271,9 @@ def test_a_full_disk_during_a_checkpoint_write_stops_the_run_keeping_the_previou
     monkeypatch.setattr(torch, "save", real_save)
     kept = checkpoint.load(os.path.join(config.run_dir(cfg), "last.pt"))
     assert (kept["epoch"], kept["progress"]["step"]) == (0, 4)  # the second write (step 4 of epoch 1), whole
-    assert sorted(os.listdir(config.run_dir(cfg))) == sorted(["config.yaml", "last.pt", "log.txt", "run.lock",
-                                                              *[f for f in os.listdir(config.run_dir(cfg))
-                                                                if "tfevents" in f]])
+    assert sorted(os.listdir(config.run_dir(cfg))) == sorted(
+        ["config.yaml", "runtime.json", "last.pt", "log.txt", "run.lock",
+         *[f for f in os.listdir(config.run_dir(cfg)) if "tfevents" in f]])
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from bsdist.data import ClassBalancedSampler
 from bsdist.distributed import init_distributed, shutdown
 from bsdist.posthoc import TAU_GRID, _features, _metrics, _tuned, evaluate_run, logit_adjusted, tau_normalised
 from bsdist.report import aggregate, collect
+from bsdist.runtime import Runtime
 from bsdist.train import main
 from spawn import run_ranks
 from paths import ROOT
@@ -102,12 +103,13 @@ def test_a_split_s_metrics_are_the_same_made_a_few_rows_at_a_time_and_an_empty_s
     generator = torch.Generator().manual_seed(0)
     features, weight = torch.randn(50, 6, generator=generator), torch.randn(4, 6, generator=generator)
     targets = torch.randint(0, 4, (50,), generator=generator)
-    env = init_distributed("cpu", 60)
+    init_distributed("cpu", 60)
     try:
         whole, sliced = (_metrics(lambda x: x @ weight.T, features, targets, 4, [40, 30, 20, 10], rows=rows)
                          for rows in (4096, 7))
         classifier = torch.nn.Linear(6, 4)
-        empty = _features(torch.nn.Sequential(classifier), classifier, [], lambda x: x, env, None)
+        runtime = Runtime(torch.device("cpu"), 1, "no", False, False, "", "gloo", "")
+        empty = _features(torch.nn.Sequential(classifier), classifier, [], lambda x: x, runtime)
     finally:
         shutdown()
     assert whole["confusion"] == sliced["confusion"] and sum(map(sum, whole["confusion"])) == 50

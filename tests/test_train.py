@@ -130,7 +130,8 @@ def assert_hparams(acc, results):
     assert sorted(names)[:5] == ["DATASET.imbalance_factor", "DATASET.name", "DEFAULT.seed", "LOSS.name",
                                  "OPTIMIZER.lr"]
     domains = {h.name: [v.string_value for v in h.domain_discrete.values] for h in experiment.hparam_infos}
-    assert (domains["LOSS.name"] == ["CrossEntropyLoss", "BalancedSoftmax"]
+    from bsdist.losses import LOSSES
+    assert (domains["LOSS.name"] == list(LOSSES)  # every loss the registry holds
             and domains["TRAIN.mixed_precision"][0] == "auto")
     metrics = [m.name.tag for m in experiment.metric_infos]
     assert metrics[:6] == ["test/best_bcr", "test/best_acc", "test/best_many", "test/best_medium", "test/best_few",
@@ -257,15 +258,15 @@ def test_mixed_precision_trains_like_fp32(tmp_path, precision):
 def test_compiled_model_trains_without_recompiling_and_saves_plain_keys(tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
 
-    import bsdist.train
+    import bsdist.trainer
     graphs_at_eval = []
-    original = bsdist.train.evaluate
+    original = bsdist.trainer.evaluate
 
     def counting_evaluate(*args, **kwargs):
         result = original(*args, **kwargs)
         graphs_at_eval.append(counters["stats"]["unique_graphs"])
         return result
-    monkeypatch.setattr(bsdist.train, "evaluate", counting_evaluate)
+    monkeypatch.setattr(bsdist.trainer, "evaluate", counting_evaluate)
     # 486 images: the test set of 500 in batches of 300 ends with a short batch
     cfg = demo_cfg(tmp_path, "TRAIN.compile", "true", "TRAIN.epochs", "2", "DATASET.test_batch_size", "300")
     main(cfg)

@@ -52,7 +52,7 @@ FILE_DATASET_NAMES = ("ImageList", "ImageNetLT", "PlacesLT", "iNat2018")
 # DATASET.aug_info: the first two run on batches on the device (bsdist.data.augment); RandomResizedCrop crops
 # image files as they are decoded (bsdist.data.imagefiles).
 AUGMENTATION_NAMES = ("RandomCrop", "RandomHorizontalFlip", "RandomResizedCrop")
-LOSS_NAMES = ("CrossEntropyLoss", "BalancedSoftmax")  # bsdist.losses.LOSSES
+LOSS_NAMES = ("CrossEntropyLoss", "BalancedSoftmax", "LogitAdjustedLoss")  # bsdist.losses.LOSSES
 MODEL_NAMES = ("resnet32", "resnet10", "resnet18", "resnet50", "resnext50_32x4d", "resnet152")  # bsdist.models.zoo
 
 
@@ -148,6 +148,8 @@ class Dataset:
 @dataclass(frozen=True)
 class Loss:
     name: str = option("BalancedSoftmax", "training loss", choices=LOSS_NAMES)
+    tau: float = option(1.0, "LogitAdjustedLoss: trains on logits + tau * log(class prior) (Menon et al. 2021); 1 is "
+                             "Balanced Softmax, 0 cross-entropy", check=non_negative)
 
 
 @dataclass(frozen=True)

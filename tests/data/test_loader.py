@@ -9,7 +9,8 @@ import tiny_model
 from bsdist import checkpoint, config
 from bsdist.data import DeviceLoader, build_data
 from bsdist.distributed import DistEnv, init_distributed, shutdown
-from bsdist.engine import evaluate
+from bsdist.evaluation import evaluate
+from bsdist.runtime import Runtime
 from bsdist.train import main
 
 tiny_model.register()
@@ -96,9 +97,10 @@ def test_padding_the_last_evaluation_batch_changes_nothing(cifar10_root, tmp_pat
     torch.manual_seed(0)
     model = tiny_model.tiny(10, 3)
     args = (model, data.eval["test"], data.augment.normalize, 10, list(data.num_per_cls.values()))
-    plain = evaluate(*args, CPU, None)
+    runtime = Runtime(torch.device("cpu"), 1, "no", False, False, "", "gloo", "")
+    plain = evaluate(*args, runtime)
     batch_size = data.eval["test"].batch_sampler.batch_size
-    padded = evaluate(*args, CPU, None, fixed_batch=batch_size)
+    padded = evaluate(*args, runtime, fixed_batch=batch_size)
     assert 103 % batch_size != 0  # the last batch really is short
     assert padded["confusion"] == plain["confusion"] and padded["num_images"] == 103
     assert padded["loss"] == pytest.approx(plain["loss"], rel=1e-6)

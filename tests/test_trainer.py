@@ -1,23 +1,22 @@
-"""The training step never makes the host wait for the device, and skips a non-finite step on the device."""
+"""The Trainer's loop: the training step never makes the host wait for the device, skips a non-finite step on
+the device, and the ranks agree at sync points."""
 
 import collections
 import contextlib
 import math
+import types
 
 import pytest
 import torch
 
 import tiny_model
 from bsdist import config
-from bsdist.data import build_data
 from bsdist.distributed import init_distributed, shutdown
 from bsdist.errors import BsdistError
-from bsdist.engine import TrainState, train_one_epoch
 from bsdist.losses import BalancedSoftmax
-from bsdist.models import build_model
-from bsdist.optim import build_optimizer, build_scheduler
 from bsdist.output import NullOutput
-from bsdist.engine import AMP_DTYPES
+from bsdist.tally import DeviceTally, EpochProgress
+from bsdist.trainer import Trainer
 
 tiny_model.register()
 
@@ -55,8 +54,8 @@ def env():
 class PoisonedLoss(BalancedSoftmax):
     """Balanced Softmax whose k-th call returns NaN, decided on the device (no host read)."""
 
-    def __init__(self, num_per_cls, poisoned_call):
-        super().__init__(num_per_cls)
+    def __init__(self, settings, context, poisoned_call):
+        super().__init__(settings, context)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
         self.poisoned_call = poisoned_call
 
@@ -66,28 +65,26 @@ class PoisonedLoss(BalancedSoftmax):
         return loss * torch.where(self.calls == self.poisoned_call, float("nan"), 1.0)
 
 
-def epoch_of_training(env, batch_size, *overrides, poisoned_call=0, out=None, epoch=0, epochs=1, log_interval=10**6,
-                      progress=None, **fields):
-    """One epoch of the demo data at batch_size; the host transfers it made, the state after it. `fields` set
-    TrainState's (check_every, save, ...)."""
+def epoch_of_training(env, batch_size, *overrides, poisoned_call=0, out=None, epoch=0, epochs=15, log_interval=10**6,
+                      progress=None, check_every=10**6, checkpoint_every=0, step=0, signal=0, save=None,
+                      last_checkpoint="", hook=None):
+    """One epoch of the demo data at batch_size through the Trainer; the host transfers it made, the trainer
+    after it. `step` is the global step it starts from, `signal` the one received, `save` replaces checkpoints."""
     cfg = config.validate(config.load("configs/demo.yaml", [
         "DATASET.batch_size", str(batch_size), "MODEL.name", "tiny", "TRAIN.device", "cpu", "TRAIN.compile", "false",
-        "OPTIMIZER.momentum", "0.9", *overrides]))
-    t = cfg.TRAIN
-    torch.manual_seed(0)
-    data = build_data(cfg, env)
-    model = build_model(cfg, data.num_classes, data.in_channels, env.device, False)
-    optimizer = build_optimizer(cfg, model.module)
-    amp = AMP_DTYPES[t.mixed_precision]
-    criterion = PoisonedLoss(list(data.num_per_cls.values()), poisoned_call)
-    state = TrainState(model.wrapped, criterion, optimizer, build_scheduler(cfg, optimizer, len(data.train)),
-                       torch.amp.GradScaler("cpu", enabled=amp == torch.float16), amp, t.grad_accum_steps, t.nonfinite,
-                       **{"check_every": 10**6, **fields})
+        "OPTIMIZER.momentum", "0.9", "TRAIN.epochs", str(epochs), "TRAIN.log_interval", str(log_interval),
+        "TRAIN.check_every_steps", str(check_every), "TRAIN.ckpt_every_steps", str(checkpoint_every), *overrides]))
+    trainer = Trainer(cfg, env, out or NullOutput(), None, types.SimpleNamespace(received=signal), resuming=False)
+    trainer.loss = PoisonedLoss(cfg.LOSS, trainer.method, poisoned_call)
+    trainer.method.step, trainer.last_checkpoint = step, last_checkpoint
+    trainer.progress = progress or EpochProgress()
+    if save is not None:
+        trainer.save = save
+    if hook is not None:
+        trainer.method.on_step(hook)
     with counting_host_transfers() as counts:
-        train_one_epoch(state, data, env, out or NullOutput(), epoch, epochs, log_interval=log_interval,
-                        progress=progress)
-    epoch_of_training.data = data  # for a test that recomputes a batch
-    return counts, state, model
+        trainer.train_epoch(epoch)
+    return counts, trainer
 
 
 @pytest.mark.parametrize("overrides", [
@@ -96,17 +93,17 @@ def epoch_of_training(env, batch_size, *overrides, poisoned_call=0, out=None, ep
     ["TRAIN.mixed_precision", "no", "TRAIN.grad_accum_steps", "2"],
     ["TRAIN.mixed_precision", "no", "TRAIN.nonfinite", "skip"],
 ], ids=["fp32", "fp16", "accumulation", "skip"])
-def test_host_transfers_do_not_grow_with_the_steps_between_check_points(env, overrides):
-    few, state_few, _ = epoch_of_training(env, 64, *overrides, poisoned_call=3 if "skip" in overrides else 0)
-    many, state_many, _ = epoch_of_training(env, 16, *overrides, poisoned_call=3 if "skip" in overrides else 0)
-    assert state_many.step >= 3 * state_few.step > 0  # several times the steps ...
+def test_host_transfers_do_not_grow_with_the_steps_between_sync_points(env, overrides):
+    few, trainer_few = epoch_of_training(env, 64, *overrides, poisoned_call=3 if "skip" in overrides else 0)
+    many, trainer_many = epoch_of_training(env, 16, *overrides, poisoned_call=3 if "skip" in overrides else 0)
+    assert trainer_many.method.step >= 3 * trainer_few.method.step > 0  # several times the steps ...
     assert many == few, (dict(few), dict(many))  # ... the same transfers: those of the epoch's start and end
     assert sum(few.values()) <= 12
 
 
 def test_a_step_with_a_non_finite_loss_changes_no_weight_and_later_steps_train(env, monkeypatch):
-    import bsdist.engine
-    steps, original = [], bsdist.engine.optimizer_step
+    import bsdist.trainer
+    steps, original = [], bsdist.trainer.optimizer_step
 
     def recording_step(optimizer, scaler, skip):
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -114,80 +111,88 @@ def test_a_step_with_a_non_finite_loss_changes_no_weight_and_later_steps_train(e
         original(optimizer, scaler, skip)
         after = [p.detach().clone() for p in params] + [optimizer.state[p]["momentum_buffer"].clone() for p in params]
         steps.append(all(torch.equal(a, b) for a, b in zip(before, after)))
-    monkeypatch.setattr(bsdist.engine, "optimizer_step", recording_step)
-    _, state, model = epoch_of_training(env, 64, "TRAIN.nonfinite", "skip", "TRAIN.mixed_precision", "no",
-                                        poisoned_call=3)
+    monkeypatch.setattr(bsdist.trainer, "optimizer_step", recording_step)
+    _, trainer = epoch_of_training(env, 64, "TRAIN.nonfinite", "skip", "TRAIN.mixed_precision", "no", poisoned_call=3)
     # only the poisoned third step left everything as it was
-    assert steps == [False, False, True] + [False] * (state.step - 3)
-    assert all(torch.isfinite(p).all() for p in model.module.parameters())
+    assert steps == [False, False, True] + [False] * (trainer.method.step - 3)
+    assert all(torch.isfinite(p).all() for p in trainer.model.module.parameters())
 
 
 def test_a_skipped_step_puts_back_the_batchnorm_statistics_its_forward_pass_changed(env, monkeypatch):
     """A non-finite forward pass (fp16 activations overflowing) folds inf into BatchNorm's running statistics
     before the step is skipped; left there they would make every later evaluation NaN."""
-    import bsdist.engine
+    import bsdist.trainer
     from bsdist.data.augment import BatchAugment
-    augment, micro_batch, step = BatchAugment.__call__, bsdist.engine._micro_batch, bsdist.engine.optimizer_step
-    calls, before, at_step = [0], [], []
+    augment, forward_backward, step = BatchAugment.__call__, Trainer.forward_backward, bsdist.trainer.optimizer_step
+    calls, before, at_step, trainers = [0], [], [], []
 
-    def statistics(state):
-        return [b.clone() for name, b in state.model.named_buffers() if "running" in name]
+    def statistics(trainer):
+        return [b.clone() for name, b in trainer.model.wrapped.named_buffers() if "running" in name]
 
     def poisoned(self, images, indices):
         calls[0] += 1
         inputs = augment(self, images, indices)
         return inputs * math.inf if calls[0] == 3 else inputs  # the third step's forward pass is not finite
 
-    def recording_micro_batch(state, *args):
-        before.append(statistics(state))
-        recording_micro_batch.state = state
-        micro_batch(state, *args)
+    def recording_forward_backward(self, *args, **kwargs):
+        before.append(statistics(self))
+        trainers[:] = [self]
+        forward_backward(self, *args, **kwargs)
 
     def recording_step(optimizer, scaler, skip):
-        at_step.append(statistics(recording_micro_batch.state))
+        at_step.append(statistics(trainers[0]))
         step(optimizer, scaler, skip)
     monkeypatch.setattr(BatchAugment, "__call__", poisoned)
-    monkeypatch.setattr(bsdist.engine, "_micro_batch", recording_micro_batch)
-    monkeypatch.setattr(bsdist.engine, "optimizer_step", recording_step)
-    _, state, model = epoch_of_training(env, 64, "TRAIN.nonfinite", "skip", "TRAIN.mixed_precision", "no",
-                                        "MODEL.name", "tiny_bn")
+    monkeypatch.setattr(Trainer, "forward_backward", recording_forward_backward)
+    monkeypatch.setattr(bsdist.trainer, "optimizer_step", recording_step)
+    _, trainer = epoch_of_training(env, 64, "TRAIN.nonfinite", "skip", "TRAIN.mixed_precision", "no",
+                                   "MODEL.name", "tiny_bn")
     unchanged = [all(torch.equal(a, b) for a, b in zip(x, y)) for x, y in zip(before, at_step)]
-    assert unchanged == [False, False, True] + [False] * (state.step - 3)  # only the skipped step's were put back
-    assert all(torch.isfinite(b).all() for b in model.module.buffers())
+    assert unchanged == [False, False, True] + [False] * (trainer.method.step - 3)  # only the skipped step's put back
+    assert all(torch.isfinite(b).all() for b in trainer.model.module.buffers())
 
 
 def test_a_short_last_accumulation_group_averages_over_its_own_micro_batches(env, monkeypatch):
     """403 images in micro-batches of 80 are 5 micro-batches: groups of 2, 2 and 1. The last step's gradient
     is that of its one micro-batch's mean loss, not half of it."""
     import copy
-    import bsdist.engine
+    import bsdist.trainer
     calls, steps = [], []
-    micro_batch, step = bsdist.engine._micro_batch, bsdist.engine.optimizer_step
+    forward_backward, step = Trainer.forward_backward, bsdist.trainer.optimizer_step
 
-    def recording_micro_batch(state, data, env, batch, group_size, last_of_group, tally):
-        calls.append((copy.deepcopy(state.model), [t.clone() for t in batch], group_size))  # the weights it starts from
-        micro_batch(state, data, env, batch, group_size, last_of_group, tally)
+    def recording_forward_backward(self, batch, group_size, last_of_group):
+        calls.append((copy.deepcopy(self.model.wrapped), [t.clone() for t in batch], group_size))  # starting weights
+        forward_backward(self, batch, group_size, last_of_group)
 
     def recording_step(optimizer, scaler, skip):
         steps.append([p.grad.clone() for g in optimizer.param_groups for p in g["params"]])
         step(optimizer, scaler, skip)
-    monkeypatch.setattr(bsdist.engine, "_micro_batch", recording_micro_batch)
-    monkeypatch.setattr(bsdist.engine, "optimizer_step", recording_step)
-    _, state, _ = epoch_of_training(env, 80, "TRAIN.grad_accum_steps", "2", "TRAIN.mixed_precision", "no")
-    assert [c[2] for c in calls] == [2, 2, 2, 2, 1] and state.step == len(steps) == 3
+    monkeypatch.setattr(Trainer, "forward_backward", recording_forward_backward)
+    monkeypatch.setattr(bsdist.trainer, "optimizer_step", recording_step)
+    _, trainer = epoch_of_training(env, 80, "TRAIN.grad_accum_steps", "2", "TRAIN.mixed_precision", "no")
+    assert [c[2] for c in calls] == [2, 2, 2, 2, 1] and trainer.method.step == len(steps) == 3
     model, (images, targets, indices), _ = calls[-1]
-    data = epoch_of_training.data
-    loss = state.criterion(model(data.augment(images, indices)), targets)
+    data = trainer.data
+    loss = trainer.loss(model(data.augment(images, indices)), targets)
     loss.backward()
     for got, want in zip(steps[-1], [p.grad for p in model.parameters()]):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
     # a full group's gradient is that of the mean of its two micro-batches' losses
     model = calls[0][0]
-    loss = sum(state.criterion(model(data.augment(images, indices)), targets)
+    loss = sum(trainer.loss(model(data.augment(images, indices)), targets)
                for _, (images, targets, indices), _ in calls[:2]) / 2
     loss.backward()
     for got, want in zip(steps[0], [p.grad for p in model.parameters()]):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_a_method_s_step_hook_runs_after_every_optimiser_step_and_reads_the_epoch_and_step(env):
+    """The seam a method with a step of its own (a meta-learned sampler) plugs into: the context's epoch and
+    step are host ints, current when the hook runs."""
+    seen = []
+    _, trainer = epoch_of_training(env, 64, "TRAIN.mixed_precision", "no", epoch=1, epochs=3, step=6,
+                                   hook=lambda context: seen.append((context.epoch, context.step)))
+    assert seen == [(1, s) for s in range(7, 13)] and trainer.method.step == 12
 
 
 def test_the_other_ranks_output_has_exactly_rank_0_s_methods():
@@ -215,19 +220,19 @@ class RecordingOutput(NullOutput):
 TRAIN_SCALARS = ["train/acc", "train/grad_norm", "train/img_per_s", "train/loss", "train/lr"]
 
 
-def test_check_points_come_at_log_points_checkpoints_every_check_every_steps_and_the_epoch_end(env, monkeypatch):
-    import bsdist.engine
-    points, saves, check_point = [], [], bsdist.engine._check_point
+def test_sync_points_come_at_log_points_checkpoints_every_check_every_steps_and_the_epoch_end(env, monkeypatch):
+    points, saves, sync_point = [], [], Trainer.sync_point
 
-    def recording_check_point(state, tally, out, here, step_in_epoch, lr, log_due, checkpoint_due):
-        points.append((step_in_epoch, log_due, checkpoint_due))
-        check_point(state, tally, out, here, step_in_epoch, lr, log_due, checkpoint_due)
-    monkeypatch.setattr(bsdist.engine, "_check_point", recording_check_point)
+    def recording_sync_point(self):
+        points.append(self.method.step)
+        return sync_point(self)
+    monkeypatch.setattr(Trainer, "sync_point", recording_sync_point)
     out = RecordingOutput()
     epoch_of_training(env, 64, "TRAIN.mixed_precision", "no", out=out, epoch=1, epochs=3, log_interval=4, step=6,
                       checkpoint_every=3, check_every=5, save=lambda epoch, progress: saves.append((epoch, progress)))
-    # 403 images in batches of 64 are 6 steps; none checkpoints at the end, which the epoch's own checkpoint covers
-    assert points == [(3, False, True), (4, True, False), (5, False, False), (6, True, False)]
+    # 403 images in batches of 64 are 6 steps (global 7 to 12): a checkpoint at 3, logs at 4 and 6, a check at 5;
+    # none checkpoints at the end, which the epoch's own checkpoint covers
+    assert points == [9, 10, 11, 12]
     assert [(epoch, p.step, p.images) for epoch, p in saves] == [(1, 3, 192.0)]
     assert 0 < saves[0][1].correct <= 192 and saves[0][1].loss_sum > 0
     # a checkpoint logs too
@@ -236,18 +241,15 @@ def test_check_points_come_at_log_points_checkpoints_every_check_every_steps_and
 
 
 def test_the_log_line_takes_rate_and_eta_from_the_clock_when_resuming_inside_an_epoch(env, monkeypatch):
-    import types
-
-    import bsdist.engine
-    from bsdist.engine import EpochProgress
+    import bsdist.trainer
     ticks = iter(range(100, 1000, 10))  # a clock that advances 10 s at every reading
-    monkeypatch.setattr(bsdist.engine, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
-    micro_batches, micro_batch = [], bsdist.engine._micro_batch
+    monkeypatch.setattr(bsdist.trainer, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    micro_batches, forward_backward = [], Trainer.forward_backward
 
-    def recording_micro_batch(state, data, env, batch, *args):
+    def recording_forward_backward(self, batch, *args, **kwargs):
         micro_batches.append(batch[2].tolist())  # the images' dataset indices
-        micro_batch(state, data, env, batch, *args)
-    monkeypatch.setattr(bsdist.engine, "_micro_batch", recording_micro_batch)
+        forward_backward(self, batch, *args, **kwargs)
+    monkeypatch.setattr(Trainer, "forward_backward", recording_forward_backward)
     out = RecordingOutput()
     progress = EpochProgress(step=3, loss_sum=384.0, images=192.0, correct=96.0)
     epoch_of_training(env, 64, "TRAIN.mixed_precision", "no", out=out, epoch=1, epochs=3, log_interval=1,
@@ -263,20 +265,20 @@ def test_the_log_line_takes_rate_and_eta_from_the_clock_when_resuming_inside_an_
     assert micro_batches[:3] == micro_batches[3 + 3:]
 
 
-def test_a_stop_signal_checkpoints_and_stops_at_the_next_check_point(env):
+def test_a_stop_signal_checkpoints_and_stops_at_the_next_sync_point(env):
     from bsdist.errors import Stopped
     saves = []
     with pytest.raises(Stopped, match=r"^stopped by signal 15 at epoch 2 step 2; last\.pt holds this point: "
                                       r"continue with TRAIN\.resume auto$") as e:
         epoch_of_training(env, 64, "TRAIN.mixed_precision", "no", epoch=1, epochs=3, check_every=2,
-                          stop_requested=lambda: 15, save=lambda epoch, progress: saves.append((epoch, progress.step)))
+                          signal=15, save=lambda epoch, progress: saves.append((epoch, progress.step)))
     assert e.value.signum == 15
     assert saves == [(1, 2)]
 
 
 def test_a_stop_signal_seen_at_the_epoch_end_is_left_to_the_caller(env):
     saves = []
-    epoch_of_training(env, 64, "TRAIN.mixed_precision", "no", stop_requested=lambda: 15,
+    epoch_of_training(env, 64, "TRAIN.mixed_precision", "no", signal=15,
                       save=lambda epoch, progress: saves.append(progress.step))
     assert saves == []
 
@@ -286,14 +288,14 @@ def test_a_stop_signal_seen_at_the_epoch_end_is_left_to_the_caller(env):
     ("epoch 2 step 2", r"last\.pt \(epoch 2 step 2\) is the last good point: continue from it with "
                        r"TRAIN\.nonfinite skip and TRAIN\.resume auto, or"),
 ], ids=["no-checkpoint", "after-a-checkpoint"])
-def test_a_non_finite_loss_stops_at_the_next_check_point_naming_its_step(env, last_checkpoint, kept):
+def test_a_non_finite_loss_stops_at_the_next_sync_point_naming_its_step(env, last_checkpoint, kept):
     message = rf"^non-finite loss at epoch 2 step 3 \(global step 9\), a step that changed no weight; {kept} retry "
     with pytest.raises(BsdistError, match=message + r"with a lower OPTIMIZER\.lr or TRAIN\.mixed_precision no \("):
         epoch_of_training(env, 64, "TRAIN.mixed_precision", "no", "TRAIN.nonfinite", "stop", poisoned_call=3, epoch=1,
                           epochs=3, step=6, last_checkpoint=last_checkpoint)
 
 
-def test_skipped_non_finite_steps_are_reported_at_the_next_check_point(env):
+def test_skipped_non_finite_steps_are_reported_at_the_next_sync_point(env):
     out = RecordingOutput()
     epoch_of_training(env, 64, "TRAIN.mixed_precision", "no", "TRAIN.nonfinite", "skip", poisoned_call=3, out=out,
                       epoch=1, epochs=3, step=6)
@@ -315,7 +317,6 @@ def test_the_forward_pass_runs_in_the_configured_precision(env, monkeypatch, pre
 
 
 def test_the_device_tally_sums_finite_steps_and_counts_the_skipped_ones(env):
-    from bsdist.engine import DeviceTally, EpochProgress
     tally = DeviceTally(env.device, EpochProgress(step=2, loss_sum=6.0, images=4.0, correct=1.0))
     logits, targets = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]]), torch.tensor([0, 0, 0])  # right, wrong, right
     nan = torch.tensor(float("nan"))
@@ -332,8 +333,9 @@ def test_the_device_tally_sums_finite_steps_and_counts_the_skipped_ones(env):
             tally.add(loss, logits[part], targets[part])
         skips.append(tally.end_step(step, norm).tolist())
     assert skips == [[0.0], [1.0], [0.0], [1.0], [0.0]]
-    assert tally.agree(0, NullOutput()) == (2, 4, 0)  # two skipped steps, the first at global step 4
-    assert tally.agree(15, NullOutput()) == (0, 0, 15)  # counted afresh after each check point
+    assert tally.flags.tolist() == [2.0, 4.0]  # two skipped steps, the first at global step 4
+    tally.clear_flags()
+    assert tally.flags.tolist() == [0.0, math.inf]  # counted afresh after each sync point
     # loss sums 1 + 2 + 1 + 3, images 2 + 1 + 1 + 3, correct 1 + 1 + 1 + 2; the norms of steps 3 and 7
     assert tally.read_loss() == pytest.approx((1.0, 5 / 7, 7.0, 2.0))
     loss, accuracy, images, norm = tally.read_loss()  # nothing since the last read
@@ -343,7 +345,6 @@ def test_the_device_tally_sums_finite_steps_and_counts_the_skipped_ones(env):
 
 def test_the_device_tally_keeps_its_sums_in_float64(env):
     """A float32 loss times a micro-batch's size need not be a float32 number: the sums keep it exactly."""
-    from bsdist.engine import DeviceTally, EpochProgress
     tally, loss = DeviceTally(env.device, EpochProgress()), torch.tensor(0.1)
     for step, right in enumerate([[True], [True, False, False], [False]], start=1):
         logits = torch.tensor([[1.0, 0.0] if r else [0.0, 1.0] for r in right])
@@ -355,9 +356,7 @@ def test_the_device_tally_keeps_its_sums_in_float64(env):
     assert tally.epoch_means() == (loss.item(), 2 / 5)  # 5 * loss is no float32 number either
 
 
-def test_every_rank_stops_at_a_check_point_when_rank_0_could_not_write_a_checkpoint(env):
-    from bsdist.engine import DeviceTally, EpochProgress
-
+def test_every_rank_stops_at_a_sync_point_when_rank_0_could_not_write_a_checkpoint(env):
     class FailedWrite(NullOutput):
         waited = False
 
@@ -367,13 +366,15 @@ def test_every_rank_stops_at_a_check_point_when_rank_0_could_not_write_a_checkpo
         def wait_for_checkpoints(self, raise_error=True):  # rank 0 raises its write's error here
             self.waited = True
     out = FailedWrite()
+    at_sync_point = types.SimpleNamespace(env=env, out=out, signals=types.SimpleNamespace(received=0),
+                                          tally=DeviceTally(env.device, EpochProgress()))
     with pytest.raises(BsdistError, match="rank 0 could not write a checkpoint"):
-        DeviceTally(env.device, EpochProgress()).agree(0, out)
+        Trainer.sync_point(at_sync_point)
     assert out.waited
 
 
 def test_steps_and_durations_in_messages():
-    from bsdist.engine import _describe_step, _duration
-    assert [_describe_step(s, 6) for s in (6, 7, 9)] == [
+    from bsdist.runlog import describe_step, duration
+    assert [describe_step(s, 6) for s in (6, 7, 9)] == [
         "epoch 1 step 6 (global step 6)", "epoch 2 step 1 (global step 7)", "epoch 2 step 3 (global step 9)"]
-    assert [_duration(s) for s in (0.9, 59, 3600, 3600 * 27 + 61.5)] == ["0:00:00", "0:00:59", "1:00:00", "27:01:01"]
+    assert [duration(s) for s in (0.9, 59, 3600, 3600 * 27 + 61.5)] == ["0:00:00", "0:00:59", "1:00:00", "27:01:01"]

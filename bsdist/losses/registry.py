@@ -1,0 +1,20 @@
+"""LOSS.name -> the Loss it builds."""
+
+from __future__ import annotations
+
+from bsdist.losses.balanced_softmax import BalancedSoftmax
+from bsdist.losses.base import Loss
+from bsdist.losses.cross_entropy import CrossEntropyLoss
+from bsdist.losses.logit_adjusted import LogitAdjustedLoss
+from bsdist.method import MethodContext
+
+LOSSES = {
+    "CrossEntropyLoss": CrossEntropyLoss,
+    "BalancedSoftmax": BalancedSoftmax,
+    "LogitAdjustedLoss": LogitAdjustedLoss,
+}
+
+
+def build_loss(settings, context: MethodContext) -> Loss:
+    """The loss settings (the config's LOSS section) name, built for the run's context."""
+    return LOSSES[settings.name](settings, context)
