@@ -16,6 +16,7 @@ from torch import nn
 
 from bsdist.config import Config
 from bsdist.errors import BsdistError
+from bsdist.models.heads import HEADS
 from bsdist.models.syncbn import SyncBatchNorm, _GlobalBatchStats, convert_sync_batchnorm
 from bsdist.models.zoo import MODELS, Float32Linear, load_pretrained, resnet18
 
@@ -78,6 +79,8 @@ def create(cfg: Config, num_classes: int, in_channels: int, device: torch.device
     `backbone` where given."""
     m = cfg.MODEL
     model = MODELS[m.name](num_classes, in_channels, stem=m.stem)
+    if m.classifier != "linear":  # another head in place of the linear one (LDAM-DRW's cosine classifier)
+        setattr(model, CLASSIFIER, HEADS[m.classifier](classifier(model).in_features, num_classes))
     if m.pretrained and pretrained and backbone is None:
         load_pretrained(model, m.pretrained, CLASSIFIER)
     if cfg.CRT.stage1:
