@@ -52,7 +52,7 @@ CASES = {
     "unknown dataset": (None, ["DATASET.name", "CIFAR10"],
                         "DATASET.name must be one of CIFAR10LT, CIFAR100LT, DigitsLT, ImageList, ImageNetLT, PlacesLT, "
                         "iNat2018, got 'CIFAR10'; did you mean CIFAR10LT?"),
-    "unknown loss": (None, ["LOSS.name", "FocalLoss"], "LOSS.name must be one of"),
+    "unknown loss": (None, ["LOSS.name", "NoSuchLoss"], "LOSS.name must be one of"),
     "unknown model": (None, ["MODEL.name", "resnet51"], "MODEL.name must be one of"),
     "unknown optimiser": (None, ["OPTIMIZER.name", "Adam"], "OPTIMIZER.name must be one of SGD"),
     "unknown scheduler": (None, ["SCHEDULER.sched_name", "cosine"], "did you mean cosine_annealing?"),

@@ -157,7 +157,7 @@ def test_odd_number_of_override_tokens():
     (["DATASET.name", "CIFAR10"],
      r"DATASET\.name must be one of CIFAR10LT, CIFAR100LT, DigitsLT.*did you mean CIFAR10LT"),
     (["DATASET.name", "ImageNet"], r"DATASET\.name must be one of .*ImageNetLT.*did you mean ImageNetLT"),
-    (["LOSS.name", "FocalLoss"], r"LOSS\.name must be one of CrossEntropyLoss, BalancedSoftmax"),
+    (["LOSS.name", "NoSuchLoss"], r"LOSS\.name must be one of CrossEntropyLoss, BalancedSoftmax"),
     (["MODEL.name", "resnet51"], r"MODEL\.name must be one of .*resnet18.*'resnet51'"),
     (["SCHEDULER.sched_name", "linear"], r"SCHEDULER\.sched_name must be one of cosine_annealing, multistep"),
     (["OPTIMIZER.nesterov", "true"], r"OPTIMIZER\.nesterov.*OPTIMIZER\.momentum"),
@@ -363,3 +363,31 @@ def test_validation_imports_no_registry():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(sorted(["bsdist.config", "bsdist.config.device", "bsdist.config.loading",
                                       "bsdist.config.schema", "bsdist.config.validation", "bsdist.errors"]))
+
+
+# recipes copied from a paper live in the folder of their source (configs/<source>/); configs/sweeps holds sweeps
+RECIPES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*", "*.yaml"))
+                 if os.path.basename(os.path.dirname(p)) != "sweeps")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[os.path.relpath(p, ROOT) for p in RECIPES])
+def test_every_recipe_in_a_source_s_folder_validates(path):
+    validate(load(path))
+
+
+@pytest.mark.parametrize("dataset", ["cifar10lt", "cifar100lt"])
+def test_the_ldam_drw_recipe_decays_the_learning_rate_where_cifar_train_py_does(dataset):
+    """adjust_learning_rate (kaidic/LDAM-DRW cifar_train.py lines 366-378): lr through epoch 160 after the
+    warmup, x 0.01 from epoch 160 (counted from 0), x 0.0001 from 180."""
+    from bsdist.optim import LRFactor
+    cfg = validate(load(os.path.join(ROOT, "configs", "ldam_drw", f"{dataset}_ldam_drw.yaml")))
+    factor, steps = LRFactor(cfg, 100), 100
+    assert factor(5 * steps - 1) == 1.0 and factor(160 * steps - 1) == 1.0
+    assert factor(160 * steps) == pytest.approx(0.01) and factor(180 * steps - 1) == pytest.approx(0.01)
+    assert factor(180 * steps) == pytest.approx(1e-4) and factor(200 * steps - 1) == pytest.approx(1e-4)
+    assert (cfg.LOSS.name, cfg.LOSS.drw_epoch, cfg.LOSS.beta, cfg.MODEL.classifier) == ("LDAMLoss", 160, 0.9999,
+                                                                                       "cosine")
+
+
+def test_loss_drw_epoch_null_never_re_weights_and_is_accepted():
+    assert validate(load(None, ["LOSS.drw_epoch", "null"])).LOSS.drw_epoch is None

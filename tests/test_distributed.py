@@ -175,3 +175,25 @@ def test_two_ranks_on_one_gpu_are_refused_before_nccl_sees_them():
     check_distinct_gpus([("node1", "GPU-a"), ("node1", "GPU-b"), ("node2", "GPU-a")])
     with pytest.raises(BsdistError, match="ranks 0 and 2 share one GPU.*TRAIN.dist_backend gloo"):
         check_distinct_gpus([("node1", "GPU-a"), ("node1", "GPU-b"), ("node1", "GPU-a")])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", [
+    ["LOSS.name", "LDAMLoss", "LOSS.drw_epoch", "0", "MODEL.classifier", "cosine", "TRAIN.epochs", "1"],
+    ["LOSS.name", "ClassBalancedLoss", "LOSS.cb_loss_type", "focal", "LOSS.beta", "0.99"],
+    ["LOSS.name", "FocalLoss", "LOSS.gamma", "2"],
+], ids=["LDAMLoss-DRW", "ClassBalancedLoss-focal", "FocalLoss"])
+def test_two_processes_train_the_long_tail_losses_to_the_weights_of_one(cifar10_root, tmp_path, loss):
+    """The losses of issue 24 on a long-tailed set (20 to 2 images per class), DRW switching after epoch 1:
+    every rank weights and margins by rank 0's counts, so 2 ranks end where 1 process does."""
+    recipe = ["DATASET.batch_size", "32", "TRAIN.epochs", "2", "OPTIMIZER.momentum", "0.9", "MODEL.name", "tiny_fc",
+              "MODEL.sync_bn", "true", "SCHEDULER.params.warmup_epochs", "0", "DATASET.imbalance_type", "exp",
+              "DATASET.imbalance_factor", "10", *loss]
+    weights = {}
+    for world_size in (1, 2):
+        _, errors = run_ranks(_train_worker, world_size, make_cfg(cifar10_root, tmp_path / str(world_size), *recipe))
+        assert not errors, errors
+        weights[world_size] = final_weights(tmp_path / str(world_size))
+    for key, value in weights[1].items():
+        torch.testing.assert_close(weights[2][key].double(), value.double(), rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{key}: {m}")

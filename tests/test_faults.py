@@ -56,6 +56,18 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, monkeypatch):
         assert values == pytest.approx([float(r.split(",")[column]) for r in straight_rows[1:]], rel=1e-9)
 
 
+def test_ldam_drw_resumed_after_its_re_weighting_began_ends_as_a_straight_run(tmp_path, monkeypatch):
+    """DRW's switch reads only the epoch the Trainer keeps, so a run stopped inside an epoch after it resumes
+    with the same class weights, and ends with the straight run's weights."""
+    ldam = ["MODEL.name", "tiny_fc", "MODEL.classifier", "cosine", "LOSS.name", "LDAMLoss", "LOSS.drw_epoch", "1"]
+    main(demo_cfg(tmp_path / "straight", *ldam))
+    cfg = demo_cfg(tmp_path / "interrupted", *ldam)
+    run_until(monkeypatch, cfg, lambda name, state: state["epoch"] == 2 and state["progress"]["step"] == 4)
+    main(cfg)
+    assert_same_weights(weights(demo_cfg(tmp_path / "straight", *ldam)), weights(cfg))
+    assert "fc.bias" not in weights(cfg)  # the cosine classifier trained
+
+
 def launch(args, prefix=(sys.executable,), extra_env=None, **kwargs):
     return subprocess.Popen([*prefix, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
                             env=clean_env(**(extra_env or {})), stdout=subprocess.PIPE, stderr=subprocess.PIPE,

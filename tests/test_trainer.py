@@ -75,7 +75,8 @@ def epoch_of_training(env, batch_size, *overrides, poisoned_call=0, out=None, ep
         "OPTIMIZER.momentum", "0.9", "TRAIN.epochs", str(epochs), "TRAIN.log_interval", str(log_interval),
         "TRAIN.check_every_steps", str(check_every), "TRAIN.ckpt_every_steps", str(checkpoint_every), *overrides]))
     trainer = Trainer(cfg, env, out or NullOutput(), None, types.SimpleNamespace(received=signal), resuming=False)
-    trainer.loss = PoisonedLoss(cfg.LOSS, trainer.method, poisoned_call)
+    if poisoned_call is not None:  # None trains with the configured loss itself
+        trainer.loss = PoisonedLoss(cfg.LOSS, trainer.method, poisoned_call)
     trainer.method.step, trainer.last_checkpoint = step, last_checkpoint
     trainer.progress = progress or EpochProgress()
     if save is not None:
@@ -98,6 +99,25 @@ def test_host_transfers_do_not_grow_with_the_steps_between_sync_points(env, over
     many, trainer_many = epoch_of_training(env, 16, *overrides, poisoned_call=3 if "skip" in overrides else 0)
     assert trainer_many.method.step >= 3 * trainer_few.method.step > 0  # several times the steps ...
     assert many == few, (dict(few), dict(many))  # ... the same transfers: those of the epoch's start and end
+    assert sum(few.values()) <= 12
+
+
+@pytest.mark.parametrize("overrides", [
+    ["LOSS.name", "LDAMLoss", "LOSS.drw_epoch", "0", "MODEL.name", "tiny_fc", "MODEL.classifier", "cosine"],
+    ["LOSS.name", "ClassBalancedLoss", "LOSS.cb_loss_type", "softmax"],
+    ["LOSS.name", "ClassBalancedLoss", "LOSS.cb_loss_type", "sigmoid"],
+    ["LOSS.name", "ClassBalancedLoss", "LOSS.cb_loss_type", "focal"],
+    ["LOSS.name", "FocalLoss"],
+], ids=["LDAMLoss-DRW", "ClassBalancedLoss-softmax", "ClassBalancedLoss-sigmoid", "ClassBalancedLoss-focal",
+        "FocalLoss"])
+def test_the_long_tail_losses_add_no_host_transfer_to_the_step(env, overrides):
+    """The losses of issue 24 train with what they built at start (margins, class weights on the device):
+    their steps make the host wait no more than Balanced Softmax's (DRW's re-weighting in force included)."""
+    few, trainer_few = epoch_of_training(env, 64, "TRAIN.mixed_precision", "no", *overrides, poisoned_call=None)
+    many, trainer_many = epoch_of_training(env, 16, "TRAIN.mixed_precision", "no", *overrides, poisoned_call=None)
+    assert type(trainer_many.loss).__name__ == overrides[1]
+    assert trainer_many.method.step >= 3 * trainer_few.method.step > 0
+    assert many == few, (dict(few), dict(many))
     assert sum(few.values()) <= 12
 
 

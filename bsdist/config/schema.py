@@ -52,7 +52,9 @@ FILE_DATASET_NAMES = ("ImageList", "ImageNetLT", "PlacesLT", "iNat2018")
 # DATASET.aug_info: the first two run on batches on the device (bsdist.data.augment); RandomResizedCrop crops
 # image files as they are decoded (bsdist.data.imagefiles).
 AUGMENTATION_NAMES = ("RandomCrop", "RandomHorizontalFlip", "RandomResizedCrop")
-LOSS_NAMES = ("CrossEntropyLoss", "BalancedSoftmax", "LogitAdjustedLoss")  # bsdist.losses.LOSSES
+LOSS_NAMES = ("CrossEntropyLoss", "BalancedSoftmax", "LogitAdjustedLoss", "LDAMLoss", "ClassBalancedLoss",
+              "FocalLoss")  # bsdist.losses.LOSSES
+HEAD_NAMES = ("cosine",)  # bsdist.models.heads.HEADS: MODEL.classifier other than linear
 MODEL_NAMES = ("resnet32", "resnet10", "resnet18", "resnet50", "resnext50_32x4d", "resnet152")  # bsdist.models.zoo
 
 
@@ -150,6 +152,21 @@ class Loss:
     name: str = option("BalancedSoftmax", "training loss", choices=LOSS_NAMES)
     tau: float = option(1.0, "LogitAdjustedLoss: trains on logits + tau * log(class prior) (Menon et al. 2021); 1 is "
                              "Balanced Softmax, 0 cross-entropy", check=non_negative)
+    max_margin: float = option(0.5, "LDAMLoss: the largest class margin (the rarest class's), margins going as "
+                                    "n_c^(-1/4) (Cao et al. 2019)", check=positive)
+    scale: float = option(30.0, "LDAMLoss: the logits' scale s (cosine logits lie in [-1, 1])", check=positive)
+    drw_epoch: int | None = option(160, "LDAMLoss: deferred re-weighting: from this epoch on (counted from 0) the "
+                                        "loss weights classes by their class-balanced weight (LOSS.beta); null "
+                                        "never re-weights", kind="int", nullable=True,
+                                  check=non_negative)
+    beta: float = option(0.9999, "ClassBalancedLoss and LDAMLoss's re-weighting: class weights (1 - beta) / (1 - "
+                                 "beta^n_c), summing to the number of classes (Cui et al. 2019); 0 weights every "
+                                 "class 1", check=fraction)
+    gamma: float = option(1.0, "FocalLoss and ClassBalancedLoss focal: the focal exponent, (1 - p_t)^gamma (Lin et "
+                               "al. 2017); 0 is cross-entropy", check=non_negative)
+    cb_loss_type: str = option("softmax", "ClassBalancedLoss: the weighted loss, softmax cross-entropy, sigmoid "
+                                          "(binary) cross-entropy or sigmoid focal", choices=("softmax", "sigmoid",
+                                                                                              "focal"))
 
 
 @dataclass(frozen=True)
@@ -242,6 +259,10 @@ class Model:
     pretrained: str | None = option(None, "a local weights file (a state dict, or a checkpoint holding one) to start "
                                           "from, read with weights_only; the classifier starts afresh when its class "
                                           "count differs; nothing is downloaded", kind="str")
+    classifier: str = option("linear", "the classifier fc: linear, or cosine (NormedLinear of LDAM-DRW: the cosine "
+                                       "of the normalised features and class weights, no bias; what LDAMLoss trains "
+                                       "on in its source); post-hoc methods and cRT need linear",
+                             choices=("linear", *HEAD_NAMES))
     sync_bn: bool | str = option("auto", "BatchNorm statistics over the global batch (all processes' images), as one "
                                          "process with the same batch computes them; auto: when several processes "
                                          "each hold fewer than MODEL.sync_bn_batch images", kind="auto_bool")

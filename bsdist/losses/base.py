@@ -29,3 +29,13 @@ class Loss(nn.Module):
             raise BsdistError(f"{type(self).__name__} needs a positive count for every class, got "
                               f"{self.context.num_per_cls}")
         return self.context.log_prior
+
+    def class_indices(self, target: torch.Tensor) -> torch.Tensor:
+        """target, once known to be class indices: for a loss whose source defines no form for class
+        probabilities (a shape check, no device read)."""
+        if target.dim() != 1:
+            raise BsdistError(f"{type(self).__name__} takes class indices as targets, not class probabilities "
+                              f"(shape {tuple(target.shape)}): its source defines no soft-target form; train it "
+                              "without a mixing augmentation, or use a loss that takes them (CrossEntropyLoss, "
+                              "BalancedSoftmax, LogitAdjustedLoss)")
+        return target

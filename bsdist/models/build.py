@@ -11,7 +11,8 @@ import torch.distributed as dist
 from torch import nn
 
 from bsdist.config import Config
-from bsdist.models.classifier import CLASSIFIER, freeze_backbone
+from bsdist.models.classifier import CLASSIFIER, classifier, freeze_backbone
+from bsdist.models.heads import HEADS
 from bsdist.models.syncbn import convert_sync_batchnorm
 from bsdist.models.zoo import MODELS, load_pretrained
 
@@ -23,6 +24,8 @@ def create(cfg: Config, num_classes: int, in_channels: int, device: torch.device
     SyncBatchNorm if asked for; for a stage 2 (CRT.stage1) with its backbone frozen, loaded from
     `backbone` where given."""
     model = MODELS[cfg.MODEL.name](num_classes, in_channels, stem=cfg.MODEL.stem)
+    if cfg.MODEL.classifier != "linear":  # another head in place of the linear one (LDAM-DRW's cosine classifier)
+        setattr(model, CLASSIFIER, HEADS[cfg.MODEL.classifier](classifier(model).in_features, num_classes))
     if cfg.MODEL.pretrained and pretrained and backbone is None:
         load_pretrained(model, cfg.MODEL.pretrained, CLASSIFIER)
     if cfg.CRT.stage1:
