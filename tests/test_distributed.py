@@ -172,3 +172,35 @@ def test_two_ranks_on_one_gpu_are_refused_before_nccl_sees_them():
     check_distinct_gpus([("node1", "GPU-a"), ("node1", "GPU-b"), ("node2", "GPU-a")])
     with pytest.raises(BsdistError, match="ranks 0 and 2 share one GPU.*TRAIN.dist_backend gloo"):
         check_distinct_gpus([("node1", "GPU-a"), ("node1", "GPU-b"), ("node1", "GPU-a")])
+
+
+def test_gloo_gets_the_interface_nccl_was_given():
+    from bsdist.distributed import gloo_interface
+    names = ["lo", "eno1", "eth0", "eth1", "ib0"]
+    assert gloo_interface("eth", names) == "eth0"  # NCCL's prefix; gloo wants one exact name
+    assert gloo_interface("ib0,eth", names) == "eth0"  # the first interface of this host that is selected
+    assert gloo_interface("=eth1", names) == "eth1" and gloo_interface("=eth", names) is None
+    assert gloo_interface("^docker,lo", names) is None and gloo_interface("", names) is None
+    assert gloo_interface("bond", names) is None
+
+
+def _lonely_worker():
+    import time
+
+    import bsdist.distributed as distributed
+    from bsdist.errors import PeerFailure
+    os.environ["WORLD_SIZE"] = "2"  # the other process never starts
+    distributed.CONNECT_TIMEOUT_S = 2
+    started = time.time()
+    try:
+        distributed.init_distributed("cpu", 1800)
+    except PeerFailure as e:
+        return str(e), time.time() - started
+
+
+def test_a_group_that_cannot_form_fails_within_the_connect_timeout_naming_the_interface_settings():
+    results, errors = run_ranks(_lonely_worker, 1)
+    assert not errors, errors
+    message, seconds = results[0]
+    assert seconds < 30 and "the group of 2 processes did not form within 2 s" in message
+    assert "NCCL_SOCKET_IFNAME" in message and "GLOO_SOCKET_IFNAME" in message
