@@ -19,7 +19,10 @@ from bsdist.distributed import (
     DistEnv,
     all_gather_objects,
     all_reduce_max,
+    decided_by_main,
+    every_rank_or_none,
     init_distributed,
+    launched_as_main,
     main_process_first,
     set_collective_timeout,
     shutdown,
@@ -32,25 +35,26 @@ from bsdist.metrics import describe_best
 from bsdist.models import build_model
 from bsdist.optim import build_optimizer, build_scheduler
 from bsdist.output import BEST, make_output
-from bsdist.rundir import finished_results, resume_checkpoint, stage1_checkpoint
+from bsdist.rundir import Start, plan_start, resume_checkpoint, stage1_checkpoint
 
 
 def main(cfg: Config) -> dict:
     """Train and evaluate as the validated cfg says; return the results written to results.json."""
-    resume_from = resume_checkpoint(cfg)  # refuses a directory holding another run before anything happens
-    stage1 = stage1_checkpoint(cfg)  # a stage 2's stage-1 run, finished and fitting this one
+    if launched_as_main():  # refuses a directory holding another run, or a stage 1 that does not fit, at once
+        resume_checkpoint(cfg)
+        stage1_checkpoint(cfg)
     device = config.check_device(cfg)  # on the machine that trains, SLURM nodes included
     env = init_distributed(device, cfg.TRAIN.dist_startup_timeout_s, cfg.TRAIN.dist_backend)
     out = make_output(env, config.run_dir(cfg))
     orderly = False  # every rank is alive and at the same point: leave together
     try:
-        finished = finished_results(cfg)
-        if finished is not None:
+        start = decided_by_main(env, lambda: plan_start(cfg))  # one view of the run directory: rank 0's
+        if start.finished is not None:
             out.info(f"run already finished; results in {config.run_dir(cfg)}/results.json")
-            results = finished
+            results = start.finished
         else:
             with StopSignals() as signals:
-                results = Trainer(cfg, env, out, stage1, signals, resuming=resume_from is not None).run(resume_from)
+                results = Trainer(cfg, env, out, start, signals).run()
         orderly = True
         return results
     except Stopped as e:
@@ -133,9 +137,10 @@ class Trainer:
     load_state_dict() the one definition of what a checkpoint holds, so that saving and resuming cannot
     drift apart (tests/test_train.py round-trips them)."""
 
-    def __init__(self, cfg: Config, env: DistEnv, out, stage1: str | None, signals: StopSignals, resuming: bool):
+    def __init__(self, cfg: Config, env: DistEnv, out, start: Start, signals: StopSignals):
         t = cfg.TRAIN
-        self.cfg, self.env, self.out, self.stage1 = cfg, env, out, stage1
+        self.cfg, self.env, self.out, self.start, self.stage1 = cfg, env, out, start, start.stage1
+        resuming = start.resume_from is not None
         torch.manual_seed(cfg.DEFAULT.seed)  # the same initial weights on every rank and for every world size
         if env.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every training and evaluation batch has one fixed shape
@@ -143,7 +148,8 @@ class Trainer:
         self.num_per_cls = broadcast_class_prior(self.data.num_per_cls, env)
         self.compiled = t.compile is True or (t.compile == "auto" and env.device.type == "cuda")
         self.sync_bn, self.sync_bn_reason = config.resolve_sync_bn(cfg, env.world_size)
-        backbone = checkpoint.load(stage1)["model"] if stage1 and not resuming else None  # a resume has its own weights
+        with every_rank_or_none(env):  # a rank whose copy is not rank 0's says so, and every rank stops
+            backbone = checkpoint.load(start.stage1, start.stage1_digest)["model"] if start.stage1_digest else None
         self.model = build_model(cfg, self.data.num_classes, self.data.in_channels, env.device, self.compiled,
                                  self.sync_bn, backbone, pretrained=not resuming)
         self.amp_dtype = AMP_DTYPES[agreed_precision(t.mixed_precision, env)]
@@ -198,11 +204,14 @@ class Trainer:
         self.out.save_checkpoint(self.state_dict(), list(names))
         self.state.last_checkpoint = _position(epochs_done, at.step)
 
-    def run(self, resume_from: str | None) -> dict:
-        """Train from the start, or from resume_from, to the last epoch; return the results."""
+    def run(self) -> dict:
+        """Train from the start, or from the checkpoint rank 0 chose, to the last epoch; return the results."""
         cfg, env, out, t = self.cfg, self.env, self.out, self.cfg.TRAIN
+        resume_from = self.start.resume_from and os.path.join(config.run_dir(cfg), self.start.resume_from)
         if resume_from:
-            self.load_state_dict(checkpoint.load(resume_from), f"checkpoint {resume_from}")
+            with every_rank_or_none(env):  # a rank whose copy is not rank 0's says so, and every rank stops
+                saved = checkpoint.load(resume_from, self.start.resume_digest)
+            self.load_state_dict(saved, f"checkpoint {resume_from}")
         # model, momentum, slack
         checkpoint_bytes = 3 * sum(p.numel() * p.element_size() for p in self.model.module.parameters())
         with main_process_first(env):  # rank 0 makes the run directory; if it cannot, every rank stops

@@ -287,6 +287,7 @@ def test_a_checkpoint_round_trips_through_the_trainer(tmp_path):
     """state_dict and load_state_dict are one definition: what a checkpoint holds comes back unchanged."""
     from bsdist.distributed import init_distributed, shutdown
     from bsdist.output import NullOutput
+    from bsdist.rundir import Start
     from bsdist.train import StopSignals, Trainer
     cfg = demo_cfg(tmp_path, "MODEL.name", "tiny", "TRAIN.epochs", "1", "OPTIMIZER.momentum", "0.9",
                    "TRAIN.mixed_precision", "fp16")  # a gradient scaler with a state of its own
@@ -294,7 +295,7 @@ def test_a_checkpoint_round_trips_through_the_trainer(tmp_path):
     saved = checkpoint.load(os.path.join(run_dir(cfg), "last.pt"))
     env = init_distributed("cpu", 60)
     try:
-        trainer = Trainer(cfg, env, NullOutput(), None, StopSignals(), resuming=True)
+        trainer = Trainer(cfg, env, NullOutput(), Start(resume_from="last.pt"), StopSignals())
         trainer.load_state_dict(saved)
         again = trainer.state_dict()
     finally:
