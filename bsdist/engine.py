@@ -13,7 +13,7 @@ import torch
 from bsdist.distributed import DistEnv, all_reduce_max, all_reduce_sum
 from bsdist.errors import BsdistError, Stopped
 from bsdist.metrics import EvalTally
-from bsdist.models import no_sync
+from bsdist.models import grads_in_buckets, no_sync
 from bsdist.optim import RunningStats, optimizer_step
 
 
@@ -206,7 +206,7 @@ def _optimizer_step(state: TrainState, tally: DeviceTally) -> float:
     if state.running_stats is not None:
         state.running_stats.restore_if(skip)
     optimizer_step(state.optimizer, state.scaler, skip)
-    state.optimizer.zero_grad(set_to_none=True)
+    state.optimizer.zero_grad(set_to_none=not grads_in_buckets(state.model))
     state.scheduler.step()
     state.step += 1
     return lr

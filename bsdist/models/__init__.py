@@ -20,7 +20,8 @@ from bsdist.models.syncbn import SyncBatchNorm, _GlobalBatchStats, convert_sync_
 from bsdist.models.zoo import MODELS, Float32Linear, load_pretrained, resnet18
 
 __all__ = ["CLASSIFIER", "MODELS", "Built", "Float32Linear", "SyncBatchNorm", "_GlobalBatchStats", "build_model",
-           "classifier", "convert_sync_batchnorm", "create", "distribute", "freeze_backbone", "no_sync", "resnet18"]
+           "classifier", "convert_sync_batchnorm", "create", "distribute", "freeze_backbone", "grads_in_buckets",
+           "no_sync", "resnet18"]
 
 
 CLASSIFIER = "fc"
@@ -121,7 +122,9 @@ def build_model(cfg: Config, num_classes: int, in_channels: int, device: torch.d
     compiling first keeps the plain module reachable without unwrapping a compiled DDP.
     """
     model = create(cfg, num_classes, in_channels, device, sync_bn, backbone, pretrained)
-    compiled = torch.compile(model) if compile_model else model
+    # dynamic=False: evaluation's batch size differs from training's, and automatic dynamic shapes would compile
+    # it as a graph for any batch size (slower kernels) although evaluation pads every batch to one size
+    compiled = torch.compile(model, dynamic=False) if compile_model else model
     t = cfg.TRAIN
     return Built(model, compiled, distribute(compiled, device, t.ddp_bucket_mb, static_graph=t.grad_accum_steps == 1))
 
@@ -131,3 +134,9 @@ def no_sync(model: nn.Module, last_micro_batch: bool):
     if last_micro_batch or not isinstance(model, nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+def grads_in_buckets(model: nn.Module) -> bool:
+    """Whether DDP keeps model's gradients as views into its all-reduce buckets: zero them then, never set them
+    to None, or the next backward allocates fresh gradients and DDP copies them into the buckets again."""
+    return isinstance(model, nn.parallel.DistributedDataParallel) and model.gradient_as_bucket_view
