@@ -171,10 +171,12 @@ class Splits:
     files: bool  # decoded from files as loaded (else held in memory as one uint8 array)
 
 
-def load_splits(cfg: Config) -> Splits:
+def load_splits(cfg: Config, encoded: bool | None = None) -> Splits:
+    """The splits; image files read for decoding on the device where `encoded` (default: DATASET.loader device)."""
     d = cfg.DATASET
     if is_file_list(d.name):
-        train, splits, num_classes, names = imagelist.load_splits(d, cfg.DEFAULT.seed, encoded=d.loader == "device")
+        encoded = d.loader == "device" if encoded is None else encoded
+        train, splits, num_classes, names = imagelist.load_splits(d, cfg.DEFAULT.seed, encoded=encoded)
         return Splits(train, splits, num_classes, names, imagefiles.IMAGENET_MEAN, imagefiles.IMAGENET_STD, 3, True)
     cls: type[LongTailDataset] = ARRAY_DATASETS[d.name]
     train = cls(d.datadir, train=True, download=d.download, imbalance_type=d.imbalance_type,
@@ -194,8 +196,9 @@ def worker_loader(dataset, batches: ResumableBatchSampler, workers: int, device:
 
 def build_data(cfg: Config, env: DistEnv) -> Data:
     d, seed = cfg.DATASET, cfg.DEFAULT.seed
+    decode_on_device = d.loader == "device" and is_file_list(d.name) and imagefiles.device_decoder_works(env.device)
     with main_process_first(env):  # rank 0 downloads, then one process per node; the others then find the files
-        loaded = load_splits(cfg)
+        loaded = load_splits(cfg, encoded=decode_on_device)
     train, splits = loaded.train, loaded.eval
     num_per_cls = {c: int(n) for c, n in enumerate(np.bincount(train.targets, minlength=loaded.num_classes))}
     local_batch = d.batch_size // env.world_size
@@ -218,7 +221,7 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
         if on_device:
             return DeviceLoader(dataset, batches, env.device)
         workers_loader = worker_loader(dataset, batches, workers, env.device, prefetch=4 if loaded.files else None)
-        return DecodeOnDevice(workers_loader, env.device) if loaded.files and d.loader == "device" else workers_loader
+        return DecodeOnDevice(workers_loader, env.device) if decode_on_device else workers_loader
 
     train_loader = loader(train, sampler, local_batch, True, d.num_workers)
     eval_workers = d.num_workers if loaded.files else 0  # decoding files is work; slicing an array is not

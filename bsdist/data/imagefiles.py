@@ -17,6 +17,7 @@ file stops the run with one line naming it and pointing at `--check-data --decod
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -30,6 +31,7 @@ from bsdist.errors import BsdistError
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CHECK_DATA_HINT = "list every bad file with python launch.py CONFIG --check-data --decode"
 JPEG_START = b"\xff\xd8"
+LOG = logging.getLogger("bsdist")
 # torchvision 0.29 announces that TorchCodec will take over its image decoding; until then it is the
 # libjpeg-turbo decoder bsdist measured, and the notice would repeat in every DataLoader worker
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
@@ -120,6 +122,31 @@ def decode_jpegs_on(data: list[torch.Tensor], device: torch.device) -> list[torc
     for image in images:
         image.record_stream(training)
     return images
+
+
+_DECODER_WORKS: dict[torch.device, bool] = {}
+
+
+def device_decoder_works(device: torch.device) -> bool:
+    """Whether decode_jpeg decodes on `device` as libjpeg-turbo does on the CPU, tried once per device on a
+    small JPEG made here: a broken nvJPEG (a driver or library mismatch) would otherwise refuse every batch,
+    each file then decoded alone on the CPU of the training process. Says so in one line when it does not."""
+    if device not in _DECODER_WORKS:
+        from torchvision.io import encode_jpeg
+        ramp = torch.arange(32, dtype=torch.uint8) * 8
+        jpeg = encode_jpeg(torch.stack([ramp.expand(32, 32), ramp.expand(32, 32).T, 255 - ramp.expand(32, 32)]))
+        try:
+            decoded = decode_jpegs_on([jpeg], device)[0].cpu()
+            expected = decode_bytes(jpeg)
+            differ = decoded.shape != expected.shape or (decoded.float() - expected.float()).abs().mean() > 4
+            reason = "its pixels are not the CPU decoder's" if differ else None
+        except RuntimeError as e:  # nvJPEG's own errors, and CUDA's
+            reason = decoder_message(e)
+        if reason:
+            LOG.warning(f"decoding JPEG files on {device} fails ({reason}): DataLoader workers decode them on the "
+                        "CPU instead (as with DATASET.loader dataloader)")
+        _DECODER_WORKS[device] = reason is None
+    return _DECODER_WORKS[device]
 
 
 def pack(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
