@@ -128,7 +128,8 @@ def run(argv=None) -> int:
         if args.check_data:
             from bsdist.data.check import check_data
             return check_data(cfg, decode=args.decode)
-        stage1_checkpoint(cfg)
+        if launched_as_main():  # rank 0 reads the run directories for every rank (bsdist.rundir.plan_start)
+            stage1_checkpoint(cfg)
         from bsdist.train import main
         main(cfg)
     except BsdistError as e:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from bsdist.errors import BsdistError
+from bsdist.errors import BsdistError, PeerFailure
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class DistEnv:
 
 # What a launcher (torchrun, SLURM) tells each process; a child that starts its own group must not inherit it.
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# Every process must have joined the group by then (the start-up timeout, for downloads and compilation, applies
+# after): a process that never started, or gloo bound to an address other nodes cannot reach, fails here.
+CONNECT_TIMEOUT_S = 300
 
 
 def launched_as_main() -> bool:
@@ -71,22 +74,49 @@ def init_distributed(device_type: str, timeout_s: float, backend: str = "auto") 
         device = torch.device("cpu")
     nccl = device.type == "cuda" and backend != "gloo"
     if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=timeout_s)
-        if "MASTER_ADDR" in os.environ:
-            # torchrun keeps one rendezvous store for every restart of the worker group, so a restarted group
-            # could read the keys of the one before (pytorch#135712): each attempt gets keys of its own.
-            store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
-            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            dist.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo", rank=rank, world_size=world_size,
-                                    timeout=timeout, store=dist.PrefixStore(f"bsdist/attempt-{attempt}", store))
-        else:
-            # the same backends as several processes: a CUDA tensor through gloo is copied to the host (a sync)
-            dist.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo", store=dist.HashStore(), rank=0,
-                                    world_size=1, timeout=timeout)
+        if "GLOO_SOCKET_IFNAME" not in os.environ:  # else gloo binds what the host name resolves to (127.0.1.1, say)
+            gloo = gloo_interface(os.environ.get("NCCL_SOCKET_IFNAME", ""), [n for _, n in socket.if_nameindex()])
+            if gloo:
+                os.environ["GLOO_SOCKET_IFNAME"] = gloo
+        connect_s = min(timeout_s, CONNECT_TIMEOUT_S)
+        try:
+            _join_group(rank, world_size, nccl, datetime.timedelta(seconds=connect_s))
+        except RuntimeError as e:
+            raise PeerFailure(
+                f"rank {rank}: the group of {world_size} processes did not form within {connect_s:g} s "
+                f"({str(e).strip().splitlines()[0][:120]}): check that every process started and reaches "
+                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}; on nodes with several network "
+                "interfaces set NCCL_SOCKET_IFNAME to the one the nodes reach each other on (bsdist gives "
+                "GLOO_SOCKET_IFNAME the same)") from None
+        set_collective_timeout(timeout_s)
     if nccl:
         gpu_uuid = str(torch.cuda.get_device_properties(device).uuid)
         check_distinct_gpus(all_gather_objects((socket.gethostname(), gpu_uuid)))
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _join_group(rank: int, world_size: int, nccl: bool, timeout: datetime.timedelta) -> None:
+    if "MASTER_ADDR" in os.environ:
+        # torchrun keeps one rendezvous store for every restart of the worker group, so a restarted group
+        # could read the keys of the one before (pytorch#135712): each attempt gets keys of its own.
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo", rank=rank, world_size=world_size,
+                                timeout=timeout, store=dist.PrefixStore(f"bsdist/attempt-{attempt}", store))
+    else:
+        # the same backends as several processes: a CUDA tensor through gloo is copied to the host (a sync)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, timeout=timeout)
+
+
+def gloo_interface(nccl_ifname: str, names: list[str]) -> str | None:
+    """GLOO_SOCKET_IFNAME for an NCCL_SOCKET_IFNAME: the first of this host's interfaces (names) that NCCL's
+    setting selects. NCCL takes name prefixes (eth: eth0, eth1) and exact names after `=`, gloo exact names;
+    None where the setting excludes (`^docker,lo`) or selects nothing here."""
+    if not nccl_ifname or nccl_ifname.startswith("^"):
+        return None
+    exact, wanted = nccl_ifname.startswith("="), [w for w in nccl_ifname.lstrip("=").split(",") if w]
+    return next((n for n in names for w in wanted if (n == w if exact else n.startswith(w))), None)
 
 
 def check_distinct_gpus(gpus: list[tuple[str, str]]) -> None:
@@ -158,6 +188,41 @@ def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def decided_by_main(env: DistEnv, decide):
+    """decide() run by rank 0 alone, and its answer (or its error, raised alike everywhere) given to every
+    rank: where ranks' file systems differ (a node-local directory, a shared one that lags), they still act
+    on one view. One broadcast through gloo, called by every rank."""
+    answer = [None]
+    if env.is_main:
+        try:
+            answer = [(True, decide())]
+        except BaseException as e:
+            answer = [(False, str(e) if isinstance(e, BsdistError) else f"rank 0 failed: {type(e).__name__}: {e}")]
+            dist.broadcast_object_list(answer, src=0, device=torch.device("cpu"))
+            raise
+    dist.broadcast_object_list(answer, src=0, device=torch.device("cpu"))
+    decided, value = answer[0]
+    if not decided:
+        raise BsdistError(value)  # rank 0 prints it
+    return value
+
+
+@contextlib.contextmanager
+def every_rank_or_none(env: DistEnv):
+    """Every rank runs the body; where it fails on some rank, that rank raises its error and every other
+    stops here too with that reason, instead of waiting at the next collective (one all-gather, called by
+    every rank): under torchrun, whichever rank exits first and is named in its summary, the summary gives
+    the real reason."""
+    try:
+        yield
+    except BaseException as e:
+        _first_failure(str(e) if isinstance(e, BsdistError) else f"{type(e).__name__}: {e}")
+        raise
+    failure = _first_failure(None)
+    if failure:
+        raise BsdistError(failure)
+
+
 @contextlib.contextmanager
 def main_process_first(env: DistEnv):
     """Rank 0 runs the body first (e.g. downloads), then the first process of every other node (it finds
@@ -170,15 +235,9 @@ def main_process_first(env: DistEnv):
     """
     turn = 0 if env.is_main else 1 if env.local_rank == 0 else 2
     for stage in range(3):
-        if stage == turn:
-            try:
+        with every_rank_or_none(env):
+            if stage == turn:
                 yield
-            except BaseException as e:
-                _first_failure(str(e) if isinstance(e, BsdistError) else f"{type(e).__name__}: {e}")
-                raise
-        failure = _first_failure(None)
-        if failure:
-            raise BsdistError(failure)
 
 
 def _first_failure(message: str | None) -> str | None:

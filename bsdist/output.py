@@ -97,8 +97,9 @@ class RunOutput:
     def start(self, cfg: Config, resumed_step: int | None, resumed_epoch: int, checkpoint_bytes: int) -> None:
         """Create the run directory and its writers; on resume drop what came after the checkpoint.
 
-        Stops first if the directory cannot be written or lacks room for two checkpoints (the atomic
-        write holds the old one until the new one is complete).
+        Stops first if the directory cannot be written or lacks room for three checkpoints: last.pt, the
+        one before it kept as last.prev.pt, and best.pt when it is another file (the atomic write of the
+        next last.pt takes the room last.prev.pt frees).
         """
         from torch.utils.tensorboard import SummaryWriter
         try:
@@ -113,10 +114,10 @@ class RunOutput:
         if orphans:
             self.info(f"removed {', '.join(orphans)}: what remained of a checkpoint write cut short")
         free = shutil.disk_usage(self.run_dir).free
-        if free < 2 * checkpoint_bytes:
+        if free < 3 * checkpoint_bytes:
             raise BsdistError(f"{self.run_dir} has {free / 2**20:.0f} MiB free, less than the "
-                              f"{2 * checkpoint_bytes / 2**20:.0f} MiB two checkpoints need; "
-                              "free space or set DEFAULT.savedir elsewhere")
+                              f"{3 * checkpoint_bytes / 2**20:.0f} MiB three checkpoints need (last.pt, last.prev.pt, "
+                              "best.pt); free space or set DEFAULT.savedir elsewhere")
         write_text(self.path("config.yaml"), dump(cfg))
         self._truncate_csv(resumed_epoch)
         # purge_step hides events an earlier attempt logged after the checkpoint (all of them when starting afresh)

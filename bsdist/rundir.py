@@ -1,15 +1,18 @@
 """What a run directory holds, read before anything starts: whether a run may start or continue there,
 its results when it has finished, its saved config, and the stage-1 run a decoupled stage 2 builds on.
 
-Read-only, so every rank (and a sweep or a SLURM submission, before any process group exists) can ask.
+Read-only, so a sweep or a SLURM submission can ask before any process group exists. A run asks once,
+on rank 0 (plan_start), and every rank follows that answer: with a node-local DEFAULT.savedir, or a
+shared file system that lags, ranks reading for themselves would disagree on whether to resume.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
-from bsdist import config
+from bsdist import checkpoint, config
 from bsdist.config import Config
 from bsdist.errors import BsdistError
 
@@ -78,6 +81,51 @@ def selected_checkpoint(run_dir: str) -> str | None:
 
 def finished_results(cfg: Config) -> dict | None:
     return results_of(config.run_dir(cfg))
+
+
+@dataclass(frozen=True)
+class Start:
+    """How a run starts, as rank 0 read its run directory; each checkpoint named with the sha256 of rank
+    0's file, which every rank's copy must match."""
+    resume_from: str | None = None  # a file name in the run directory (each rank's own, if node-local)
+    resume_digest: str | None = None
+    stage1: str | None = None  # a stage 2's stage-1 best.pt
+    stage1_digest: str | None = None
+    finished: dict | None = None  # the results of a run that already finished: nothing to do
+
+
+def plan_start(cfg: Config) -> Start:
+    """Whether the run continues (from the newest checkpoint that verifies), starts afresh or has finished;
+    one error where it may not start at all."""
+    resume_from = resume_checkpoint(cfg)
+    stage1 = stage1_checkpoint(cfg)
+    finished = finished_results(cfg)
+    if finished is not None:
+        return Start(finished=finished)
+    if resume_from is not None:
+        resume_from, digest = newest_verified(resume_from)
+        resume_from = os.path.basename(resume_from)
+        best = os.path.join(config.run_dir(cfg), "best.pt")
+        if os.path.exists(best) and checkpoint.recorded_digest(best) not in (None, checkpoint.file_digest(best)):
+            checkpoint.LOG.warning(f"{best} does not match its digest: the selected model is damaged; the run writes "
+                                   "it again when the selected metric next improves, and until then stage 2 and "
+                                   "--evaluate refuse it")
+        return Start(resume_from, digest, stage1)  # a resume has its own weights: stage 1's are not read
+    return Start(stage1=stage1, stage1_digest=checkpoint.read_verified(stage1)[1] if stage1 else None)
+
+
+def newest_verified(last: str) -> tuple[str, str]:
+    """last (last.pt) and its sha256, or, where it does not match its digest, the checkpoint before it
+    (last.prev.pt) when that one does, saying so in one line; one error when neither does."""
+    try:
+        return last, checkpoint.read_verified(last)[1]
+    except checkpoint.Damaged as e:
+        earlier = checkpoint.previous(last)
+        if not checkpoint.verifies(earlier):
+            raise BsdistError(f"{e}; no earlier checkpoint verifies either ({os.path.basename(earlier)}), so "
+                              "nothing is loaded") from None
+        checkpoint.LOG.warning(f"{e}; continuing from the checkpoint before it, {earlier}")
+        return earlier, checkpoint.file_digest(earlier)
 
 
 def stage1_checkpoint(cfg: Config) -> str | None:

@@ -60,3 +60,14 @@ def describe_step(global_step: int, steps_per_epoch: int) -> str:
 def duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def nonfinite_stop(where: str, last_checkpoint: str) -> str:
+    """Why a run with TRAIN.nonfinite stop stopped, and how to go on."""
+    if last_checkpoint:
+        kept = (f"last.pt ({last_checkpoint}) is the last good point: continue from it with TRAIN.nonfinite skip "
+                "and TRAIN.resume auto, or")
+    else:
+        kept = "no checkpoint was written, so the next attempt starts afresh:"
+    return (f"non-finite loss at {where}, a step that changed no weight; {kept} retry with a lower OPTIMIZER.lr or "
+            "TRAIN.mixed_precision no (under another DEFAULT.exp_name if last.pt exists)")

@@ -107,6 +107,9 @@ def executor_parameters(args, cfg: Config, job_name: str) -> dict:
     params = {"job_name": args.job_name or job_name, "nodes": args.nodes, "ntasks_per_node": tasks_per_node(args, cfg),
               "cpus_per_task": args.cpus_per_task or cfg.DATASET.num_workers + 1, "time": args.timeout_min,
               "signal_delay_s": args.signal_delay_s,
+              # a task that dies ends the job at once: under NCCL its peers would otherwise wait in a collective
+              # until TRAIN.dist_timeout_s (srun sends them SIGTERM, then SIGKILL after the cluster's KillWait)
+              "srun_args": ["--kill-on-bad-exit=1"],
               "additional_parameters": dict(extra.split("=", 1) for extra in args.slurm_extra)}
     if gpus:
         params["gpus_per_node"] = gpus

@@ -7,7 +7,8 @@ import threading
 
 from bsdist import config
 from bsdist.config import Config
-from bsdist.rundir import finished_results, resume_checkpoint, stage1_checkpoint
+from bsdist.distributed import decided_by_main, launched_as_main
+from bsdist.rundir import plan_start, resume_checkpoint, stage1_checkpoint
 from bsdist.runlock import hold_run_dir
 from bsdist.session import session
 from bsdist.trainer import Trainer
@@ -20,15 +21,16 @@ def main(cfg: Config) -> dict:
 
 
 def _train(cfg: Config) -> dict:
-    resume_from = resume_checkpoint(cfg)  # refuses a directory holding another run before anything happens
-    stage1 = stage1_checkpoint(cfg)  # a stage 2's stage-1 run, finished and fitting this one
+    if launched_as_main():  # refuses a directory holding another run, or a stage 1 that does not fit, at once
+        resume_checkpoint(cfg)
+        stage1_checkpoint(cfg)
     with session(cfg, config.run_dir(cfg)) as (env, out):
-        finished = finished_results(cfg)
-        if finished is not None:
+        start = decided_by_main(env, lambda: plan_start(cfg))  # one view of the run directory: rank 0's
+        if start.finished is not None:
             out.info(f"run already finished; results in {config.run_dir(cfg)}/results.json")
-            return finished
+            return start.finished
         with StopSignals() as signals:
-            return Trainer(cfg, env, out, stage1, signals, resuming=resume_from is not None).fit(resume_from)
+            return Trainer(cfg, env, out, start, signals).fit()
 
 
 class StopSignals:

@@ -12,17 +12,18 @@ import torch
 from bsdist import checkpoint, config
 from bsdist.config import Config
 from bsdist.data import Data, build_data
-from bsdist.distributed import DistEnv, all_gather_objects, main_process_first, rank_max, set_collective_timeout,\
-    sync_buffers_from_main
+from bsdist.distributed import DistEnv, all_gather_objects, every_rank_or_none, main_process_first, rank_max,\
+    set_collective_timeout, sync_buffers_from_main
 from bsdist.evaluation import evaluate
 from bsdist.errors import BsdistError, Stopped
 from bsdist.losses import Loss, build_loss
 from bsdist.metrics import describe_best
 from bsdist.method import MethodContext, broadcast_class_prior
-from bsdist.models import Model, build_model, classifier, no_sync
+from bsdist.models import Model, build_model, classifier, grads_in_buckets, no_sync
 from bsdist.optim import RunningStats, build_optimizer, build_scheduler, optimizer_step
 from bsdist.runtime import Runtime, resolve_runtime
-from bsdist.runlog import announce, describe_step, duration, position, record_epoch
+from bsdist.rundir import Start
+from bsdist.runlog import announce, describe_step, duration, nonfinite_stop, position, record_epoch
 from bsdist.tally import DeviceTally, EpochProgress
 
 
@@ -35,6 +36,7 @@ class Trainer:
     cfg: Config
     env: DistEnv  # this process in its group
     out: object  # rank 0's files and lines (RunOutput); a do-nothing NullOutput on the other ranks
+    plan: Start  # how the run starts, as rank 0 read its directory: the checkpoint it resumes, stage 1's, digests
     stage1: str | None  # a stage 2's stage-1 checkpoint (cRT), or None
     signals: object  # StopSignals: the signal asking to stop (read at sync points), or 0
     # built
@@ -65,16 +67,17 @@ class Trainer:
     first_step: int
     last_read: float
 
-    def __init__(self, cfg: Config, env: DistEnv, out, stage1: str | None, signals, resuming: bool):
-        t = cfg.TRAIN
-        self.cfg, self.env, self.out, self.stage1, self.signals = cfg, env, out, stage1, signals
+    def __init__(self, cfg: Config, env: DistEnv, out, plan: Start, signals):
+        t, resuming = cfg.TRAIN, plan.resume_from is not None
+        self.cfg, self.env, self.out, self.plan, self.stage1, self.signals = cfg, env, out, plan, plan.stage1, signals
         torch.manual_seed(cfg.DEFAULT.seed)  # the same initial weights on every rank and for every world size
         if env.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every training and evaluation batch has one fixed shape
         self.data = build_data(cfg, env)
         self.num_per_cls = broadcast_class_prior(self.data.num_per_cls, env)
         self.runtime = rt = resolve_runtime(cfg, env, self.data.train)
-        backbone = checkpoint.load(stage1)["model"] if stage1 and not resuming else None  # a resume has its own weights
+        with every_rank_or_none(env):  # a rank whose copy is not rank 0's says so, and every rank stops
+            backbone = checkpoint.load(plan.stage1, plan.stage1_digest)["model"] if plan.stage1_digest else None
         self.model = build_model(cfg, self.data.num_classes, self.data.in_channels, env.device, rt.compile,
                                  rt.sync_bn, backbone, pretrained=not resuming)
         self.method = MethodContext.of(self.num_per_cls, lambda: classifier(self.model.module), env.device)
@@ -125,11 +128,14 @@ class Trainer:
         self.out.save_checkpoint(self.state_dict(), list(names))
         self.last_checkpoint = position(epochs_done, at.step)
 
-    def fit(self, resume_from: str | None) -> dict:
-        """Train from the start, or from resume_from, to the last epoch; return the results."""
+    def fit(self) -> dict:
+        """Train from the start, or from the checkpoint rank 0 chose, to the last epoch; return the results."""
         t = self.cfg.TRAIN
+        resume_from = self.plan.resume_from and os.path.join(config.run_dir(self.cfg), self.plan.resume_from)
         if resume_from:
-            self.load_state_dict(checkpoint.load(resume_from), f"checkpoint {resume_from}")
+            with every_rank_or_none(self.env):  # a rank whose copy is not rank 0's says so, and every rank stops
+                saved = checkpoint.load(resume_from, self.plan.resume_digest)
+            self.load_state_dict(saved, f"checkpoint {resume_from}")
         self.start(resume_from)
         first_epoch = self.epochs_done
         for epoch in range(first_epoch, t.epochs):
@@ -240,7 +246,7 @@ class Trainer:
         if self.running_stats is not None:
             self.running_stats.restore_if(skip)
         optimizer_step(self.optimizer, self.scaler, skip)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not grads_in_buckets(self.model.wrapped))
         self.scheduler.step()
         self.method.step_done()
         return lr
@@ -274,14 +280,7 @@ class Trainer:
         if bad:
             where = describe_step(int(first_bad), self.steps_per_epoch)
             if self.cfg.TRAIN.nonfinite == "stop":
-                if self.last_checkpoint:
-                    kept = (f"last.pt ({self.last_checkpoint}) is the last good point: continue from it with "
-                            "TRAIN.nonfinite skip and TRAIN.resume auto, or")
-                else:
-                    kept = "no checkpoint was written, so the next attempt starts afresh:"
-                raise BsdistError(f"non-finite loss at {where}, a step that changed no weight; {kept} retry with a "
-                                  "lower OPTIMIZER.lr or TRAIN.mixed_precision no (under another DEFAULT.exp_name if "
-                                  "last.pt exists)")
+                raise BsdistError(nonfinite_stop(where, self.last_checkpoint))
             self.out.info(f"{int(bad)} step(s) with a non-finite loss on some rank skipped, the first at {where} "
                           "(TRAIN.nonfinite skip)")
         return int(signum)

@@ -44,18 +44,15 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
 def test_an_interrupted_write_keeps_the_old_file_and_removes_the_temporary(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
     checkpoint.save_atomic({"step": 1}, path)
-    real_save = torch.save
 
     def half_then_fail(obj, f):
-        real_save(obj, f)
-        with open(f, "r+b") as handle:
-            handle.truncate(10)
+        f.write(b"PK\x03\x04 half")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", half_then_fail)
     with pytest.raises(OSError):
         checkpoint.save_atomic({"step": 2}, path)
     assert checkpoint.load(path) == {"step": 1}
-    assert os.listdir(tmp_path) == ["last.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "last.pt.sha256"]
 
 
 def test_a_damaged_checkpoint_is_one_clear_error(tmp_path):
@@ -126,7 +123,7 @@ def test_a_failed_background_write_keeps_the_old_checkpoint_and_names_the_path_a
     free = shutil.disk_usage(tmp_path).free / 2**20
     assert int(str(e.value).split("; ")[1].split(" MiB")[0]) == pytest.approx(free, rel=0.1, abs=2)
     assert checkpoint.load(path)["step"] == 1
-    assert os.listdir(tmp_path) == ["last.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["last.prev.pt", "last.prev.pt.sha256", "last.pt", "last.pt.sha256"]
 
 
 def test_a_checkpoint_is_a_copy_taken_when_saved(tmp_path):
@@ -160,13 +157,15 @@ def test_a_failed_link_leaves_no_temporary_file(tmp_path):
     (tmp_path / "best.pt").mkdir()  # a directory cannot be replaced by a file
     with pytest.raises(OSError):
         checkpoint.link_atomic(str(tmp_path / "last.pt"), str(tmp_path / "best.pt"))
-    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt", "last.pt.sha256"]
 
 
 def test_the_temporary_files_of_interrupted_writes_are_removed(tmp_path):
-    for name in ("last.pt", "last.pt.tmp.4242", "best.pt.tmp.7", "config.yaml.tmp.9", "notes.tmp", "results.json"):
+    for name in ("last.pt", "last.pt.tmp.4242", "best.pt.tmp.7", "config.yaml.tmp.9", "last.pt.sha256.tmp.9",
+                 "notes.tmp", "results.json"):
         (tmp_path / name).write_bytes(b"")
-    assert sorted(atomic.remove_orphans(str(tmp_path))) == ["best.pt.tmp.7", "config.yaml.tmp.9", "last.pt.tmp.4242"]
+    assert sorted(atomic.remove_orphans(str(tmp_path))) == ["best.pt.tmp.7", "config.yaml.tmp.9",
+                                                            "last.pt.sha256.tmp.9", "last.pt.tmp.4242"]
     assert sorted(os.listdir(tmp_path)) == ["last.pt", "notes.tmp", "results.json"]
 
 
@@ -178,3 +177,53 @@ def test_a_host_copy_keeps_lists_and_tuples():
     t += 1
     assert torch.equal(copy["rng"][0], torch.zeros(2)) and torch.equal(copy["rng"][1][0], torch.zeros(2))
 
+
+
+def flip_bytes(path, count=64):
+    """count bytes in the middle of path inverted, as a failing disk or a bad copy would leave them."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        data = f.read(count)
+        f.seek(-len(data), os.SEEK_CUR)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def test_every_checkpoint_has_its_digest_beside_it_and_changed_bytes_are_one_line_naming_the_file(tmp_path):
+    path = str(tmp_path / "last.pt")
+    digest = checkpoint.save_atomic({"w": torch.arange(10000.0)}, path)
+    assert open(path + ".sha256").read() == f"{digest}  last.pt\n"  # sha256sum -c reads it
+    assert digest == checkpoint.file_digest(path)
+    flip_bytes(path)
+    with pytest.raises(checkpoint.Damaged, match=r"checkpoint .*last.pt does not match its digest") as e:
+        checkpoint.load(path)
+    assert "\n" not in str(e.value)
+    checkpoint.save_atomic({"w": torch.arange(10000.0)}, path)
+    os.truncate(path, os.path.getsize(path) - 100)
+    with pytest.raises(checkpoint.Damaged, match="does not match its digest"):
+        checkpoint.load(path)
+
+
+def test_a_checkpoint_from_before_digests_is_read_with_one_warning(tmp_path, capsys):
+    from bsdist.output import console
+    console(0)
+    path = str(tmp_path / "last.pt")
+    checkpoint.save_atomic({"step": 3}, path)
+    os.remove(path + ".sha256")
+    assert checkpoint.load(path) == {"step": 3}
+    warning = capsys.readouterr().err
+    assert warning.count("\n") == 1 and "has no digest" in warning and "read unverified" in warning
+
+
+def test_the_writer_keeps_the_checkpoint_before_the_latest_but_never_a_damaged_one(tmp_path):
+    last, prev = str(tmp_path / "last.pt"), str(tmp_path / "last.prev.pt")
+    writer = checkpoint.CheckpointWriter()
+    for step in (1, 2):
+        writer.save({"step": torch.tensor(step)}, [last, str(tmp_path / "best.pt")])
+        writer.wait()
+    assert checkpoint.load(prev)["step"] == 1 and checkpoint.load(last)["step"] == 2
+    assert checkpoint.load(str(tmp_path / "best.pt"))["step"] == 2
+    flip_bytes(last, 8)  # the next run (a new writer) finds last.pt damaged: last.prev.pt stays as it is
+    fresh = checkpoint.CheckpointWriter()
+    fresh.save({"step": torch.tensor(3)}, [last])
+    fresh.wait()
+    assert checkpoint.load(prev)["step"] == 1 and checkpoint.load(last)["step"] == 3

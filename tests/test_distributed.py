@@ -197,3 +197,35 @@ def test_two_processes_train_the_long_tail_losses_to_the_weights_of_one(cifar10_
     for key, value in weights[1].items():
         torch.testing.assert_close(weights[2][key].double(), value.double(), rtol=1e-4, atol=1e-5,
                                    msg=lambda m: f"{key}: {m}")
+
+
+def test_gloo_gets_the_interface_nccl_was_given():
+    from bsdist.distributed import gloo_interface
+    names = ["lo", "eno1", "eth0", "eth1", "ib0"]
+    assert gloo_interface("eth", names) == "eth0"  # NCCL's prefix; gloo wants one exact name
+    assert gloo_interface("ib0,eth", names) == "eth0"  # the first interface of this host that is selected
+    assert gloo_interface("=eth1", names) == "eth1" and gloo_interface("=eth", names) is None
+    assert gloo_interface("^docker,lo", names) is None and gloo_interface("", names) is None
+    assert gloo_interface("bond", names) is None
+
+
+def _lonely_worker():
+    import time
+
+    import bsdist.distributed as distributed
+    from bsdist.errors import PeerFailure
+    os.environ["WORLD_SIZE"] = "2"  # the other process never starts
+    distributed.CONNECT_TIMEOUT_S = 2
+    started = time.time()
+    try:
+        distributed.init_distributed("cpu", 1800)
+    except PeerFailure as e:
+        return str(e), time.time() - started
+
+
+def test_a_group_that_cannot_form_fails_within_the_connect_timeout_naming_the_interface_settings():
+    results, errors = run_ranks(_lonely_worker, 1)
+    assert not errors, errors
+    message, seconds = results[0]
+    assert seconds < 30 and "the group of 2 processes did not form within 2 s" in message
+    assert "NCCL_SOCKET_IFNAME" in message and "GLOO_SOCKET_IFNAME" in message

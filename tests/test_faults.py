@@ -1,5 +1,6 @@
 """Faults caused for real: interruptions mid-epoch, signals, a killed worker, non-finite loss, bad disks."""
 
+import io
 import json
 import os
 import signal
@@ -271,7 +272,7 @@ def test_a_full_disk_during_a_checkpoint_write_stops_the_run_keeping_the_previou
     real_save, saves = torch.save, []
 
     def disk_fills_at_the_third_write(obj, f, *args, **kwargs):
-        if isinstance(f, str):  # a checkpoint file, not torch's own in-memory pickling
+        if not isinstance(f, io.BytesIO):  # a checkpoint file, not torch's own in-memory pickling
             saves.append(f)
             if len(saves) >= 3:
                 raise OSError(28, "No space left on device")
@@ -283,8 +284,11 @@ def test_a_full_disk_during_a_checkpoint_write_stops_the_run_keeping_the_previou
     monkeypatch.setattr(torch, "save", real_save)
     kept = checkpoint.load(os.path.join(config.run_dir(cfg), "last.pt"))
     assert (kept["epoch"], kept["progress"]["step"]) == (0, 4)  # the second write (step 4 of epoch 1), whole
+    # last.pt's file got its second name before the failed write began
+    assert checkpoint.load(os.path.join(config.run_dir(cfg), "last.prev.pt"))["progress"]["step"] == 4
     assert sorted(os.listdir(config.run_dir(cfg))) == sorted(
-        ["config.yaml", "runtime.json", "last.pt", "log.txt", "run.lock",
+        ["config.yaml", "runtime.json", "last.pt", "last.pt.sha256", "last.prev.pt", "last.prev.pt.sha256", "log.txt",
+         "run.lock",
          *[f for f in os.listdir(config.run_dir(cfg)) if "tfevents" in f]])
 
 

@@ -310,7 +310,7 @@ def test_decoding_on_the_device_overwrites_no_memory_the_training_stream_still_r
     beside it (pytorch/vision pull request 9606): when it overwrites nothing either, the trial proved little."""
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-    from bsdist.data.imagefiles import decode_jpegs_on
+    from bsdist.data.device_decoding import decode_jpegs_on
     within_budget(20)
     data, device = [read_file(path) for path in jpeg_files(tmp_path / "files", 16)], torch.device("cuda")
     numel = 3 * 375 * 500 // 4  # float32 blocks of one decoded image's bytes, so that the allocator reuses them

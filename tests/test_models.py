@@ -117,3 +117,35 @@ def test_pretrained_weights_load_from_a_local_file_with_a_fresh_classifier_and_a
                        match="MODEL.pretrained .*nothing.pth does not exist; give the path of a local weights file"):
         create(config.validate(config.load(None, ["MODEL.pretrained", str(tmp_path / "nothing.pth")])), 10, 3,
                torch.device("cpu"), False)
+
+
+def _syncbn_worker(x):
+    from bsdist.models import _GlobalBatchStats
+    env = init_distributed("cpu", 60)
+    try:
+        shard = x.chunk(2)[env.rank]
+        running_mean, running_var = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
+        y = _GlobalBatchStats.apply(shard, torch.ones(x.shape[1]), torch.zeros(x.shape[1]), running_mean, running_var,
+                                    1.0, 1e-5, x.numel() // x.shape[1])
+        return y.numpy(), running_var.numpy()  # numpy: tensors would be shared with a process about to end
+    finally:
+        shutdown()
+
+
+def test_synchronised_statistics_keep_their_precision_when_the_mean_dwarfs_the_spread():
+    from spawn import run_ranks
+    torch.manual_seed(0)
+    x = (1e4 + 0.1 * torch.randn(8, 3, 4, 4, dtype=torch.float64))
+    x[4:] += 0.05  # the two ranks' means differ a little too
+    results, errors = run_ranks(_syncbn_worker, 2, x.float())
+    assert not errors, errors
+    var = x.float().double().var(dim=(0, 2, 3), unbiased=False)  # the reference: the fp32 input in float64
+    xhat = (x.float().double() - x.float().double().mean(dim=(0, 2, 3), keepdim=True)) / (var.view(1, -1, 1, 1)
+                                                                                          + 1e-5).sqrt()
+    for rank, (y, running_var) in enumerate(results):
+        # within 1%: the ranks' fp32 means themselves are only known to 1e4's fp32 spacing (1e-3)
+        torch.testing.assert_close(torch.from_numpy(running_var).double(), var * 128 / 127, rtol=1e-2, atol=0)
+        torch.testing.assert_close(torch.from_numpy(y).double(), xhat.chunk(2)[rank], rtol=1e-2, atol=1e-2)
+    xf = x.float()  # what E[x^2] - E[x]^2 in fp32 gives: not even the right order of magnitude
+    naive = (xf * xf).mean(dim=(0, 2, 3)) - xf.mean(dim=(0, 2, 3)) ** 2
+    assert not torch.allclose(naive.double(), var, rtol=1.0)

@@ -4,6 +4,7 @@ report rows they give."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -214,3 +215,16 @@ def test_a_stage_two_resumes_where_an_uninterrupted_one_ends(stage1, tmp_path, m
     b = checkpoint.load(os.path.join(config.run_dir(straight), "last.pt"))["model"]
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert "resumed from" in open(os.path.join(config.run_dir(cfg), "log.txt")).read()
+
+
+def test_a_damaged_stage_1_model_is_refused_by_evaluate_and_by_stage_2_in_one_line(stage1, tmp_path):
+    from test_checkpoint import flip_bytes
+    damaged = str(tmp_path / "stage1")
+    shutil.copytree(config.run_dir(stage1), damaged)  # a copy that rotted
+    flip_bytes(os.path.join(damaged, "best.pt"))
+    with pytest.raises(checkpoint.Damaged, match=r"checkpoint .*stage1/best.pt does not match its digest"):
+        evaluate_run(damaged, [])
+    stage2 = demo_cfg(tmp_path, "CRT.stage1", damaged, "DATASET.sampler", "class_balanced", "DEFAULT.exp_name", "crt")
+    with pytest.raises(BsdistError, match=r"stage1/best.pt does not match its digest"):
+        main(stage2)
+    assert not os.path.exists(config.run_dir(stage2))

@@ -37,6 +37,16 @@ def test_one_task_per_gpu_by_default_and_tasks_per_node_on_cpu():
     assert "partition" not in cpu  # the cluster's default partition
 
 
+def test_a_task_that_dies_ends_the_job_at_once():
+    from submitit.slurm.slurm import _make_sbatch_string
+    params = slurm.executor_parameters(parse("--nodes", "2", "--gpus-per-node", "4"), demo(), "bsdist-x")
+    script = _make_sbatch_string("python -u -m submitit.core._submit /tmp/x", "/tmp/x", **params)
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert "--kill-on-bad-exit=1" in srun.split()
+    with open("slurm/torchrun.sbatch") as f:
+        assert "srun --kill-on-bad-exit=1 " in f.read()
+
+
 def test_flags_that_contradict_or_are_out_of_range_are_refused():
     with pytest.raises(BsdistError, match="one task per GPU"):
         slurm.tasks_per_node(parse("--gpus-per-node", "4", "--ntasks-per-node", "2"), demo())

@@ -277,6 +277,25 @@ def test_compiled_model_trains_without_recompiling_and_saves_plain_keys(tmp_path
     resnet18(10, 1).load_state_dict(state)
 
 
+def test_evaluation_gets_a_graph_of_its_own_fixed_batch_size(tmp_path, monkeypatch):
+    """Automatic dynamic shapes would compile evaluation's new batch size as a graph for any batch size."""
+    import torch._dynamo
+    graphs = []  # per graph compiled: whether any input has a symbolic size
+
+    def recording(gm, example_inputs):
+        inputs = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        sizes = [d for v in inputs for d in ([v] if isinstance(v, torch.SymInt) else getattr(v, "shape", ()))]
+        graphs.append(any(isinstance(d, torch.SymInt) for d in sizes))
+        return gm.forward
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend=recording, **kwargs))
+    torch._dynamo.reset()
+    main(demo_cfg(tmp_path, "MODEL.name", "tiny", "TRAIN.compile", "true", "TRAIN.epochs", "1",
+                  "DATASET.test_batch_size", "300"))
+    torch._dynamo.reset()
+    assert len(graphs) >= 2 and not any(graphs)  # training's graph and evaluation's, both of one batch size
+
+
 def test_a_resumed_compiled_run_compiles_what_a_fresh_run_compiles(tmp_path, monkeypatch):
     """One graph set for training and one for evaluation, and nothing more after a mid-epoch resume."""
     import torch._dynamo
@@ -309,14 +328,16 @@ def test_a_checkpoint_round_trips_through_the_trainer(tmp_path):
     """state_dict and load_state_dict are one definition: what a checkpoint holds comes back unchanged."""
     from bsdist.distributed import init_distributed, shutdown
     from bsdist.output import NullOutput
-    from bsdist.train import StopSignals, Trainer
+    from bsdist.rundir import Start
+    from bsdist.train import StopSignals
+    from bsdist.trainer import Trainer
     cfg = demo_cfg(tmp_path, "MODEL.name", "tiny", "TRAIN.epochs", "1", "OPTIMIZER.momentum", "0.9",
                    "TRAIN.mixed_precision", "fp16")  # a gradient scaler with a state of its own
     main(cfg)
     saved = checkpoint.load(os.path.join(run_dir(cfg), "last.pt"))
     env = init_distributed("cpu", 60)
     try:
-        trainer = Trainer(cfg, env, NullOutput(), None, StopSignals(), resuming=True)
+        trainer = Trainer(cfg, env, NullOutput(), Start(resume_from="last.pt"), StopSignals())
         trainer.load_state_dict(saved)
         again = trainer.state_dict()
     finally:

@@ -15,6 +15,7 @@ from bsdist.distributed import init_distributed, shutdown
 from bsdist.errors import BsdistError
 from bsdist.losses import BalancedSoftmax
 from bsdist.output import NullOutput
+from bsdist.rundir import Start
 from bsdist.tally import DeviceTally, EpochProgress
 from bsdist.trainer import Trainer
 
@@ -74,7 +75,7 @@ def epoch_of_training(env, batch_size, *overrides, poisoned_call=0, out=None, ep
         "DATASET.batch_size", str(batch_size), "MODEL.name", "tiny", "TRAIN.device", "cpu", "TRAIN.compile", "false",
         "OPTIMIZER.momentum", "0.9", "TRAIN.epochs", str(epochs), "TRAIN.log_interval", str(log_interval),
         "TRAIN.check_every_steps", str(check_every), "TRAIN.ckpt_every_steps", str(checkpoint_every), *overrides]))
-    trainer = Trainer(cfg, env, out or NullOutput(), None, types.SimpleNamespace(received=signal), resuming=False)
+    trainer = Trainer(cfg, env, out or NullOutput(), Start(), types.SimpleNamespace(received=signal))
     if poisoned_call is not None:  # None trains with the configured loss itself
         trainer.loss = PoisonedLoss(cfg.LOSS, trainer.method, poisoned_call)
     trainer.method.step, trainer.last_checkpoint = step, last_checkpoint

@@ -236,7 +236,8 @@ class Train:
     dist_timeout_s: int = option(600, "timeout of every collective after the first epoch, in seconds: a peer that "
                                       "dies or hangs stops the others within it", check=positive, resumable=True)
     dist_startup_timeout_s: int = option(1800, "the collectives' timeout from start-up through the first epoch "
-                                               "(data download, compilation), in seconds", check=positive,
+                                               "(data download, compilation), in seconds; joining the process "
+                                               "group itself may take at most 300 s of it", check=positive,
                                          resumable=True)
 
 

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from bsdist.config.schema import is_file_list
-from bsdist.data import imagefiles, imagelist
+from bsdist.data import device_decoding, imagefiles, imagelist
 from bsdist.data.augment import BatchAugment
 from bsdist.data.datasets import ARRAY_DATASETS, LongTailDataset
 from bsdist.data.imagefiles import DecodeOnDevice
@@ -72,11 +72,12 @@ class Splits:
     files: bool  # decoded from files as loaded (else held in memory as one uint8 array)
 
 
-def load_splits(cfg: Config) -> Splits:
+def load_splits(cfg: Config, encoded: bool | None = None) -> Splits:
+    """The splits; image files read for decoding on the device where `encoded` (default: DATASET.loader device)."""
     dataset = cfg.DATASET
     if is_file_list(dataset.name):
-        train, splits, num_classes, names = imagelist.load_splits(dataset, cfg.DEFAULT.seed,
-                                                                  encoded=dataset.loader == "device")
+        encoded = dataset.loader == "device" if encoded is None else encoded
+        train, splits, num_classes, names = imagelist.load_splits(dataset, cfg.DEFAULT.seed, encoded=encoded)
         return Splits(train=train, eval=splits, num_classes=num_classes, class_names=names,
                       mean=imagefiles.IMAGENET_MEAN, std=imagefiles.IMAGENET_STD, in_channels=3, files=True)
     cls: type[LongTailDataset] = ARRAY_DATASETS[dataset.name]
@@ -90,8 +91,10 @@ def load_splits(cfg: Config) -> Splits:
 
 def build_data(cfg: Config, env: DistEnv) -> Data:
     dataset, seed = cfg.DATASET, cfg.DEFAULT.seed
+    decode_on_device = (dataset.loader == "device" and is_file_list(dataset.name)
+                        and device_decoding.device_decoder_works(env.device))
     with main_process_first(env):  # rank 0 downloads, then one process per node; the others then find the files
-        loaded = load_splits(cfg)
+        loaded = load_splits(cfg, encoded=decode_on_device)
     train, splits = loaded.train, loaded.eval
     num_per_cls = {c: int(n) for c, n in enumerate(np.bincount(train.targets, minlength=loaded.num_classes))}
     local_batch = dataset.batch_size // env.world_size
@@ -114,7 +117,6 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
         if on_device:
             return DeviceLoader(split, batches, env.device)
         workers_loader = worker_loader(split, batches, workers, env.device, prefetch=4 if loaded.files else None)
-        decode_on_device = loaded.files and dataset.loader == "device"
         return DecodeOnDevice(workers_loader, env.device) if decode_on_device else workers_loader
 
     train_loader = loader(train, sampler, local_batch, True, dataset.num_workers)

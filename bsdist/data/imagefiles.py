@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from bsdist.data.decoding import (MAX_IMAGE_PIXELS, REDUCE_ABOVE_PIXELS, Header, decode_bytes, decoder_message,
-                                  header_problem, libjpeg_checked, read_header, reduction)
+                                  header_problem, read_header, reduction)
+from bsdist.data import device_decoding
 from bsdist.errors import BsdistError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -52,35 +53,6 @@ def crop_box(h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, i
     else:
         cw, ch = w, h
     return (h - ch) // 2, (w - cw) // 2, ch, cw
-
-
-_DECODE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def decode_jpegs_on(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """JPEG files' bytes (CPU) decoded as uint8 RGB on `device` in one torchvision.io.decode_jpeg call.
-
-    On CUDA the call runs with a stream of its own current. torchvision 0.29's nvJPEG decoder allocates
-    its outputs on the current stream but writes them from a pool stream that does not wait for that one
-    (described in pytorch/vision pull request 9606), so with the training stream current it can be
-    handed a block the training stream freed while its queued kernels still read it, and overwrite it. A
-    stream of its own has freed only the decoder's earlier outputs, and record_stream holds each output
-    back from reuse until the training stream's work on it is done; the training stream waits for the
-    decode before it reads. tests/test_gpu.py (run by bench/gpu_check.py) counts both on a GPU.
-    """
-    from torchvision.io import ImageReadMode, decode_jpeg
-    if device.type != "cuda":  # libjpeg-turbo, whose warnings say which scans are corrupt
-        return libjpeg_checked(decode_jpeg, data, mode=ImageReadMode.RGB, device=device)
-    training = torch.cuda.current_stream(device)
-    if device not in _DECODE_STREAMS:
-        _DECODE_STREAMS[device] = torch.cuda.Stream(device)
-    side = _DECODE_STREAMS[device]
-    with torch.cuda.stream(side):
-        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    training.wait_stream(side)
-    for image in images:
-        image.record_stream(training)
-    return images
 
 
 def pack(items: list[torch.Tensor], sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -229,7 +201,7 @@ class ImageFiles(torch.utils.data.Dataset):
         if not data:
             return []
         try:
-            return decode_jpegs_on(data, device)
+            return device_decoding.decode_jpegs_on(data, device)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError:
@@ -237,7 +209,7 @@ class ImageFiles(torch.utils.data.Dataset):
         images = []
         for item, i in zip(data, indices):
             try:
-                images += decode_jpegs_on([item], device)
+                images += device_decoding.decode_jpegs_on([item], device)
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError:

@@ -70,7 +70,9 @@ def build_model(cfg: Config, num_classes: int, in_channels: int, device: torch.d
     compiling first keeps the plain module reachable without unwrapping a compiled DDP.
     """
     model = create(cfg, num_classes, in_channels, device, sync_bn, backbone, pretrained)
-    compiled = torch.compile(model) if compile_model else model
+    # dynamic=False: evaluation's batch size differs from training's, and automatic dynamic shapes would compile
+    # it as a graph for any batch size (slower kernels) although evaluation pads every batch to one size
+    compiled = torch.compile(model, dynamic=False) if compile_model else model
     wrapped = distribute(compiled, device, cfg.TRAIN.ddp_bucket_mb, static_graph=cfg.TRAIN.grad_accum_steps == 1)
     return Model(module=model, compiled=compiled, wrapped=wrapped)
 
@@ -80,3 +82,9 @@ def no_sync(model: nn.Module, last_micro_batch: bool):
     if last_micro_batch or not isinstance(model, nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+def grads_in_buckets(model: nn.Module) -> bool:
+    """Whether DDP keeps model's gradients as views into its all-reduce buckets: zero them then, never set them
+    to None, or the next backward allocates fresh gradients and DDP copies them into the buckets again."""
+    return isinstance(model, nn.parallel.DistributedDataParallel) and model.gradient_as_bucket_view

@@ -235,7 +235,7 @@ def test_nvjpeg_decodes_on_a_stream_of_its_own_that_the_training_stream_waits_fo
 
     import torchvision.io
 
-    from bsdist.data import imagefiles
+    from bsdist.data import device_decoding
     events, current = [], ["training"]
 
     class Stream:
@@ -262,13 +262,14 @@ def test_nvjpeg_decodes_on_a_stream_of_its_own_that_the_training_stream_waits_fo
 
     training = Stream("training")
     events.clear()
-    monkeypatch.setattr(imagefiles, "_DECODE_STREAMS", {})
+    monkeypatch.setattr(device_decoding, "_DECODE_STREAMS", {})
     monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: training)
     monkeypatch.setattr(torch.cuda, "stream", use)
     monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_jpeg)
     for n in (2, 1):
-        assert len(imagefiles.decode_jpegs_on([torch.zeros(4, dtype=torch.uint8)] * n, torch.device("cuda", 0))) == n
+        decoded = device_decoding.decode_jpegs_on([torch.zeros(4, dtype=torch.uint8)] * n, torch.device("cuda", 0))
+        assert len(decoded) == n
     assert events == [("created", "side"), ("decode", "side", 2), ("wait", "training", "side"), ("record", "training"),
                       ("record", "training"), ("decode", "side", 1), ("wait", "training", "side"),
                       ("record", "training")]
@@ -321,6 +322,36 @@ def test_decoding_on_the_device_gives_the_workers_batches_and_reads_every_kind_o
         files.decode_batch(*files.__getitems__([first, second])[::2], torch.device("cpu"))
     with pytest.raises(BsdistError, match=r"image .*c001/00019.jpg: it does not exist; list every bad file"):
         files.__getitems__([last])
+
+
+@pytest.mark.parametrize("broken", ["raises", "garbage"])
+def test_a_broken_device_decoder_is_found_at_start_and_the_workers_decode_instead(lists, tmp_path, monkeypatch,
+                                                                                  capsys, broken):
+    from bsdist.data import device_decoding
+    from bsdist.output import console
+    console(0)
+    monkeypatch.setattr(device_decoding, "_DECODER_WORKS", {})  # probed afresh, and forgotten after this test
+    calls = []
+
+    def broken_decoder(data, device):  # nvJPEG with a mismatched driver: every call fails, or decodes noise
+        calls.append(len(data))
+        if broken == "raises":
+            raise RuntimeError("nvjpegDecodeBatchedPhaseOne failed: NVJPEG_STATUS_EXECUTION_FAILED")
+        return [torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8) for _ in data]
+    monkeypatch.setattr(device_decoding, "decode_jpegs_on", broken_decoder)
+    init_distributed("cpu", 60)
+    try:
+        loaders = [build_data(cfg_for(lists, tmp_path, "DATASET.loader", loader), CPU) for loader in ("dataloader",
+                                                                                                     "device")]
+        assert type(loaders[1].train) is type(loaders[0].train)  # no DecodeOnDevice
+        for a, b in zip(loaders[0].train, loaders[1].train):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+    finally:
+        shutdown()
+    assert calls == [1]  # the probe, once: no batch was sent to the broken decoder
+    warning = capsys.readouterr().err
+    assert warning.count("\n") == 1 and "decoding JPEG files on cpu fails" in warning
+    assert ("NVJPEG_STATUS_EXECUTION_FAILED" if broken == "raises" else "not the CPU decoder's") in warning
 
 
 def test_training_from_files_resumes_mid_epoch_exactly_and_alike_wherever_images_are_decoded(lists, tmp_path,
