@@ -1,4 +1,4 @@
-"""DDP settings and compile placement for ResNet-18, measured through the real train_one_epoch.
+"""DDP settings and compile placement for ResNet-18, measured through bsdist's Trainer.
 
     torchrun --nproc_per_node 2 bench/ddp.py [--device auto|cpu|cuda] [--batch-size 16] [--steps 3]
                                              [--repeats 3] [--compile] [--out ddp.json]
@@ -30,13 +30,11 @@ import torch
 
 # timing first: it puts the repository root on sys.path
 from timing.data_path import bsdist_data, cifar_shaped_digits, images_per_second, sync
-from timing.training import bench_config, train_state
+from timing.training import bench_config, bsdist_trainer, timed_epoch
 
 from bsdist import config
 from bsdist.distributed import init_distributed, shutdown, world_size_from_env
-from bsdist.engine import train_one_epoch
-from bsdist.models import build_model, create, distribute
-from bsdist.output import NullOutput
+from bsdist.models import Model, create, distribute
 
 DEFAULT_BUCKET_MB = 25.0  # DDP's own default
 
@@ -62,19 +60,17 @@ def variants(compile_model: bool, bucket_mb: float) -> dict[str, dict]:
     }
 
 
-def build(cfg, spec, env):
-    """(plain module, what training runs) for one variant."""
-    if spec.get("bsdist"):  # exactly what a run builds
-        built = build_model(cfg, num_classes=10, in_channels=3, device=env.device,
-                            compile_model=spec.get("compile") == "before")
-        return built.module, built.wrapped
-    model = create(cfg, num_classes=10, in_channels=3, device=env.device, sync_bn=False)
-    runnable = torch.compile(model) if spec.get("compile") == "before" else model
-    if spec["ddp"] is not None:
-        runnable = distribute(runnable, env.device, **spec["ddp"])
-    if spec.get("compile") == "after":
-        runnable = torch.compile(runnable)
-    return model, runnable
+def build_variant(spec):
+    """In place of build_model, for the Trainer to call: the model run as the variant says (the config's compile,
+    sync_bn and DDP settings do not apply)."""
+    def build(cfg, num_classes, in_channels, device, *_, **__):
+        model = create(cfg, num_classes, in_channels, device, sync_bn=False)
+        compiled = torch.compile(model) if spec.get("compile") == "before" else model
+        wrapped = compiled if spec["ddp"] is None else distribute(compiled, device, **spec["ddp"])
+        if spec.get("compile") == "after":
+            wrapped = torch.compile(wrapped)
+        return Model(module=model, compiled=compiled, wrapped=wrapped)
+    return build
 
 
 def main():
@@ -92,7 +88,10 @@ def main():
     rank0 = env.rank == 0
     try:
         bs, steps = args.batch_size, args.steps
-        cfg = bench_config(bs, config.defaults()["TRAIN"]["mixed_precision"], env, sync_bn=False)
+        mixed_precision = config.defaults()["TRAIN"]["mixed_precision"]
+        cfgs = {compiled: bench_config(bs, mixed_precision, env, sync_bn=False, compile_model=compiled)
+                for compiled in (False, True)}
+        cfg = cfgs[False]
         data, targets = cifar_shaped_digits(bs * steps * env.world_size)
         shard = bsdist_data(data, targets, bs, env.device, world_size=env.world_size, rank=env.rank)
         runs = {}
@@ -101,16 +100,14 @@ def main():
             if spec.get("compile"):
                 # else a later model reuses the first one's graphs and dynamo's DDP split never runs
                 torch._dynamo.reset()
-            torch.manual_seed(0)
             graphs_before = torch._dynamo.utils.counters["aot_autograd"]["total"]
             started = time.perf_counter()
-            model, runnable = build(cfg, spec, env)
-            state = train_state(cfg, model, runnable, shard, env, steps)
-            # warm: compilation, bucket rebuild, allocator
-            train_one_epoch(state, shard, env, NullOutput(), 0, 1, 10**9)
-            sync(env.device)
+            # the bsdist variant is exactly what a run builds; the Trainer seeds the weights alike for all
+            trainer = bsdist_trainer(cfgs[spec.get("compile") == "before"], env, shard,
+                                     None if spec.get("bsdist") else build_variant(spec))
+            timed_epoch(trainer, 0)  # warm: compilation, bucket rebuild, allocator
             graphs = torch._dynamo.utils.counters["aot_autograd"]["total"] - graphs_before
-            runs[name] = {"spec": spec, "state": state, "warm_s": time.perf_counter() - started, "graphs": graphs,
+            runs[name] = {"spec": spec, "trainer": trainer, "warm_s": time.perf_counter() - started, "graphs": graphs,
                           "rates": []}
             if rank0:
                 print(f"built and warmed {name.strip()} in {runs[name]['warm_s']:.1f} s"
@@ -119,12 +116,9 @@ def main():
         def timed_turn(run, turn):
             sync(env.device)
             torch.distributed.barrier()
-            t0 = time.perf_counter()
-            before = run["state"].step
-            train_one_epoch(run["state"], shard, env, NullOutput(), turn + 1, args.repeats + 1, 10**9)
-            sync(env.device)
-            run["rates"].append(images_per_second(steps * bs * env.world_size, time.perf_counter() - t0))
-            assert run["state"].step - before == steps, f"timed {run['state'].step - before} steps, asked for {steps}"
+            seconds, timed = timed_epoch(run["trainer"], turn + 1)
+            run["rates"].append(images_per_second(steps * bs * env.world_size, seconds))
+            assert timed == steps, f"timed {timed} steps, asked for {steps}"
 
         if args.compile:  # each compiled variant is timed right after it was compiled, before the next reset
             for name, spec in variants(True, cfg.TRAIN.ddp_bucket_mb).items():

@@ -6,8 +6,8 @@ Prints, side by side in one run:
 - data path alone: reference style (DataLoader + per-image PIL RandomCrop(32, padding=4),
   RandomHorizontalFlip, ToTensor, Normalize) against bsdist's device loader + batch augmentation;
 - training: reference style (that DataLoader, eager fp32 ResNet-18) against bsdist's default
-  (device loader, channels_last, TRAIN.mixed_precision default, compile on CUDA) through the real
-  `train_one_epoch`; time to the first step;
+  (device loader, channels_last, TRAIN.mixed_precision default, compile on CUDA) through bsdist's
+  `Trainer`; time to the first step;
 - on CUDA: the measured bf16 matmul peak and the share of it the training reaches, a sweep of
   eager/compiled x bf16/fp16 x batch 128/512/1024 (each variant compiled afresh and timed over the
   steps it reports);

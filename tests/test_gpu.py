@@ -165,11 +165,12 @@ def test_compiled_sync_batchnorm_on_two_ranks_trains_like_eager(tmp_path):
 @pytest.mark.skipif(DEVICE == "cpu", reason="torch.cuda.set_sync_debug_mode needs CUDA")
 def test_steady_state_training_steps_never_wait_for_the_device(tmp_path, monkeypatch):
     """CUDA's sync debug mode at "error" from the second epoch's first optimiser step (the first epoch compiles
-    and autotunes) to each host read point (the ranks' agreement, the loss read at log points), where it goes
+    and autotunes) to each host read point (the sync point's rank_max, the loss read at log points), where it goes
     off until the next batch's augmentation: a synchronising call inside a step raises. Compiled bf16, in this
     process through bsdist.train.main."""
-    from bsdist import config, engine
+    from bsdist import config, trainer
     from bsdist.data.augment import BatchAugment
+    from bsdist.tally import DeviceTally
     from bsdist.train import main
     within_budget(75)
     path = write_config(tmp_path, "cifar", 500, 10, epochs=2, compile=True, mixed_precision="bf16",
@@ -199,9 +200,9 @@ def test_steady_state_training_steps_never_wait_for_the_device(tmp_path, monkeyp
     def read():
         counts["reads"] += 1
         switch(False)
-    monkeypatch.setattr(engine, "optimizer_step", wrapped(engine.optimizer_step, after=stepped))
-    monkeypatch.setattr(engine, "agree", wrapped(engine.agree, before=read))
-    monkeypatch.setattr(engine.DeviceTally, "read_loss", wrapped(engine.DeviceTally.read_loss, before=read))
+    monkeypatch.setattr(trainer, "optimizer_step", wrapped(trainer.optimizer_step, after=stepped))
+    monkeypatch.setattr(trainer, "rank_max", wrapped(trainer.rank_max, before=read))  # in Trainer.sync_point
+    monkeypatch.setattr(DeviceTally, "read_loss", wrapped(DeviceTally.read_loss, before=read))
     monkeypatch.setattr(BatchAugment, "__call__", wrapped(BatchAugment.__call__, before=lambda: switch(True)))
     try:
         main(cfg)

@@ -14,7 +14,7 @@ import torch
 from gpucheck.context import Context, Skip, require
 from timing.grid import describe_grid, measure_grid
 from timing.peak import matmul_peak_tflops, train_flops_per_image
-from timing.training import Trainer, bench_config
+from timing.training import TimedTrainer, bench_config
 
 from bsdist import checkpoint
 from bsdist.models import create
@@ -46,7 +46,7 @@ def check_throughput(ctx: Context):
         figures["running"] = f"{what}, started {time.strftime('%H:%M:%S')}"  # what a cut check was doing
         ctx.save()
         try:
-            trainer = Trainer(batch, ctx.env, steps, compiled, precision, model=model, image_size=size)
+            trainer = TimedTrainer(batch, ctx.env, steps, compiled, precision, model=model, image_size=size)
             entry["time_to_first_step_s"] = trainer.first_step()
             entry["img_per_s"], entry["timed_steps"] = trainer.timed_rate()
         except torch.OutOfMemoryError:

@@ -14,7 +14,7 @@ import time
 
 from timing import ROOT
 from timing.data_path import images_per_second
-from timing.training import Trainer
+from timing.training import TimedTrainer
 
 from bsdist import config
 from bsdist.data.longtail import long_tail_counts
@@ -55,10 +55,10 @@ def grid_worker(args) -> None:
     env = init_distributed(args.device, 600)
     try:
         on_cuda = env.device.type == "cuda"
-        trainer = Trainer(GRID_BATCH, env, args.steps, on_cuda, config.resolve_precision("auto", env.device.type))
-        trainer.first_step()
-        first_step_at = time.time()
-        trainer.epoch()  # warm
+        trainer = TimedTrainer(GRID_BATCH, env, args.steps, on_cuda,
+                               config.resolve_precision("auto", env.device.type))
+        trainer.first_step()  # its epoch warms the training up
+        first_step_at = trainer.first_step_at
         first_eval_s, _ = trainer.evaluate(args.eval_batches, args.test_batch)
         report = {"startup_s": first_step_at - args.launched_at + first_eval_s}
         file_barrier(args.grid_worker, "train", args.index, args.count)
