@@ -345,13 +345,16 @@ def test_every_registry_holds_exactly_the_names_the_schema_declares():
     from bsdist.data.datasets import ARRAY_DATASETS
     from bsdist.data.imagelist import FILE_DATASETS
     from bsdist.losses import LOSSES
+    from bsdist.models.heads import HEADS
     from bsdist.models.zoo import MODELS
     own_models = [name for name, build in MODELS.items() if build.__module__.startswith("bsdist.")]  # not tiny_model's
-    assert (tuple(ARRAY_DATASETS), FILE_DATASETS, tuple(LOSSES), tuple(own_models)) == (
-        schema.ARRAY_DATASET_NAMES, schema.FILE_DATASET_NAMES, schema.LOSS_NAMES, schema.MODEL_NAMES)
-    with pytest.raises(BsdistError, match=r"bsdist.losses.LOSSES holds CrossEntropyLoss, BalancedSoftmax, LDAM but "
-                                          r"bsdist/config/schema.py declares CrossEntropyLoss, BalancedSoftmax"):
-        schema.check_registry("bsdist.losses.LOSSES", [*LOSSES, "LDAM"], schema.LOSS_NAMES)
+    assert (tuple(ARRAY_DATASETS), FILE_DATASETS, tuple(LOSSES), tuple(own_models), tuple(HEADS)) == (
+        schema.ARRAY_DATASET_NAMES, schema.FILE_DATASET_NAMES, schema.LOSS_NAMES, schema.MODEL_NAMES,
+        schema.HEAD_NAMES)
+    with pytest.raises(BsdistError, match=r"^bsdist.losses.LOSSES holds CrossEntropyLoss, .*FocalLoss, Other but "
+                                          r"bsdist/config/names.py declares CrossEntropyLoss, .*FocalLoss; declare "
+                                          r"each name in both, in the same order$"):
+        schema.check_registry("bsdist.losses.LOSSES", [*LOSSES, "Other"], schema.LOSS_NAMES)
 
 
 def test_validation_imports_no_registry():
@@ -362,7 +365,8 @@ def test_validation_imports_no_registry():
             "'DATASET.datadir', '.'])); print(sorted(m for m in sys.modules if m.startswith('bsdist.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(sorted(["bsdist.config", "bsdist.config.device", "bsdist.config.loading",
-                                      "bsdist.config.schema", "bsdist.config.validation", "bsdist.errors"]))
+                                      "bsdist.config.names", "bsdist.config.schema", "bsdist.config.validation",
+                                      "bsdist.errors"]))
 
 
 # recipes copied from a paper live in the folder of their source (configs/<source>/); configs/sweeps holds sweeps

@@ -102,10 +102,14 @@ def test_rank_0_decides_for_every_node_and_a_node_without_its_checkpoint_stops_i
     os.remove(os.path.join(run0, "results.json"))
     results, errors = run_ranks(_node_worker, 2, nodes, ["TRAIN.epochs", "1"])
     assert f"checkpoint {run1}/last.pt cannot be read (No such file or directory)" in errors[1]
-    assert "another process failed while preparing the run" in errors[0] and not any(results)
+    # rank 0 stops with rank 1's reason (issue 28: whichever rank torchrun names, its summary says why)
+    assert f"rank 1 failed while preparing the run: checkpoint {run1}/last.pt cannot be read" in errors[0]
+    assert not any(results)
     shutil.copytree(run0, run1)
     flip_bytes(os.path.join(run1, "last.pt"), 8)
     checkpoint.write_digest(os.path.join(run1, "last.pt"), checkpoint.file_digest(os.path.join(run1, "last.pt")))
     results, errors = run_ranks(_node_worker, 2, nodes, ["TRAIN.epochs", "1"])
     assert f"checkpoint {run1}/last.pt does not match its digest" in errors[1]  # rank 0's digest, not node 1's
-    assert "another process failed while preparing the run" in errors[0] and not any(results)
+    # rank 0 stops with rank 1's reason (issue 28: whichever rank torchrun names, its summary says why)
+    assert f"rank 1 failed while preparing the run: checkpoint {run1}/last.pt cannot be read" in errors[0]
+    assert not any(results)

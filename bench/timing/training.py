@@ -20,6 +20,7 @@ from bsdist.data.datasets import ImageArrays
 from bsdist.evaluation import evaluate
 from bsdist.models import resnet18
 from bsdist.output import NullOutput
+from bsdist.rundir import Start
 from bsdist.trainer import Trainer
 
 
@@ -63,7 +64,7 @@ def bsdist_trainer(cfg, env, data: Data, build=None) -> Trainer:
     with contextlib.ExitStack() as stack:
         for name, value in replaced.items():
             stack.enter_context(mock.patch.object(trainer_module, name, value))
-        return Trainer(cfg, env, NullOutput(), None, types.SimpleNamespace(received=0), resuming=False)
+        return Trainer(cfg, env, NullOutput(), Start(), types.SimpleNamespace(received=0))
 
 
 def timed_epoch(trainer: Trainer, epoch: int) -> tuple[float, int]:

@@ -3,9 +3,9 @@ default, type, allowed values, check and help. It is the one source of the keys:
 validation, `configs/default.yaml`, the README's reference and typed access (`cfg.TRAIN.epochs`)
 all come from it.
 
-The names of the registries (datasets, augmentations, losses, models) are declared here, so validation
-reads no registry and config imports none of data, losses or models; each registry checks at import that it
-holds exactly the declared names (check_registry). This module stays free of torch.
+The names of the registries (datasets, augmentations, losses, heads, models) are declared in names.py, so
+validation reads no registry and config imports none of data, losses or models; each registry checks at
+import that it holds exactly the declared names (check_registry). This module stays free of torch.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from bsdist.errors import BsdistError
+from bsdist.config.names import (  # noqa: F401  (re-exported: the registries import their names from here)
+    ARRAY_DATASET_NAMES, AUGMENTATION_NAMES, FILE_DATASET_NAMES, HEAD_NAMES, LOSS_NAMES, MODEL_NAMES, check_registry,
+    is_file_list)
 
 KINDS = {bool: "bool", int: "int", float: "float", str: "str", list: "list"}
 
@@ -43,32 +45,6 @@ def option(default, help: str, *, kind: str | None = None, choices=(), nullable:
 
 def section(cls):
     return dataclasses.field(default_factory=cls, metadata={"section": cls})
-
-
-# The registries' names, in their order. A dataset held in memory as one uint8 array (bsdist.data.datasets), or
-# one that reads image files through lists or folders (bsdist.data.imagelist).
-ARRAY_DATASET_NAMES = ("CIFAR10LT", "CIFAR100LT", "DigitsLT")
-FILE_DATASET_NAMES = ("ImageList", "ImageNetLT", "PlacesLT", "iNat2018")
-# DATASET.aug_info: the first two run on batches on the device (bsdist.data.augment); RandomResizedCrop crops
-# image files as they are decoded (bsdist.data.imagefiles).
-AUGMENTATION_NAMES = ("RandomCrop", "RandomHorizontalFlip", "RandomResizedCrop")
-LOSS_NAMES = ("CrossEntropyLoss", "BalancedSoftmax", "LogitAdjustedLoss", "LDAMLoss", "ClassBalancedLoss",
-              "FocalLoss")  # bsdist.losses.LOSSES
-HEAD_NAMES = ("cosine",)  # bsdist.models.heads.HEADS: MODEL.classifier other than linear
-MODEL_NAMES = ("resnet32", "resnet10", "resnet18", "resnet50", "resnext50_32x4d", "resnet152")  # bsdist.models.zoo
-
-
-def check_registry(registry: str, names, declared: tuple) -> None:
-    """A registry (its names, in order) against the names declared here: a name added to one but not the
-    other fails when the registry is imported, not when a run asks for it."""
-    if tuple(names) != declared:
-        raise BsdistError(f"{registry} holds {', '.join(names)} but bsdist/config/schema.py declares "
-                          f"{', '.join(declared)}; declare each name in both, in the same order")
-
-
-def is_file_list(name: str) -> bool:
-    """Whether DATASET.name reads image files through lists or folders (decoded as loaded)."""
-    return name in FILE_DATASET_NAMES
 
 
 def positive(v):
