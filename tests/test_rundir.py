@@ -7,12 +7,15 @@ import shutil
 
 import pytest
 
+import tiny_model
 from bsdist import BsdistError, checkpoint, config
 from bsdist.output import console
 from bsdist.train import main
 from runs import run_until, snapshot
 from spawn import run_ranks
 from test_checkpoint import flip_bytes
+
+tiny_model.register()  # every test here, alone or not, trains the tiny model
 
 COMMON = ["TRAIN.epochs", "3", "TRAIN.resume", "auto", "MODEL.name", "tiny"]
 
@@ -110,6 +113,6 @@ def test_rank_0_decides_for_every_node_and_a_node_without_its_checkpoint_stops_i
     checkpoint.write_digest(os.path.join(run1, "last.pt"), checkpoint.file_digest(os.path.join(run1, "last.pt")))
     results, errors = run_ranks(_node_worker, 2, nodes, ["TRAIN.epochs", "1"])
     assert f"checkpoint {run1}/last.pt does not match its digest" in errors[1]  # rank 0's digest, not node 1's
-    # rank 0 stops with rank 1's reason (issue 28: whichever rank torchrun names, its summary says why)
-    assert f"rank 1 failed while preparing the run: checkpoint {run1}/last.pt cannot be read" in errors[0]
+    # rank 0 stops with rank 1's reason
+    assert f"rank 1 failed while preparing the run: checkpoint {run1}/last.pt does not match its digest" in errors[0]
     assert not any(results)
