@@ -16,6 +16,8 @@ from spawn import run_ranks
 from test_checkpoint import flip_bytes
 
 tiny_model.register()  # every test here, alone or not, trains the tiny model
+# end-to-end runs, several with 2 spawned ranks (about 4 minutes together on 2 cores): behind the slow marker
+pytestmark = pytest.mark.slow
 
 COMMON = ["TRAIN.epochs", "3", "TRAIN.resume", "auto", "MODEL.name", "tiny"]
 
