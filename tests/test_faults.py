@@ -289,7 +289,8 @@ def test_a_full_disk_during_a_checkpoint_write_stops_the_run_keeping_the_previou
     assert sorted(os.listdir(config.run_dir(cfg))) == sorted(
         ["config.yaml", "runtime.json", "last.pt", "last.pt.sha256", "last.prev.pt", "last.prev.pt.sha256", "log.txt",
          "run.lock",
-         *[f for f in os.listdir(config.run_dir(cfg)) if "tfevents" in f]])
+         # the failed write is learnt at a sync point after it; the epoch's row may come first
+         *[f for f in os.listdir(config.run_dir(cfg)) if "tfevents" in f or f == "metrics.csv"]])
 
 
 @pytest.mark.slow
