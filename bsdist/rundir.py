@@ -121,11 +121,12 @@ def newest_verified(last: str) -> tuple[str, str]:
         return last, checkpoint.read_verified(last)[1]
     except checkpoint.Damaged as e:
         earlier = checkpoint.previous(last)
-        if not checkpoint.verifies(earlier):
+        digest = checkpoint.file_digest(earlier) if os.path.exists(earlier) else None  # hashed once
+        if digest is None or checkpoint.recorded_digest(earlier) != digest:
             raise BsdistError(f"{e}; no earlier checkpoint verifies either ({os.path.basename(earlier)}), so "
                               "nothing is loaded") from None
         checkpoint.LOG.warning(f"{e}; continuing from the checkpoint before it, {earlier}")
-        return earlier, checkpoint.file_digest(earlier)
+        return earlier, digest
 
 
 def stage1_checkpoint(cfg: Config) -> str | None:

@@ -61,7 +61,7 @@ class Trainer:
     seconds_before: float  # training time of the attempts before this one
     started_at: float
     last_checkpoint: str  # where the last checkpoint written stands ("epoch 2 step 40"), for messages
-    lr: float  # the rate the last optimiser step used: what metrics.csv gives for the epoch it ended
+    lr: float  # the rate the last optimiser step used: what the log line, train/lr and metrics.csv give
     # the log line's clock: when this epoch's training (or its resumed part) started, from which step, last read
     epoch_started: float
     first_step: int
@@ -214,7 +214,7 @@ class Trainer:
         micro_batches = iter(loader)
         for step_in_epoch in range(first + 1, self.steps_per_epoch + 1):
             group_size = min(t.grad_accum_steps, num_micro - (step_in_epoch - 1) * t.grad_accum_steps)
-            lr = self.train_step(itertools.islice(micro_batches, group_size), group_size)
+            self.train_step(itertools.islice(micro_batches, group_size), group_size)
             mid_epoch = step_in_epoch < self.steps_per_epoch
             checkpoint_due = bool(mid_epoch and t.ckpt_every_steps and step_in_epoch % t.ckpt_every_steps == 0)
             log_due = step_in_epoch % t.log_interval == 0 or not mid_epoch
@@ -223,7 +223,7 @@ class Trainer:
             signum = self.sync_point()
             checkpoint_due = checkpoint_due or bool(signum and mid_epoch)
             if log_due or checkpoint_due:
-                self.log_progress(step_in_epoch, lr)
+                self.log_progress(step_in_epoch)
             if checkpoint_due:
                 self.save(epoch, self.tally.progress(step_in_epoch))
             if signum and mid_epoch:
@@ -231,14 +231,14 @@ class Trainer:
                               "this point: continue with TRAIN.resume auto", signum)
         return self.tally.epoch_means()
 
-    def train_step(self, micro_batches, group_size: int) -> float:
+    def train_step(self, micro_batches, group_size: int) -> None:
         """One optimiser step over group_size micro-batches (skipped on the device where any rank's loss was
-        non-finite); returns the learning rate it used."""
+        non-finite); self.lr is the learning rate it used."""
         if self.running_stats is not None:
             self.running_stats.save()  # as they stand before the step's first micro-batch
         for i, batch in enumerate(micro_batches):
             self.forward_backward(batch, group_size, last_of_group=i == group_size - 1)
-        self.lr = lr = self.optimizer.param_groups[0]["lr"]  # before the scheduler steps: this step's rate
+        self.lr = self.optimizer.param_groups[0]["lr"]  # before the scheduler steps: this step's rate
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)  # the norm of the true gradients; scaler.step knows they are unscaled
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -249,7 +249,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=not grads_in_buckets(self.model.wrapped))
         self.scheduler.step()
         self.method.step_done()
-        return lr
 
     def forward_backward(self, batch, group_size: int, last_of_group: bool) -> None:
         """Forward and backward of one micro-batch; DDP all-reduces only on the last of its group."""
@@ -285,7 +284,7 @@ class Trainer:
                           "(TRAIN.nonfinite skip)")
         return int(signum)
 
-    def log_progress(self, step_in_epoch: int, lr: float) -> None:
+    def log_progress(self, step_in_epoch: int) -> None:
         """The log line and the train/ scalars since the last one (waits for the device: the clock reads after)."""
         loss_mean, accuracy, images_seen, grad_norm = self.tally.read_loss()
         now, epochs, steps = time.perf_counter(), self.cfg.TRAIN.epochs, self.steps_per_epoch
@@ -293,7 +292,7 @@ class Trainer:
         remaining = (epochs - self.method.epoch) * steps - step_in_epoch
         eta = (now - self.epoch_started) / (step_in_epoch - self.first_step) * remaining
         self.out.info(f"epoch {self.method.epoch + 1}/{epochs} step {step_in_epoch}/{steps} loss {loss_mean:.4f} "
-                      f"lr {lr:.5f} {rate:.0f} img/s eta {duration(eta)}")
-        self.out.scalars({"train/loss": loss_mean, "train/acc": accuracy, "train/lr": lr, "train/img_per_s": rate,
+                      f"lr {self.lr:.5f} {rate:.0f} img/s eta {duration(eta)}")
+        self.out.scalars({"train/loss": loss_mean, "train/acc": accuracy, "train/lr": self.lr, "train/img_per_s": rate,
                           "train/grad_norm": grad_norm}, self.method.step)
         self.last_read = now
